@@ -1,0 +1,166 @@
+"""LightningCLI wiring: links data → model, picks precision for the device, and after `fit` tests the best
+checkpoint and writes the run directory (config.yaml, checkpoints/, metrics.json, confusion_matrix.png,
+bundle/) that every later stage reads. runs/latest points at the newest run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import matplotlib
+import torch
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from visionapp.bundle import save_bundle, versions
+from visionapp.data import ImageDataModule
+from visionapp.module import ImageClassifier
+
+matplotlib.use("Agg")  # files only; no display on servers and CI
+log = logging.getLogger(__name__)
+
+
+class Throughput(L.Callback):
+    """Training images per second (train epochs only, validation excluded) and the fit's wall time."""
+
+    def __init__(self) -> None:
+        self.images, self.train_seconds, self.wall_seconds = 0, 0.0, 0.0
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._fit_start = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._epoch_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.images += len(batch[1]) * trainer.world_size
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.train_seconds += time.perf_counter() - self._epoch_start
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.wall_seconds = time.perf_counter() - self._fit_start
+
+
+def default_precision() -> str | None:
+    """bf16 mixed precision on GPUs that have it, fp16 mixed on older GPUs, fp32 on the CPU."""
+    if not torch.cuda.is_available():
+        return None
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+
+
+class CLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--runs_dir", type=str, default="runs", help="where fit writes its run directory")
+        parser.add_argument("--run_name", type=str | None, default=None, help="default: <time>-<arch>")
+        # The DataModule knows the classes and the preprocessing; the model records them (hparams, bundle).
+        for attr in ("class_names", "image_size", "mean", "std"):
+            parser.link_arguments(f"data.{attr}", f"model.{attr}", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        if cfg.trainer.precision is None:
+            cfg.trainer.precision = default_precision()
+        if torch.cuda.is_available():
+            torch.set_float32_matmul_precision("high")  # TF32 matmuls for whatever stays in fp32
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        self.throughput = Throughput()
+        if self.subcommand == "fit":
+            cfg = self.config["fit"]
+            name = cfg.run_name or os.environ.get("VISIONAPP_RUN_NAME") or (
+                time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.model.arch}"
+            )
+            self.run_dir = Path(cfg.runs_dir) / name
+            if cfg.trainer.logger in (None, True):  # our run layout, unless the config picks its own loggers
+                kwargs["logger"] = [
+                    CSVLogger(self.run_dir, name="", version=""),  # run_dir/metrics.csv, run_dir/config.yaml
+                    TensorBoardLogger(self.run_dir, name="tensorboard", version=""),
+                ]
+            kwargs.setdefault("default_root_dir", str(self.run_dir))
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(self.throughput)
+        return trainer
+
+    def after_fit(self) -> None:
+        trainer, module, data = self.trainer, self.model, self.datamodule
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "")
+        val_acc = trainer.checkpoint_callback.best_model_score if best else trainer.callback_metrics.get("val/acc")
+        results = trainer.test(module, datamodule=data, ckpt_path="best" if best else None)[0]
+        if trainer.is_global_zero:
+            write_run(self.run_dir, module, data, trainer, self.throughput,
+                      val_acc=float(val_acc) if val_acc is not None else None, test_results=results)
+
+
+def write_run(
+    run_dir: Path,
+    module: ImageClassifier,
+    data: ImageDataModule,
+    trainer: L.Trainer,
+    throughput: Throughput,
+    *,
+    val_acc: float | None,
+    test_results: dict[str, float],
+) -> None:
+    """metrics.json, confusion_matrix.png and bundle/ of a finished fit; then point runs/latest here."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    hp = module.hparams
+    metrics = {
+        "arch": hp.arch,
+        "dataset": data.name,
+        "num_classes": len(module.class_names),
+        "class_names": module.class_names,
+        "pretrained": module.pretrained_info.pretrained,
+        "pretrained_weights": module.pretrained_info.weights,
+        "pretrained_reason": module.pretrained_info.reason,
+        "val_acc": val_acc,
+        "test_acc": test_results.get("test/acc"),
+        "test_acc_per_class": {c: test_results.get(f"test/acc_{c}") for c in module.class_names},
+        "test_split": "test" if "test" in data.splits and data.splits["test"] is not data.splits.get("val") else "val",
+        "epochs": trainer.current_epoch,
+        "global_steps": trainer.global_step,
+        "wall_seconds": round(throughput.wall_seconds, 2),
+        "train_images_per_second": round(throughput.images / max(throughput.train_seconds, 1e-9), 2),
+        "device": str(module.device) if module.device.type == "cpu" else torch.cuda.get_device_name(module.device),
+        "precision": str(trainer.precision),
+        "world_size": trainer.world_size,
+        "best_checkpoint": getattr(trainer.checkpoint_callback, "best_model_path", "") or None,
+        "versions": versions(),
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+    fig, ax = module.test_confusion.plot(labels=module.class_names)
+    ax.set_title(f"{hp.arch} on {data.name}: test accuracy {metrics['test_acc']:.3f}")
+    fig.set_size_inches(max(6, 0.5 * len(module.class_names)), max(5, 0.45 * len(module.class_names)))
+    fig.tight_layout()
+    fig.savefig(run_dir / "confusion_matrix.png", dpi=120)
+
+    save_bundle(
+        run_dir / "bundle",
+        module.model,
+        arch=hp.arch,
+        class_names=module.class_names,
+        image_size=data.image_size,
+        mean=data.mean,
+        std=data.std,
+        pretrained=module.pretrained_info.to_dict(),
+        metrics={k: metrics[k] for k in ("dataset", "val_acc", "test_acc", "epochs")},
+    )
+    latest = run_dir.parent / "latest"
+    tmp = run_dir.parent / f".latest-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(run_dir.name)  # relative, so the runs folder can move
+    os.replace(tmp, latest)
+    log.info("run written to %s (runs/latest points here)", run_dir)
+    print(f"\nRun: {run_dir}  test_acc={metrics['test_acc']:.4f}  wall_seconds={metrics['wall_seconds']}")
+
+
+def cli_main(args: list[str] | None = None) -> CLI:
+    return CLI(ImageClassifier, ImageDataModule, subclass_mode_data=True, args=args,
+               save_config_kwargs={"overwrite": True})

@@ -1,0 +1,300 @@
+"""DataModules: `ShapesDataModule` (generated, the default), `FolderDataModule` (your ImageFolder) and
+`TorchvisionDataModule` (CIFAR10, OxfordIIITPet, Flowers102 by name).
+
+All three hand the model the same things: `class_names` (index order), `image_size`, `mean`/`std`, and
+train/val/test loaders whose images go through `visionapp.transforms`. Bad data is reported before any
+DataLoader worker starts, with the file and the fix (`DataError`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+from PIL import Image
+from rich.progress import track
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import datasets
+
+from visionapp import shapes
+from visionapp.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalPreset, TrainPreset, load_image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
+class DataError(ValueError):
+    """A problem with the user's data: the message names the file or folder and the fix."""
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Shared loaders and transforms; subclasses provide the three splits and the class names."""
+
+    def __init__(
+        self,
+        *,
+        image_size: int = 224,
+        batch_size: int = 64,
+        num_workers: int = 2,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        crop_scale: tuple[float, float] = (0.7, 1.0),
+    ) -> None:
+        super().__init__()
+        self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.train_transform = TrainPreset(image_size=image_size, mean=mean, std=std, crop_scale=crop_scale)
+        self.eval_transform = EvalPreset(image_size=image_size, mean=mean, std=std)
+        self.splits: dict[str, Dataset] = {}
+
+    @property
+    def class_names(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__.removesuffix("DataModule").lower()
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.splits[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(self.splits[split]) > self.batch_size,  # no 1-sample BatchNorm batch
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+def scan_class_folders(split_dir: Path, *, verify: bool = True) -> list[str]:
+    """Check an ImageFolder split (split_dir/<class>/<images>) and return its class names.
+
+    Raises DataError naming the folder or file: missing folder, no class folders, an empty class folder,
+    a file that is not an image or cannot be decoded.
+    """
+    if not split_dir.is_dir():
+        raise DataError(f"{split_dir} does not exist; expected {split_dir}/<class name>/<images>")
+    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataError(f"{split_dir} has no class folders; put each class's images in {split_dir}/<class name>/")
+    files = []
+    for c in classes:
+        found = [f for f in sorted((split_dir / c).rglob("*")) if f.is_file() and not f.name.startswith(".")]
+        images = [f for f in found if f.suffix.lower() in IMAGE_EXTENSIONS]
+        if not images:
+            raise DataError(f"class folder {split_dir / c} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                            "add images or remove the folder")
+        others = sorted(set(found) - set(images))
+        if others:
+            raise DataError(f"{others[0]} is not an image file ({len(others)} such in {split_dir}); "
+                            "remove it or move it out of the data folder")
+        files += images
+    if verify:
+        for f in track(files, description=f"Checking {split_dir}", transient=True, disable=len(files) < 500):
+            try:
+                with Image.open(f) as im:
+                    im.verify()
+            except Exception as e:
+                raise DataError(f"{f} cannot be read as an image ({type(e).__name__}: {e}); "
+                                "delete or replace the file") from None
+    return classes
+
+
+def _split_indices(n: int, fractions: Sequence[float], seed: int) -> list[list[int]]:
+    """Seeded random partition of range(n): the first part takes what the fractions leave."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    sizes = [round(n * f) for f in fractions]
+    parts, start = [], 0
+    for s in [n - sum(sizes), *sizes]:
+        parts.append(perm[start : start + s])
+        start += s
+    return parts
+
+
+class FolderDataModule(ImageDataModule):
+    """Your own images as an ImageFolder tree.
+
+    Either `root/train/<class>/…` and `root/val/<class>/…` (optional `root/test/<class>/…`), or
+    `root/<class>/…` split by a seeded fraction into train/val/test.
+    """
+
+    def __init__(
+        self,
+        root: str = "data/my_images",
+        *,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        split_seed: int = 0,
+        verify_images: bool = True,
+        image_size: int = 224,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        crop_scale: tuple[float, float] = (0.35, 1.0),
+    ) -> None:
+        super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers,
+                         mean=mean, std=std, crop_scale=crop_scale)
+        self.root = Path(root)
+        self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
+        self.verify_images = verify_images
+
+    @property
+    def split_layout(self) -> bool:
+        return (self.root / "train").is_dir()
+
+    @property
+    def class_names(self) -> list[str]:
+        if not self.root.is_dir():
+            raise DataError(f"data folder {self.root} does not exist; point data.init_args.root at your images "
+                            "(root/<class>/<images> or root/train|val/<class>/<images>)")
+        return scan_class_folders(self.root / "train" if self.split_layout else self.root, verify=False)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        classes = self.class_names
+        if not self.split_layout:
+            scan_class_folders(self.root, verify=self.verify_images)
+            train, evaluation = (datasets.ImageFolder(self.root, t, loader=load_image)
+                                 for t in (self.train_transform, self.eval_transform))
+            tr, va, te = _split_indices(len(train), [self.val_fraction, self.test_fraction], self.split_seed)
+            self.splits = {"train": Subset(train, tr), "val": Subset(evaluation, va), "test": Subset(evaluation, te)}
+            return
+        if not (self.root / "val").is_dir():
+            raise DataError(f"{self.root}/train exists but {self.root}/val does not; add a val/<class>/ split "
+                            f"with the same classes, or put the class folders directly in {self.root} to split "
+                            "them by val_fraction")
+        for split in ("train", "val", "test"):
+            d = self.root / split
+            if split == "test" and not d.is_dir():
+                continue
+            found = scan_class_folders(d, verify=self.verify_images)
+            if found != classes:
+                raise DataError(f"{d} has classes {found} but {self.root}/train has {classes}; "
+                                "every split needs the same class folders")
+            t = self.train_transform if split == "train" else self.eval_transform
+            self.splits[split] = datasets.ImageFolder(d, t, loader=load_image)
+        self.splits.setdefault("test", self.splits["val"])  # no test/: report on val, said in metrics.json
+
+
+class ShapesDataModule(FolderDataModule):
+    """The generated `shapes` data set (see visionapp.shapes): made on first use, then read from disk."""
+
+    def __init__(
+        self,
+        root: str = "data/shapes",
+        *,
+        seed: int = 0,
+        num_train: int = 5000,
+        num_val: int = 500,
+        num_test: int = 1000,
+        image_size: int = 112,
+        batch_size: int = 64,
+        num_workers: int = 2,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        crop_scale: tuple[float, float] = (0.8, 1.0),
+    ) -> None:
+        super().__init__(root, verify_images=False, image_size=image_size, batch_size=batch_size,
+                         num_workers=num_workers, mean=mean, std=std, crop_scale=crop_scale)
+        self.seed, self.counts = seed, {"train": num_train, "val": num_val, "test": num_test}
+
+    @property
+    def name(self) -> str:
+        return "shapes"
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(shapes.CLASSES)
+
+    def prepare_data(self) -> None:
+        shapes.generate(self.root, seed=self.seed, size=self.image_size, counts=self.counts,
+                        workers=min(4, os.cpu_count() or 1))
+
+
+class TorchvisionDataModule(ImageDataModule):
+    """A torchvision data set by name, downloaded into `root` when online."""
+
+    SETS = ("cifar10", "oxford_iiit_pet", "flowers102")
+
+    def __init__(
+        self,
+        name: str = "cifar10",
+        root: str = "data/torchvision",
+        *,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        image_size: int = 224,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        crop_scale: tuple[float, float] = (0.35, 1.0),
+    ) -> None:
+        if name not in self.SETS:
+            raise DataError(f"unknown torchvision data set {name!r}; choose from {self.SETS}, "
+                            "or use FolderDataModule for your own images")
+        super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers,
+                         mean=mean, std=std, crop_scale=crop_scale)
+        self.set_name, self.root = name, Path(root)
+        self.val_fraction, self.split_seed = val_fraction, split_seed
+
+    @property
+    def name(self) -> str:
+        return self.set_name
+
+    def _make(self, split: str, transform=None, download: bool = False) -> Dataset:
+        root = str(self.root)
+        if self.set_name == "cifar10":
+            return datasets.CIFAR10(root, train=split == "train", transform=transform, download=download)
+        if self.set_name == "oxford_iiit_pet":
+            return datasets.OxfordIIITPet(root, split="trainval" if split == "train" else "test",
+                                          transform=transform, download=download)
+        return datasets.Flowers102(root, split=split, transform=transform, download=download)
+
+    def prepare_data(self) -> None:
+        for split in (("train", "val", "test") if self.set_name == "flowers102" else ("train", "test")):
+            try:
+                self._make(split, download=True)
+            except Exception as e:  # URLError, socket errors, HTTP errors: all mean "could not fetch it"
+                raise DataError(
+                    f"could not download {self.set_name} into {self.root} ({type(e).__name__}: {e}). This machine "
+                    f"may be offline: copy the data set into {self.root} from a machine that has it, or train on "
+                    "your own images with FolderDataModule (configs/folder.yaml)"
+                ) from None
+
+    @property
+    def class_names(self) -> list[str]:
+        self.prepare_data()  # the class list comes with the data; no-op when already downloaded
+        return [str(c) for c in self._make("test").classes]  # type: ignore[attr-defined]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        if self.set_name == "flowers102":
+            self.splits = {
+                "train": self._make("train", self.train_transform),
+                "val": self._make("val", self.eval_transform),
+                "test": self._make("test", self.eval_transform),
+            }
+            return
+        train, evaluation = self._make("train", self.train_transform), self._make("train", self.eval_transform)
+        tr, va = _split_indices(len(train), [self.val_fraction], self.split_seed)  # type: ignore[arg-type]
+        self.splits = {"train": Subset(train, tr), "val": Subset(evaluation, va),
+                       "test": self._make("test", self.eval_transform)}
