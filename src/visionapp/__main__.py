@@ -1,6 +1,6 @@
 """Train, validate, test or predict with LightningCLI.
 
-    python -m visionapp fit --config configs/train.yaml [--trainer.max_epochs=2 ...]
+python -m visionapp fit --config configs/train.yaml [--trainer.max_epochs=2 ...]
 """
 
 from visionapp.cli import cli_main

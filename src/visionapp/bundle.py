@@ -39,8 +39,12 @@ class Bundle:
 def versions() -> dict[str, str]:
     import lightning
 
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "lightning": lightning.__version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "lightning": lightning.__version__,
+    }
 
 
 def save_bundle(
@@ -80,8 +84,10 @@ def save_bundle(
 def load_bundle(directory: str | Path, map_location: str | torch.device = "cpu") -> Bundle:
     directory = Path(directory)
     if not (directory / META_FILE).is_file():
-        raise FileNotFoundError(f"{directory} is not a bundle (no {META_FILE}); train first (make train) "
-                                "or pass a run's bundle/ folder, e.g. runs/latest/bundle")
+        raise FileNotFoundError(
+            f"{directory} is not a bundle (no {META_FILE}); train first (make train) "
+            "or pass a run's bundle/ folder, e.g. runs/latest/bundle"
+        )
     meta = json.loads((directory / META_FILE).read_text())
     model = get_model(meta["arch"], weights=None, num_classes=meta["num_classes"], **meta.get("model_kwargs", {}))
     model.load_state_dict(torch.load(directory / WEIGHTS_FILE, map_location=map_location, weights_only=True))

@@ -17,6 +17,8 @@ import matplotlib
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
 from visionapp.bundle import save_bundle, versions
 from visionapp.data import ImageDataModule
@@ -74,8 +76,10 @@ class CLI(LightningCLI):
         self.throughput = Throughput()
         if self.subcommand == "fit":
             cfg = self.config["fit"]
-            name = cfg.run_name or os.environ.get("VISIONAPP_RUN_NAME") or (
-                time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.model.arch}"
+            name = (
+                cfg.run_name
+                or os.environ.get("VISIONAPP_RUN_NAME")
+                or (time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.model.arch}")
             )
             self.run_dir = Path(cfg.runs_dir) / name
             if cfg.trainer.logger in (None, True):  # our run layout, unless the config picks its own loggers
@@ -85,17 +89,25 @@ class CLI(LightningCLI):
                 ]
             kwargs.setdefault("default_root_dir", str(self.run_dir))
         trainer = super().instantiate_trainer(**kwargs)
-        trainer.callbacks.append(self.throughput)
+        trainer.callbacks.append(self.throughput)  # type: ignore[attr-defined]
         return trainer
 
     def after_fit(self) -> None:
         trainer, module, data = self.trainer, self.model, self.datamodule
-        best = getattr(trainer.checkpoint_callback, "best_model_path", "")
-        val_acc = trainer.checkpoint_callback.best_model_score if best else trainer.callback_metrics.get("val/acc")
-        results = trainer.test(module, datamodule=data, ckpt_path="best" if best else None)[0]
+        ckpt = trainer.checkpoint_callback
+        best = getattr(ckpt, "best_model_path", "")
+        val_acc = getattr(ckpt, "best_model_score", None) if best else trainer.callback_metrics.get("val/acc")
+        results = dict(trainer.test(module, datamodule=data, ckpt_path="best" if best else None)[0])
         if trainer.is_global_zero:
-            write_run(self.run_dir, module, data, trainer, self.throughput,
-                      val_acc=float(val_acc) if val_acc is not None else None, test_results=results)
+            write_run(
+                self.run_dir,
+                module,
+                data,
+                trainer,
+                self.throughput,
+                val_acc=float(val_acc) if val_acc is not None else None,
+                test_results=results,
+            )
 
 
 def write_run(
@@ -110,10 +122,11 @@ def write_run(
 ) -> None:
     """metrics.json, confusion_matrix.png and bundle/ of a finished fit; then point runs/latest here."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    hp = module.hparams
+    arch = module.hparams["arch"]
     metrics = {
-        "arch": hp.arch,
+        "arch": arch,
         "dataset": data.name,
+        "data_root": str(getattr(data, "root", "")) or None,  # explain/ finds the test split (and masks) here
         "num_classes": len(module.class_names),
         "class_names": module.class_names,
         "pretrained": module.pretrained_info.pretrained,
@@ -136,7 +149,8 @@ def write_run(
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
     fig, ax = module.test_confusion.plot(labels=module.class_names)
-    ax.set_title(f"{hp.arch} on {data.name}: test accuracy {metrics['test_acc']:.3f}")
+    assert isinstance(ax, Axes) and isinstance(fig, Figure)
+    ax.set_title(f"{arch} on {data.name}: test accuracy {metrics['test_acc']:.3f}")
     fig.set_size_inches(max(6, 0.5 * len(module.class_names)), max(5, 0.45 * len(module.class_names)))
     fig.tight_layout()
     fig.savefig(run_dir / "confusion_matrix.png", dpi=120)
@@ -144,7 +158,7 @@ def write_run(
     save_bundle(
         run_dir / "bundle",
         module.model,
-        arch=hp.arch,
+        arch=arch,
         class_names=module.class_names,
         image_size=data.image_size,
         mean=data.mean,
@@ -162,5 +176,9 @@ def write_run(
 
 
 def cli_main(args: list[str] | None = None) -> CLI:
-    return CLI(ImageClassifier, ImageDataModule, subclass_mode_data=True, args=args,
-               save_config_kwargs={"overwrite": True})
+    # Our own warnings (e.g. "no pretrained weights, random init") must reach the console with their level.
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("visionapp").setLevel(logging.INFO)
+    return CLI(
+        ImageClassifier, ImageDataModule, subclass_mode_data=True, args=args, save_config_kwargs={"overwrite": True}
+    )

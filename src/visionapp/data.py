@@ -53,16 +53,14 @@ class ImageDataModule(L.LightningDataModule):
     def class_names(self) -> list[str]:
         raise NotImplementedError
 
-    @property
-    def name(self) -> str:
-        return type(self).__name__.removesuffix("DataModule").lower()
+    name = "images"  # the data set's name in metrics.json
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(
             self.splits[split],
             batch_size=self.batch_size,
             shuffle=shuffle,
-            drop_last=shuffle and len(self.splits[split]) > self.batch_size,  # no 1-sample BatchNorm batch
+            drop_last=shuffle and len(self.splits[split]) > self.batch_size,  # type: ignore[arg-type]  # no 1-sample BatchNorm batch
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
@@ -97,12 +95,16 @@ def scan_class_folders(split_dir: Path, *, verify: bool = True) -> list[str]:
         found = [f for f in sorted((split_dir / c).rglob("*")) if f.is_file() and not f.name.startswith(".")]
         images = [f for f in found if f.suffix.lower() in IMAGE_EXTENSIONS]
         if not images:
-            raise DataError(f"class folder {split_dir / c} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
-                            "add images or remove the folder")
+            raise DataError(
+                f"class folder {split_dir / c} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                "add images or remove the folder"
+            )
         others = sorted(set(found) - set(images))
         if others:
-            raise DataError(f"{others[0]} is not an image file ({len(others)} such in {split_dir}); "
-                            "remove it or move it out of the data folder")
+            raise DataError(
+                f"{others[0]} is not an image file ({len(others)} such in {split_dir}); "
+                "remove it or move it out of the data folder"
+            )
         files += images
     if verify:
         for f in track(files, description=f"Checking {split_dir}", transient=True, disable=len(files) < 500):
@@ -110,8 +112,9 @@ def scan_class_folders(split_dir: Path, *, verify: bool = True) -> list[str]:
                 with Image.open(f) as im:
                     im.verify()
             except Exception as e:
-                raise DataError(f"{f} cannot be read as an image ({type(e).__name__}: {e}); "
-                                "delete or replace the file") from None
+                raise DataError(
+                    f"{f} cannot be read as an image ({type(e).__name__}: {e}); delete or replace the file"
+                ) from None
     return classes
 
 
@@ -148,9 +151,16 @@ class FolderDataModule(ImageDataModule):
         std: Sequence[float] = IMAGENET_STD,
         crop_scale: tuple[float, float] = (0.35, 1.0),
     ) -> None:
-        super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers,
-                         mean=mean, std=std, crop_scale=crop_scale)
+        super().__init__(
+            image_size=image_size,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            mean=mean,
+            std=std,
+            crop_scale=crop_scale,
+        )
         self.root = Path(root)
+        self.name = self.root.name  # the folder's name stands for the data set in metrics.json
         self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
         self.verify_images = verify_images
 
@@ -161,8 +171,10 @@ class FolderDataModule(ImageDataModule):
     @property
     def class_names(self) -> list[str]:
         if not self.root.is_dir():
-            raise DataError(f"data folder {self.root} does not exist; point data.init_args.root at your images "
-                            "(root/<class>/<images> or root/train|val/<class>/<images>)")
+            raise DataError(
+                f"data folder {self.root} does not exist; point data.init_args.root at your images "
+                "(root/<class>/<images> or root/train|val/<class>/<images>)"
+            )
         return scan_class_folders(self.root / "train" if self.split_layout else self.root, verify=False)
 
     def setup(self, stage: str | None = None) -> None:
@@ -171,23 +183,29 @@ class FolderDataModule(ImageDataModule):
         classes = self.class_names
         if not self.split_layout:
             scan_class_folders(self.root, verify=self.verify_images)
-            train, evaluation = (datasets.ImageFolder(self.root, t, loader=load_image)
-                                 for t in (self.train_transform, self.eval_transform))
+            train, evaluation = (
+                datasets.ImageFolder(self.root, t, loader=load_image)
+                for t in (self.train_transform, self.eval_transform)
+            )
             tr, va, te = _split_indices(len(train), [self.val_fraction, self.test_fraction], self.split_seed)
             self.splits = {"train": Subset(train, tr), "val": Subset(evaluation, va), "test": Subset(evaluation, te)}
             return
         if not (self.root / "val").is_dir():
-            raise DataError(f"{self.root}/train exists but {self.root}/val does not; add a val/<class>/ split "
-                            f"with the same classes, or put the class folders directly in {self.root} to split "
-                            "them by val_fraction")
+            raise DataError(
+                f"{self.root}/train exists but {self.root}/val does not; add a val/<class>/ split "
+                f"with the same classes, or put the class folders directly in {self.root} to split "
+                "them by val_fraction"
+            )
         for split in ("train", "val", "test"):
             d = self.root / split
             if split == "test" and not d.is_dir():
                 continue
             found = scan_class_folders(d, verify=self.verify_images)
             if found != classes:
-                raise DataError(f"{d} has classes {found} but {self.root}/train has {classes}; "
-                                "every split needs the same class folders")
+                raise DataError(
+                    f"{d} has classes {found} but {self.root}/train has {classes}; "
+                    "every split needs the same class folders"
+                )
             t = self.train_transform if split == "train" else self.eval_transform
             self.splits[split] = datasets.ImageFolder(d, t, loader=load_image)
         self.splits.setdefault("test", self.splits["val"])  # no test/: report on val, said in metrics.json
@@ -201,31 +219,37 @@ class ShapesDataModule(FolderDataModule):
         root: str = "data/shapes",
         *,
         seed: int = 0,
-        num_train: int = 5000,
+        num_train: int = 3000,
         num_val: int = 500,
         num_test: int = 1000,
-        image_size: int = 112,
-        batch_size: int = 64,
+        image_size: int = 96,
+        batch_size: int = 32,
         num_workers: int = 2,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         crop_scale: tuple[float, float] = (0.8, 1.0),
     ) -> None:
-        super().__init__(root, verify_images=False, image_size=image_size, batch_size=batch_size,
-                         num_workers=num_workers, mean=mean, std=std, crop_scale=crop_scale)
+        super().__init__(
+            root,
+            verify_images=False,
+            image_size=image_size,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            mean=mean,
+            std=std,
+            crop_scale=crop_scale,
+        )
+        self.name = "shapes"
         self.seed, self.counts = seed, {"train": num_train, "val": num_val, "test": num_test}
-
-    @property
-    def name(self) -> str:
-        return "shapes"
 
     @property
     def class_names(self) -> list[str]:
         return list(shapes.CLASSES)
 
     def prepare_data(self) -> None:
-        shapes.generate(self.root, seed=self.seed, size=self.image_size, counts=self.counts,
-                        workers=min(4, os.cpu_count() or 1))
+        shapes.generate(
+            self.root, seed=self.seed, size=self.image_size, counts=self.counts, workers=min(4, os.cpu_count() or 1)
+        )
 
 
 class TorchvisionDataModule(ImageDataModule):
@@ -248,28 +272,34 @@ class TorchvisionDataModule(ImageDataModule):
         crop_scale: tuple[float, float] = (0.35, 1.0),
     ) -> None:
         if name not in self.SETS:
-            raise DataError(f"unknown torchvision data set {name!r}; choose from {self.SETS}, "
-                            "or use FolderDataModule for your own images")
-        super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers,
-                         mean=mean, std=std, crop_scale=crop_scale)
-        self.set_name, self.root = name, Path(root)
+            raise DataError(
+                f"unknown torchvision data set {name!r}; choose from {self.SETS}, "
+                "or use FolderDataModule for your own images"
+            )
+        super().__init__(
+            image_size=image_size,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            mean=mean,
+            std=std,
+            crop_scale=crop_scale,
+        )
+        self.set_name = self.name = name
+        self.root = Path(root)
         self.val_fraction, self.split_seed = val_fraction, split_seed
-
-    @property
-    def name(self) -> str:
-        return self.set_name
 
     def _make(self, split: str, transform=None, download: bool = False) -> Dataset:
         root = str(self.root)
         if self.set_name == "cifar10":
             return datasets.CIFAR10(root, train=split == "train", transform=transform, download=download)
         if self.set_name == "oxford_iiit_pet":
-            return datasets.OxfordIIITPet(root, split="trainval" if split == "train" else "test",
-                                          transform=transform, download=download)
+            return datasets.OxfordIIITPet(
+                root, split="trainval" if split == "train" else "test", transform=transform, download=download
+            )
         return datasets.Flowers102(root, split=split, transform=transform, download=download)
 
     def prepare_data(self) -> None:
-        for split in (("train", "val", "test") if self.set_name == "flowers102" else ("train", "test")):
+        for split in ("train", "val", "test") if self.set_name == "flowers102" else ("train", "test"):
             try:
                 self._make(split, download=True)
             except Exception as e:  # URLError, socket errors, HTTP errors: all mean "could not fetch it"
@@ -296,5 +326,8 @@ class TorchvisionDataModule(ImageDataModule):
             return
         train, evaluation = self._make("train", self.train_transform), self._make("train", self.eval_transform)
         tr, va = _split_indices(len(train), [self.val_fraction], self.split_seed)  # type: ignore[arg-type]
-        self.splits = {"train": Subset(train, tr), "val": Subset(evaluation, va),
-                       "test": self._make("test", self.eval_transform)}
+        self.splits = {
+            "train": Subset(train, tr),
+            "val": Subset(evaluation, va),
+            "test": self._make("test", self.eval_transform),
+        }

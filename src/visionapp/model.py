@@ -52,9 +52,8 @@ def build_model(
     weights_file: a local state_dict file (e.g. the .pth torchvision would download); wins over `weights`.
     """
     if arch not in classification_archs():
-        raise ValueError(
-            f"unknown architecture {arch!r}; choose one of torchvision's classifiers: {', '.join(classification_archs())}"
-        )
+        valid = ", ".join(classification_archs())
+        raise ValueError(f"unknown architecture {arch!r}; choose one of torchvision's classifiers: {valid}")
     kwargs = {"image_size": image_size} if arch.startswith("vit_") and image_size else {}
     # Building with num_classes gives the family's own head at the right size; pretrained tensors of another
     # shape (the 1000-class head) are then skipped when loading, whatever the head is called in that family.

@@ -40,8 +40,14 @@ class ImageClassifier(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer"])
         self.class_names = list(class_names)
         n = len(self.class_names)
-        self.model, info = build_model(arch, n, weights=weights, weights_file=weights_file,
-                                       require_pretrained=require_pretrained, image_size=image_size)
+        self.model, info = build_model(
+            arch,
+            n,
+            weights=weights,
+            weights_file=weights_file,
+            require_pretrained=require_pretrained,
+            image_size=image_size,
+        )
         self.pretrained_info = info
         self.optimizer = optimizer
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)

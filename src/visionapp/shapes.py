@@ -45,7 +45,20 @@ def _polygon(name: str) -> np.ndarray:
         return np.stack([r * np.cos(t), r * np.sin(t)], axis=1)
     elif name == "cross":
         a, b = 1.0, 0.3  # arm length, half arm width
-        pts = [(b, b), (b, a), (-b, a), (-b, b), (-a, b), (-a, -b), (-b, -b), (-b, -a), (b, -a), (b, -b), (a, -b), (a, b)]
+        pts = [
+            (b, b),
+            (b, a),
+            (-b, a),
+            (-b, b),
+            (-a, b),
+            (-a, -b),
+            (-b, -b),
+            (-b, -a),
+            (b, -a),
+            (b, -b),
+            (a, -b),
+            (a, b),
+        ]
         return np.array(pts, dtype=float)
     else:
         raise ValueError(f"unknown shape {name!r}; choose from {CLASSES}")
@@ -86,7 +99,7 @@ def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nda
         ang = rng.uniform(0, 2 * np.pi)
         w = xx * np.cos(ang) + yy * np.sin(ang)
         w = (w - w.min()) / (np.ptp(w) + 1e-9)
-    w *= rng.uniform(0.1, 0.45)  # texture contrast, kept below the shape's contrast
+    w *= rng.uniform(0.05, 0.3)  # texture contrast, kept well below the shape's contrast
     img = base[None, None, :] * (1 - w[..., None]) + other[None, None, :] * w[..., None]
     return img, img.reshape(-1, 3).mean(0)
 
@@ -101,7 +114,7 @@ def render(index: int, split: str, *, seed: int, size: int) -> tuple[Image.Image
     draw = ImageDraw.Draw(img)
 
     # Clutter: line segments, arcs and specks, none of them a class shape.
-    for _ in range(rng.integers(3, 9)):
+    for _ in range(rng.integers(2, 7)):
         c = tuple(int(v) for v in _colour(rng))
         kind = rng.integers(3)
         x0, y0 = rng.uniform(0, big, size=2)
@@ -117,7 +130,7 @@ def render(index: int, split: str, *, seed: int, size: int) -> tuple[Image.Image
             draw.ellipse([x0 - r, y0 - r, x0 + r, y0 + r], fill=c)
 
     # The class shape: random area, position, rotation and a colour that contrasts with the background.
-    side = rng.uniform(0.25, 0.45) * big  # sqrt of the area in pixels
+    side = rng.uniform(0.3, 0.45) * big  # sqrt of the area in pixels
     angle = rng.uniform(0, 2 * np.pi)
     rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
     pts = _UNIT_SHAPES[CLASSES[label]] @ rot.T * side
@@ -125,7 +138,7 @@ def render(index: int, split: str, *, seed: int, size: int) -> tuple[Image.Image
     centre = rng.uniform(margin, big - margin)
     pts = [tuple(p) for p in pts + centre]
     fill = _colour(rng)
-    while abs(_luma(fill) - _luma(bg_mean)) < 60:  # keep the outline visible; colour itself stays uninformative
+    while abs(_luma(fill) - _luma(bg_mean)) < 80:  # keep the outline visible; colour itself stays uninformative
         fill = _colour(rng)
     draw.polygon(pts, fill=tuple(int(v) for v in fill))
     mask = Image.new("L", (big, big), 0)
@@ -145,15 +158,15 @@ def _write(job: tuple[Path, str, int, int, int]) -> None:
 
 
 def generate(
-    root: str | Path, *, seed: int = 0, size: int = 112, counts: dict[str, int] | None = None, workers: int = 2
+    root: str | Path, *, seed: int = 0, size: int = 96, counts: dict[str, int] | None = None, workers: int = 2
 ) -> Path:
     """Write the data set under `root` unless an identical one is already there.
 
     Written to a temporary folder and renamed at the end, so an interrupted run leaves no half data set.
     """
     root = Path(root)
-    counts = counts or {"train": 5000, "val": 500, "test": 1000}
-    params = {"seed": seed, "size": size, "counts": counts, "classes": list(CLASSES), "version": 1}
+    counts = counts or {"train": 3000, "val": 500, "test": 1000}
+    params = {"seed": seed, "size": size, "counts": counts, "classes": list(CLASSES), "version": 2}
     meta = root / "shapes.json"
     if meta.exists() and json.loads(meta.read_text()) == params:
         return root
@@ -184,5 +197,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default="data/shapes")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--size", type=int, default=112)
-    print(generate(ap.parse_args().root, seed=ap.parse_args().seed, size=ap.parse_args().size))
+    ap.add_argument("--size", type=int, default=96)
+    args = ap.parse_args()
+    print(generate(args.root, seed=args.seed, size=args.size))

@@ -26,7 +26,7 @@ def load_image(source: str | Path | bytes) -> Image.Image:
     Handles what real uploads contain: EXIF orientation, CMYK, palette and RGBA, 16-bit grayscale
     (scaled, not clipped to white), animated GIF (first frame). Raises PIL's errors for non-images.
     """
-    img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    img: Image.Image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     img.seek(0)  # first frame of an animation
     img = ImageOps.exif_transpose(img)  # also loads the pixels, so truncated files fail here
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):

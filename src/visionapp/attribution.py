@@ -1,0 +1,189 @@
+"""Captum attributions for a bundle's model: the code explain/heatmap.py, explain/quality.py and the
+TorchServe handler share, so a heatmap over HTTP is the one the script draws.
+
+Every method returns a per-pixel map (N, H, W) at the model's input size; `to_original_size` maps it
+back onto the user's image (the eval transform resizes the whole image, so a plain resize inverts it).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from captum.attr import GradientShap, IntegratedGradients, LayerAttribution, LayerGradCam, NoiseTunnel, Occlusion
+from PIL import Image
+from torch import nn
+
+from visionapp.bundle import Bundle
+
+METHODS = ("integrated_gradients", "gradient_shap", "occlusion", "layer_gradcam")
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return method
+
+
+def target_index(class_names: Sequence[str], name: str) -> int:
+    """The index of a class given by name; the error lists the valid names."""
+    try:
+        return list(class_names).index(name)
+    except ValueError:
+        raise ValueError(f"unknown class {name!r}; this model's classes are: {', '.join(class_names)}") from None
+
+
+def reference(x: torch.Tensor, kind: str = "median") -> torch.Tensor:
+    """The "no information" input that attributions are measured against.
+
+    "median": each image's own per-channel median colour, a flat image of (mostly) its background, so that
+    what differs from the background carries the attribution; "zero": the normalised zero image, the data
+    set's mean colour (Captum's default).
+    """
+    if kind == "zero":
+        return torch.zeros_like(x)
+    if kind != "median":
+        raise ValueError(f"unknown baseline {kind!r}; choose median or zero")
+    return x.flatten(2).median(dim=2).values[..., None, None].expand_as(x).contiguous()
+
+
+def gradcam_layer(model: nn.Module) -> nn.Module:
+    """A late convolutional stage: resnet's layer4, or the last block of `features` (mobilenet, efficientnet,
+    convnext, densenet, vgg...)."""
+    if isinstance(getattr(model, "layer4", None), nn.Module):
+        return model.get_submodule("layer4")
+    features = getattr(model, "features", None)
+    if isinstance(features, nn.Sequential):
+        return features[-1]
+    raise ValueError(
+        f"layer_gradcam needs a convolutional stage; {type(model).__name__} has none we know of. "
+        "Use integrated_gradients, gradient_shap or occlusion"
+    )
+
+
+def attribute(
+    model: nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    method: str,
+    *,
+    ig_steps: int = 50,
+    nt_samples: int = 0,
+    internal_batch_size: int = 64,
+    reduce: bool = True,
+    baseline: str = "median",
+) -> torch.Tensor:
+    """Attribution maps (N, H, W) for `target` classes of a batch `x` (normalised, N x 3 x H x W).
+
+    Channels are summed, keeping the sign: positive is evidence for the target class (reduce=False keeps them,
+    (N, 3, H, W), as captum.metrics wants). `baseline` picks the reference input (see `reference`).
+    `internal_batch_size` bounds the memory of integrated gradients (its steps run in chunks of this many images).
+    """
+    check_method(method)
+    h, w = x.shape[-2:]
+    base = reference(x, baseline)
+    if method == "integrated_gradients":
+        ig = IntegratedGradients(model)
+        if nt_samples:
+            attr = NoiseTunnel(ig).attribute(
+                x,
+                baselines=base,
+                nt_type="smoothgrad",
+                nt_samples=nt_samples,
+                stdevs=0.15,
+                nt_samples_batch_size=1,
+                target=target,
+                n_steps=ig_steps,
+                internal_batch_size=internal_batch_size,
+            )
+        else:
+            attr = ig.attribute(
+                x, baselines=base, target=target, n_steps=ig_steps, internal_batch_size=internal_batch_size
+            )
+    elif method == "gradient_shap":
+        # Baselines drawn around each image's own reference, so one image at a time; seeded: reproducible maps.
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        noise = torch.randn((8, *x.shape[1:]), generator=gen).to(x) * 0.1
+        gs = GradientShap(model)
+        attr = torch.cat(
+            [
+                gs.attribute(
+                    x[i : i + 1], baselines=base[i : i + 1] + noise, n_samples=16, stdevs=0.1, target=target[i : i + 1]
+                )
+                for i in range(len(x))
+            ]
+        )
+    elif method == "occlusion":
+        win, stride = max(4, h // 8), max(2, h // 16)  # an eighth of the image, half-window steps
+        attr = Occlusion(model).attribute(
+            x,
+            sliding_window_shapes=(3, win, win),
+            strides=(3, stride, stride),
+            baselines=base,
+            target=target,
+            perturbations_per_eval=internal_batch_size,
+        )
+    else:
+        cam = LayerGradCam(model, gradcam_layer(model)).attribute(x, target=target, relu_attributions=True)
+        attr = LayerAttribution.interpolate(cam, (h, w), interpolate_mode="bilinear")
+    attr = attr.detach()
+    return attr.sum(dim=1) if reduce else attr.expand_as(x).contiguous()
+
+
+def to_original_size(attr_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """Resize one (H, W) map to a PIL size (width, height): the eval transform's resize, inverted."""
+    width, height = size
+    up = torch.nn.functional.interpolate(attr_map[None, None].float(), size=(height, width), mode="bilinear")
+    return up[0, 0].cpu().numpy()
+
+
+def overlay_png(image: Image.Image, attr_map: np.ndarray, alpha: float = 0.55) -> bytes:
+    """The positive attribution as a heat colour blended over the image, as PNG bytes (for HTTP answers)."""
+    from matplotlib import colormaps
+
+    pos = np.clip(attr_map, 0, None)
+    scale = np.percentile(pos, 99) or pos.max() or 1.0  # as Captum's visualisation: clip the top 1% outliers
+    heat = colormaps["jet"](np.clip(pos / scale, 0, 1))[..., :3]
+    weight = alpha * np.clip(pos / scale, 0, 1)[..., None]
+    base = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
+    blended = (base * (1 - weight) + heat * weight) * 255
+    buf = io.BytesIO()
+    Image.fromarray(blended.round().astype(np.uint8)).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+@dataclass
+class Explanation:
+    image: Image.Image  # the original, upright RGB
+    attr_map: np.ndarray  # (height, width) at the original size
+    predicted: str
+    probability: float  # of the predicted class
+    target: str
+    target_probability: float
+
+
+def explain(
+    bundle: Bundle,
+    image: Image.Image,
+    method: str,
+    *,
+    target: str | None = None,
+    ig_steps: int = 50,
+    nt_samples: int = 0,
+    device: torch.device | str = "cpu",
+) -> Explanation:
+    x = bundle.transform(image)[None].to(device)
+    with torch.no_grad():
+        probs = bundle.model(x).softmax(1)[0]
+    pred = int(probs.argmax())
+    tgt = pred if target is None else target_index(bundle.class_names, target)
+    amap = attribute(
+        bundle.model, x, torch.tensor([tgt], device=device), method, ig_steps=ig_steps, nt_samples=nt_samples
+    )[0]
+    names = bundle.class_names
+    return Explanation(
+        image, to_original_size(amap, image.size), names[pred], float(probs[pred]), names[tgt], float(probs[tgt])
+    )

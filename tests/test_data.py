@@ -1,0 +1,105 @@
+"""Bad data gets an error naming the file or folder and the fix, before any DataLoader worker runs."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from visionapp.data import DataError, FolderDataModule, ShapesDataModule, TorchvisionDataModule
+
+
+def _image(path: Path, colour: tuple[int, int, int] = (200, 10, 10)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 30), colour).save(path)
+
+
+def _folder(root: Path, classes: tuple[str, ...] = ("cat", "dog"), n: int = 6) -> Path:
+    for c in classes:
+        for i in range(n):
+            _image(root / c / f"{i}.jpg", (i * 40, 0, 0))
+    return root
+
+
+def test_single_folder_is_split_by_seeded_fractions(tmp_path: Path) -> None:
+    dm = FolderDataModule(
+        _folder(tmp_path / "pets", n=10), val_fraction=0.2, test_fraction=0.1, image_size=32, num_workers=0
+    )
+    assert dm.class_names == ["cat", "dog"]
+    dm.setup("fit")
+    sizes = {k: len(v) for k, v in dm.splits.items()}
+    assert sizes == {"train": 14, "val": 4, "test": 2}
+    x, _y = next(iter(dm.train_dataloader()))
+    assert x.shape[1:] == (3, 32, 32) and x.dtype == torch.float32
+    dm2 = FolderDataModule(tmp_path / "pets", val_fraction=0.2, test_fraction=0.1, image_size=32)
+    dm2.setup("fit")
+    assert dm2.splits["val"].indices == dm.splits["val"].indices  # type: ignore[attr-defined]
+
+
+def test_train_val_layout(tmp_path: Path) -> None:
+    _folder(tmp_path / "d" / "train")
+    _folder(tmp_path / "d" / "val", n=2)
+    dm = FolderDataModule(tmp_path / "d", image_size=32)
+    dm.setup("fit")
+    assert len(dm.splits["train"]) == 12 and len(dm.splits["val"]) == 4
+    assert dm.splits["test"] is dm.splits["val"]  # no test/: evaluated on val, recorded in metrics.json
+
+
+def test_corrupt_image_is_named(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "d")
+    (root / "dog" / "broken.jpg").write_text("this is not a JPEG")
+    with pytest.raises(DataError, match=r"broken\.jpg cannot be read as an image.*delete or replace"):
+        FolderDataModule(root).setup("fit")
+
+
+def test_non_image_file_is_named(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "d")
+    (root / "cat" / "notes.txt").write_text("labels?")
+    with pytest.raises(DataError, match=r"notes\.txt is not an image file.*remove it"):
+        FolderDataModule(root).setup("fit")
+
+
+def test_empty_class_folder_is_named(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "d")
+    (root / "bird").mkdir()
+    with pytest.raises(DataError, match=r"class folder .*bird has no images"):
+        FolderDataModule(root).setup("fit")
+
+
+def test_missing_split_is_named(tmp_path: Path) -> None:
+    _folder(tmp_path / "d" / "train")
+    with pytest.raises(DataError, match=r"val does not.*add a val/<class>/ split"):
+        FolderDataModule(tmp_path / "d").setup("fit")
+
+
+def test_mismatched_classes_between_splits(tmp_path: Path) -> None:
+    _folder(tmp_path / "d" / "train")
+    _folder(tmp_path / "d" / "val", classes=("cat", "fox"))
+    with pytest.raises(DataError, match="same class folders"):
+        FolderDataModule(tmp_path / "d").setup("fit")
+
+
+def test_missing_root_is_named(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"nowhere does not exist"):
+        _ = FolderDataModule(tmp_path / "nowhere").class_names
+
+
+def test_torchvision_set_offline_says_so_and_points_to_folder(tmp_path: Path, offline: None) -> None:
+    dm = TorchvisionDataModule("cifar10", root=str(tmp_path / "tv"))
+    with pytest.raises(DataError, match=r"could not download cifar10.*offline.*FolderDataModule"):
+        dm.prepare_data()
+
+
+def test_unknown_torchvision_set_lists_valid_ones() -> None:
+    with pytest.raises(DataError, match="flowers102"):
+        TorchvisionDataModule("imagenet")
+
+
+def test_shapes_module_generates_once(tmp_path: Path) -> None:
+    dm = ShapesDataModule(tmp_path / "s", num_train=10, num_val=5, num_test=5, image_size=48, num_workers=0)
+    dm.prepare_data()
+    stamp = (tmp_path / "s" / "shapes.json").stat().st_mtime_ns
+    dm.prepare_data()
+    assert (tmp_path / "s" / "shapes.json").stat().st_mtime_ns == stamp
+    dm.setup("fit")
+    assert {k: len(v) for k, v in dm.splits.items()} == {"train": 10, "val": 5, "test": 5}

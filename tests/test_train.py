@@ -1,0 +1,80 @@
+"""The training stage through the real LightningCLI entry point."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_fit
+
+from visionapp.bundle import load_bundle
+from visionapp.data import ShapesDataModule
+from visionapp.module import ImageClassifier
+
+METRIC_KEYS = {
+    "arch",
+    "dataset",
+    "num_classes",
+    "pretrained",
+    "val_acc",
+    "test_acc",
+    "epochs",
+    "wall_seconds",
+    "train_images_per_second",
+}
+
+
+def test_fit_fast_dev_run_writes_a_run_directory(tmp_path: Path, shapes_root: Path) -> None:
+    run = run_fit(tmp_path / "runs", shapes_root, "--trainer.fast_dev_run=true")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics.keys() >= METRIC_KEYS
+    assert metrics["pretrained"] is False and "weights=null" in metrics["pretrained_reason"]
+    assert (run / "confusion_matrix.png").stat().st_size > 1000
+    assert (run / "bundle" / "model.pt").is_file()
+
+
+@pytest.mark.slow
+def test_short_training_beats_chance_by_a_wide_margin(trained_run: Path) -> None:
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert metrics.keys() >= METRIC_KEYS
+    assert metrics["test_acc"] > 0.6, metrics  # chance is 0.2 with five classes
+    assert (trained_run / "config.yaml").is_file()
+    assert (trained_run / "checkpoints" / "last.ckpt").is_file()
+    meta = json.loads((trained_run / "bundle" / "model.json").read_text())
+    assert meta["class_names"] == ["circle", "cross", "square", "star", "triangle"]
+    assert meta["image_size"] == 64 and meta["pretrained"]["pretrained"] is False
+
+
+@pytest.mark.slow
+def test_bundle_round_trip_gives_the_checkpoints_logits(trained_run: Path, shapes_root: Path) -> None:
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    module = ImageClassifier.load_from_checkpoint(metrics["best_checkpoint"], map_location="cpu").eval()
+    bundle = load_bundle(trained_run / "bundle")
+    dm = ShapesDataModule(shapes_root, image_size=64, num_workers=0, batch_size=16)
+    dm.setup("test")
+    x, _ = next(iter(dm.test_dataloader()))
+    with torch.no_grad():
+        torch.testing.assert_close(bundle.model(x), module(x), rtol=0, atol=1e-5)
+    assert bundle.class_names == module.class_names
+    assert bundle.transform.image_size == 64
+
+
+def test_resume_from_checkpoint(tmp_path: Path, shapes_root: Path) -> None:
+    run = run_fit(
+        tmp_path / "runs",
+        shapes_root,
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.limit_test_batches=1",
+    )
+    resumed = run_fit(
+        tmp_path / "runs2",
+        shapes_root,
+        "--trainer.max_epochs=2",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.limit_test_batches=1",
+        f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+    )
+    assert json.loads((resumed / "metrics.json").read_text())["global_steps"] == 4
