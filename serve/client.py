@@ -1,0 +1,103 @@
+"""A small client for the TorchServe deployment: finds the inference key itself.
+
+python serve/client.py predict photo.jpg [more.jpg ...] [--port 8080] [--dir logs/serve-8080]
+python serve/client.py explain photo.jpg [--target star] [--method occlusion] [--save heatmap.png]
+python serve/client.py wait [--timeout 120]        # until the model answers (used by make serve-bg)
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+def inference_key(serve_dir: str | Path) -> str:
+    """TorchServe writes its keys to key_file.json in the directory it was started from."""
+    path = Path(serve_dir) / "key_file.json"
+    if not path.is_file():
+        raise SystemExit(f"no {path}: is the server running (make serve / make serve-bg)?")
+    return json.loads(path.read_text())["inference"]["key"]
+
+
+def call(
+    url: str,
+    key: str,
+    body: bytes | None = None,
+    content_type: str = "application/octet-stream",
+    timeout: float = 120,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET", headers=headers or {})
+    req.add_header("Authorization", f"Bearer {key}")
+    if body is not None:
+        req.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def wait_ready(base: str, key: str, model: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status, body = call(f"{base}/ping", key, timeout=5)
+            if status == 200 and b"Healthy" in body:
+                # Healthy means the frontend is up; the model is ready once a worker answers.
+                status, _ = call(f"{base}/predictions/{model}", key, b"", timeout=30)
+                if status in (200, 400):
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(1)
+    raise SystemExit(f"TorchServe at {base} did not become ready in {timeout:.0f}s; see its logs/")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=["predict", "explain", "wait"])
+    ap.add_argument("images", nargs="*")
+    ap.add_argument("--port", type=int, default=8080, help="inference port")
+    ap.add_argument("--dir", default=None, help="the server's directory with key_file.json (default logs/serve-PORT)")
+    ap.add_argument("--model", default="classifier")
+    ap.add_argument("--target", default=None, help="explain: class name to explain (default: the predicted one)")
+    ap.add_argument("--method", default=None, help="explain: attribution method")
+    ap.add_argument("--save", default=None, help="explain: write the heatmap overlay PNG here")
+    ap.add_argument("--timeout", type=float, default=180)
+    args = ap.parse_args(argv)
+    base = f"http://127.0.0.1:{args.port}"
+    serve_dir = Path(args.dir or f"logs/serve-{args.port}")
+    if args.command == "wait":
+        deadline = time.monotonic() + args.timeout
+        while not (serve_dir / "key_file.json").is_file() and time.monotonic() < deadline:
+            time.sleep(0.5)  # TorchServe writes its keys once the frontend is up
+        wait_ready(base, inference_key(serve_dir), args.model, max(1.0, deadline - time.monotonic()))
+        print(f"ready: {base}/predictions/{args.model}")
+        return 0
+    if not args.images:
+        ap.error("give at least one image")
+    key = inference_key(serve_dir)
+    options = {f"X-{k}": v for k, v in (("Target", args.target), ("Method", args.method)) if v}
+    endpoint = "predictions" if args.command == "predict" else "explanations"
+    url = f"{base}/{endpoint}/{args.model}"
+    failed = 0
+    for img in args.images:
+        status, body = call(url, key, Path(img).read_bytes(), headers=options)
+        answer = json.loads(body) if body.startswith((b"{", b"[")) else body.decode(errors="replace")
+        if args.command == "explain" and status == 200 and args.save:
+            Path(args.save).write_bytes(base64.b64decode(answer["heatmap_png_base64"]))
+            answer["heatmap_png_base64"] = f"<written to {args.save}>"
+        print(f"{img}: HTTP {status} {json.dumps(answer, indent=2)}")
+        failed += status != 200
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

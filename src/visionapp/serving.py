@@ -1,0 +1,104 @@
+"""Request parsing for the TorchServe handler (serve/handler.py), kept in the package so it is unit-tested
+and shipped inside the .mar with the rest of the code the handler imports.
+
+A request row from TorchServe maps names to values: the raw body ("body" or "data": bytes), multipart
+form fields (one per file), query-string parameters, or a JSON body already decoded into a dict.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from visionapp.transforms import load_image
+
+OPTION_KEYS = {"topk", "target", "method"}
+MAX_PIXELS = 40_000_000  # a decoded image above this is refused (decompression bombs): ~6300 x 6300
+
+
+class BadInput(ValueError):
+    """A request the handler refuses with a 4xx status and this message."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Request:
+    images: list[Image.Image] = field(default_factory=list)
+    options: dict[str, str] = field(default_factory=dict)
+    many: bool = False  # answer with a list (several images) or one object
+    error: BadInput | None = None
+    rows: list[int] = field(default_factory=list)  # this request's rows in the batch tensor
+
+
+def _text(v: Any) -> str:
+    return v.decode("utf-8", "replace") if isinstance(v, bytes | bytearray) else str(v)
+
+
+def decode_image(raw: bytes) -> Image.Image:
+    if not raw:
+        raise BadInput("empty body: send an image, e.g. curl -T photo.jpg <url>")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return load_image(raw)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadInput(f"image too large when decoded ({e}); the limit is {MAX_PIXELS} pixels", 413) from None
+    except Image.UnidentifiedImageError:
+        raise BadInput("not an image Pillow can read (JPEG, PNG, GIF, WebP, BMP, TIFF, ...)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise BadInput(f"truncated or corrupt image: {e}") from None
+
+
+def _b64(s: Any) -> bytes:
+    try:
+        return base64.b64decode(_text(s), validate=True)
+    except (binascii.Error, ValueError):
+        raise BadInput("JSON image data is not valid base64") from None
+
+
+def parse_request(row: dict[str, Any], headers: dict[str, Any] | None = None) -> Request:
+    """One TorchServe request row (raw body, multipart fields, JSON) and its HTTP headers → images + options.
+
+    Options come from X-Topk / X-Target / X-Method headers (TorchServe does not pass the query string to
+    handlers), multipart form fields or JSON keys of the same names.
+    """
+    req = Request()
+    for name, value in (headers or {}).items():
+        key = str(name).lower().removeprefix("x-")
+        if str(name).lower().startswith("x-") and key in OPTION_KEYS:
+            req.options[key] = _text(value)
+    try:
+        raws: list[bytes] = []
+        for key, value in row.items():
+            if key in OPTION_KEYS:
+                req.options[key] = _text(value)
+            elif isinstance(value, dict):  # application/json body, decoded by TorchServe
+                req.options.update({k: _text(v) for k, v in value.items() if k in OPTION_KEYS})
+                if "images" in value and isinstance(value["images"], list):
+                    raws += [_b64(v) for v in value["images"]]
+                    req.many = True
+                elif "data" in value:
+                    raws.append(_b64(value["data"]))
+                else:
+                    raise BadInput('JSON body needs "data": "<base64 image>" or "images": ["<base64>", ...]')
+            elif isinstance(value, list):
+                raise BadInput('JSON body must be an object: {"data": "<base64 image>"}')
+            elif isinstance(value, str):  # a text/* body or form field that is not an option
+                raise BadInput(f"field {key!r} is text, not an image; send the image bytes (curl -T photo.jpg)")
+            else:
+                raws.append(bytes(value))
+        if not raws:
+            raise BadInput("empty body: send an image, e.g. curl -T photo.jpg <url>")
+        req.many = req.many or len(raws) > 1
+        req.images = [decode_image(r) for r in raws]
+    except BadInput as e:
+        req.error = e
+    return req
