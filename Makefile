@@ -56,12 +56,16 @@ MANAGEMENT_PORT ?= 8081
 METRICS_PORT    ?= 8082
 SERVE_DIR       ?= logs/serve-$(INFERENCE_PORT)
 WORKER_PORT     ?= $(shell expr $(INFERENCE_PORT) + 1000)
+GRPC_INFERENCE_PORT  ?= $(shell expr $(INFERENCE_PORT) - 1010)
+GRPC_MANAGEMENT_PORT ?= $(shell expr $(INFERENCE_PORT) - 1009)
+TORCHSERVE      ?= $(abspath $(VENV))/bin/torchserve
 # TorchServe reads these over serve/config.properties (enable_envvars_config=true). TMPDIR holds its pid file,
 # one per server, and workers talk over /tmp/.ts.sock.$(WORKER_PORT): so servers on other ports run side by side
 # and `make stop` stops only this one.
 TS_ENV = TS_INFERENCE_ADDRESS=http://127.0.0.1:$(INFERENCE_PORT) \
          TS_MANAGEMENT_ADDRESS=http://127.0.0.1:$(MANAGEMENT_PORT) \
          TS_METRICS_ADDRESS=http://127.0.0.1:$(METRICS_PORT) TS_INITIAL_WORKER_PORT=$(WORKER_PORT) \
+         TS_GRPC_INFERENCE_PORT=$(GRPC_INFERENCE_PORT) TS_GRPC_MANAGEMENT_PORT=$(GRPC_MANAGEMENT_PORT) \
          TS_ALLOWED_URLS='file://$(abspath $(MODEL_STORE))/.*\.mar' \
          TMPDIR=$(abspath $(SERVE_DIR)) LOG_LOCATION=$(abspath $(SERVE_DIR)) METRICS_LOCATION=$(abspath $(SERVE_DIR))
 TS_ARGS = --ts-config $(abspath serve/config.properties) --model-store $(abspath $(MODEL_STORE)) \
@@ -81,16 +85,16 @@ serve: $(STAMP) java-check $(MODEL_STORE)/$(MODEL_NAME).mar ## TorchServe in the
 	@echo "Starting TorchServe; once the model is loaded, call it with:"
 	@echo "  curl -H \"Authorization: Bearer \$$(python3 -c 'import json;print(json.load(open(\"$(SERVE_DIR)/key_file.json\"))[\"inference\"][\"key\"])')\" -T photo.jpg http://127.0.0.1:$(INFERENCE_PORT)/predictions/$(MODEL_NAME)"
 	@echo "  (the inference key is in $(SERVE_DIR)/key_file.json; or: make predict IMG=photo.jpg)"
-	cd $(SERVE_DIR) && $(TS_ENV) $(abspath $(VENV))/bin/torchserve --start --foreground $(TS_ARGS)
+	cd $(SERVE_DIR) && $(TS_ENV) $(TORCHSERVE) --start --foreground $(TS_ARGS)
 
 serve-bg: $(STAMP) java-check $(MODEL_STORE)/$(MODEL_NAME).mar ## TorchServe in the background, returns when the model answers
 	@mkdir -p $(SERVE_DIR)
-	cd $(SERVE_DIR) && $(TS_ENV) $(abspath $(VENV))/bin/torchserve --start $(TS_ARGS) > torchserve.out 2>&1
+	cd $(SERVE_DIR) && $(TS_ENV) $(TORCHSERVE) --start $(TS_ARGS) > torchserve.out 2>&1
 	$(PY) serve/client.py wait --port $(INFERENCE_PORT) --dir $(SERVE_DIR) --model $(MODEL_NAME)
 	@echo "key: $(SERVE_DIR)/key_file.json; stop with: make stop INFERENCE_PORT=$(INFERENCE_PORT)"
 
 stop: ## stop the background TorchServe started with make serve-bg (same INFERENCE_PORT)
-	cd $(SERVE_DIR) && TMPDIR=$(abspath $(SERVE_DIR)) $(abspath $(VENV))/bin/torchserve --stop
+	cd $(SERVE_DIR) && TMPDIR=$(abspath $(SERVE_DIR)) $(TORCHSERVE) --stop
 
 IMG ?=
 predict: $(STAMP) ## send IMG=photo.jpg to the running server (finds the key itself); EXPLAIN=1 for a heatmap

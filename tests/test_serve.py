@@ -1,0 +1,312 @@
+"""End to end: the real TorchServe, started by `make serve-bg` on free ports with token authorisation on,
+real HTTP requests, stopped by `make stop` with no process left behind."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import os
+import signal
+import site
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from PIL import Image
+
+from visionapp.archive import build_archive
+from visionapp.bundle import load_bundle
+from visionapp.transforms import load_image
+
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT / "serve"))
+from client import call, inference_key  # noqa: E402
+from load import run_load  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    base: str
+    key: str
+    dir: Path
+    make_vars: list[str]
+    worker_port: int
+
+    def post(
+        self,
+        body: bytes,
+        endpoint: str = "predictions",
+        content_type: str = "application/octet-stream",
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, object]:
+        status, raw = call(f"{self.base}/{endpoint}/classifier", self.key, body, content_type, headers=headers)
+        return status, json.loads(raw)
+
+    def processes(self) -> list[psutil.Process]:
+        """The frontend (java) and the worker processes of this server."""
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = " ".join(p.info["cmdline"] or [])
+            if f".ts.sock.{self.worker_port}" in cmd or (str(self.dir) in cmd and "java" in cmd):
+                found.append(p)
+        return found
+
+
+def start_server(mar_dir: Path, serve_dir: Path, *extra_vars: str) -> Server:
+    ports = [free_port() for _ in range(6)]
+    names = ["INFERENCE", "MANAGEMENT", "METRICS", "WORKER", "GRPC_INFERENCE", "GRPC_MANAGEMENT"]
+    make_vars = [f"{n}_PORT={p}" for n, p in zip(names, ports, strict=True)]
+    make_vars += [f"MODEL_STORE={mar_dir}", f"SERVE_DIR={serve_dir}", *extra_vars]
+    subprocess.run(["make", "-s", "serve-bg", *make_vars], cwd=ROOT, check=True, timeout=300)
+    return Server(f"http://127.0.0.1:{ports[0]}", inference_key(serve_dir), serve_dir, make_vars, ports[3])
+
+
+def stop_server(server: Server) -> None:
+    before = server.processes()
+    assert before, "no TorchServe process found for this server"
+    subprocess.run(["make", "-s", "stop", *server.make_vars], cwd=ROOT, check=True, timeout=120)
+    _, alive = psutil.wait_procs(before, timeout=30)
+    assert not alive and not server.processes(), f"left behind: {alive or server.processes()}"
+
+
+@pytest.fixture(scope="module")
+def model_store(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    store = tmp_path_factory.mktemp("model_store")
+    build_archive(trained_run / "bundle", name="classifier", out=store)
+    return store
+
+
+@pytest.fixture(scope="module")
+def server(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    s = start_server(model_store, tmp_path_factory.mktemp("serve"))
+    yield s
+    stop_server(s)
+
+
+@pytest.fixture(scope="module")
+def sample(trained_run: Path) -> dict[str, bytes]:
+    root = Path(json.loads((trained_run / "metrics.json").read_text())["data_root"]) / "test"
+    return {c.name: sorted(c.glob("*.png"))[0].read_bytes() for c in sorted(root.iterdir())}
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+# --- predictions ----------------------------------------------------------------------------------------------
+def test_prediction_is_top_k_class_probabilities(server: Server, sample: dict[str, bytes], trained_run: Path) -> None:
+    status, answer = server.post(sample["circle"])
+    assert status == 200
+    assert isinstance(answer, dict) and len(answer) == 5  # min(5, number of classes)
+    assert set(answer) == {"circle", "cross", "square", "star", "triangle"}
+    assert list(answer.values()) == sorted(answer.values(), reverse=True)
+    assert sum(answer.values()) == pytest.approx(1.0, abs=1e-4)
+    status, answer = server.post(sample["circle"], headers={"X-Topk": "2"})
+    assert status == 200 and len(answer) == 2
+
+
+def test_multiple_images_multipart_and_json(server: Server, sample: dict[str, bytes]) -> None:
+    boundary = "visionapp-test-boundary"
+    parts = b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{n}"; filename="{n}.png"\r\n'
+        f"Content-Type: image/png\r\n\r\n".encode()
+        + sample[n]
+        + b"\r\n"
+        for n in ("star", "square")
+    )
+    status, answer = server.post(
+        parts + f"--{boundary}--\r\n".encode(), content_type=f"multipart/form-data; boundary={boundary}"
+    )
+    assert status == 200 and isinstance(answer, list) and len(answer) == 2
+    body = json.dumps({"images": [base64.b64encode(sample[n]).decode() for n in ("cross", "circle", "star")]})
+    status, answer = server.post(body.encode(), content_type="application/json")
+    assert status == 200 and isinstance(answer, list) and len(answer) == 3
+    status, answer = server.post(
+        json.dumps({"data": base64.b64encode(sample["cross"]).decode()}).encode(), content_type="application/json"
+    )
+    assert status == 200 and isinstance(answer, dict)
+
+
+def test_served_probabilities_equal_in_process(server: Server, sample: dict[str, bytes], trained_run: Path) -> None:
+    bundle = load_bundle(trained_run / "bundle")
+    for raw in sample.values():
+        status, answer = server.post(raw, headers={"X-Topk": "5"})
+        assert status == 200
+        with torch.no_grad():
+            probs = bundle.model(bundle.transform(load_image(raw))[None]).softmax(1)[0]
+        expected = dict(zip(bundle.class_names, probs.tolist(), strict=True))
+        for name, p in answer.items():  # type: ignore[union-attr]
+            assert p == pytest.approx(expected[name], abs=1e-4)
+
+
+# --- every image Pillow can open is served ---------------------------------------------------------------------
+def _formats(png: bytes) -> dict[str, bytes]:
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° on display
+    gray16 = Image.fromarray(np.asarray(img.convert("L"), dtype=np.uint16) * 257)  # mode I;16
+    frames = [img, img.rotate(90)]
+    return {
+        "jpeg": _encode(img, "JPEG"),
+        "jpeg_cmyk": _encode(img.convert("CMYK"), "JPEG"),
+        "jpeg_exif_rotated": _encode(img, "JPEG", exif=exif),
+        "png_gray": _encode(img.convert("L"), "PNG"),
+        "png_16bit": _encode(gray16, "PNG"),
+        "png_palette": _encode(img.convert("P"), "PNG"),
+        "png_rgba": _encode(img.convert("RGBA"), "PNG"),
+        "gif_animated": _encode(frames[0], "GIF", save_all=True, append_images=frames[1:]),
+        "webp": _encode(img, "WEBP"),
+        "bmp": _encode(img, "BMP"),
+        "tiff": _encode(img, "TIFF"),
+        "one_pixel": _encode(Image.new("RGB", (1, 1), (10, 200, 30)), "PNG"),
+        "elongated": _encode(img.resize((2000, 3)), "PNG"),
+    }
+
+
+def test_every_image_kind_is_served(server: Server, sample: dict[str, bytes]) -> None:
+    for name, raw in _formats(sample["star"]).items():
+        status, answer = server.post(raw)
+        assert status == 200, (name, answer)
+        assert isinstance(answer, dict) and len(answer) == 5, name
+
+
+def test_exif_orientation_is_applied() -> None:
+    img = Image.new("RGB", (40, 10), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    assert load_image(_encode(img, "JPEG", exif=exif)).size == (10, 40)
+
+
+# --- bad inputs: a 4xx JSON error that names the problem, and the worker carries on ----------------------------
+def _bomb() -> bytes:
+    return _encode(Image.new("1", (10_000, 10_000)), "PNG")  # ~12 kB that decodes to 100 megapixels
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "status", "words"),
+    [
+        ("empty", lambda s: b"", 400, "empty body"),
+        ("not an image", lambda s: b"hello, this is text", 400, "not an image"),
+        ("truncated", lambda s: s["star"][: len(s["star"]) // 3], 400, "truncated or corrupt"),
+        ("bad base64", None, 400, "base64"),
+        ("decompression bomb", lambda s: _bomb(), 413, "too large"),
+    ],
+)
+def test_bad_input_gets_a_4xx_that_names_it(
+    server: Server, sample: dict[str, bytes], name, body, status, words
+) -> None:
+    if body is None:
+        got, answer = server.post(b'{"data": "***not base64***"}', content_type="application/json")
+    else:
+        got, answer = server.post(body(sample))
+    assert got == status, (name, answer)
+    assert words.lower() in json.dumps(answer).lower()
+    ok, _ = server.post(sample["cross"])  # the next good request succeeds
+    assert ok == 200
+
+
+def test_body_over_the_size_limit_gets_413(server: Server, sample: dict[str, bytes]) -> None:
+    # TorchServe's frontend refuses it from the Content-Length alone (max_request_size, 10 MiB), before any
+    # byte of the body is read; curl -T sends the same Expect: 100-continue for large uploads.
+    conn = http.client.HTTPConnection(
+        server.base.removeprefix("http://").split(":")[0], int(server.base.rsplit(":", 1)[1])
+    )
+    conn.putrequest("POST", "/predictions/classifier")
+    conn.putheader("Authorization", f"Bearer {server.key}")
+    conn.putheader("Content-Length", str(11 * 1024 * 1024))
+    conn.putheader("Expect", "100-continue")
+    conn.endheaders()
+    assert conn.getresponse().status == 413
+    conn.close()
+    assert server.post(sample["cross"])[0] == 200
+
+
+def test_requests_without_or_with_a_wrong_token_are_refused(server: Server, sample: dict[str, bytes]) -> None:
+    url = f"{server.base}/predictions/classifier"
+    status, raw = call(url, "", sample["star"])
+    assert status in (400, 401) and b"Token Authorization failed" in raw
+    status, raw = call(url, "wrong-key", sample["star"])
+    assert status in (400, 401) and b"Token Authorization failed" in raw
+
+
+# --- explanations ----------------------------------------------------------------------------------------------
+def test_explanation_returns_class_probability_and_heatmap(server: Server, sample: dict[str, bytes]) -> None:
+    status, answer = server.post(sample["triangle"], endpoint="explanations", headers={"X-Method": "layer_gradcam"})
+    assert status == 200, answer
+    assert answer["method"] == "layer_gradcam" and answer["class"] == answer["predicted"]  # type: ignore[index]
+    png = Image.open(io.BytesIO(base64.b64decode(answer["heatmap_png_base64"])))  # type: ignore[index]
+    assert png.size == Image.open(io.BytesIO(sample["triangle"])).size
+    status, answer = server.post(
+        sample["triangle"], endpoint="explanations", headers={"X-Target": "circle", "X-Method": "occlusion"}
+    )
+    assert status == 200 and answer["class"] == "circle"  # type: ignore[index]
+    status, answer = server.post(sample["triangle"], endpoint="explanations", headers={"X-Target": "hexagon"})
+    assert status == 400 and "circle, cross, square, star, triangle" in answer["message"]  # type: ignore[index]
+    status, answer = server.post(sample["triangle"], endpoint="explanations", headers={"X-Method": "lime"})
+    assert status == 400 and "integrated_gradients" in answer["message"]  # type: ignore[index]
+
+
+# --- load and faults -------------------------------------------------------------------------------------------
+def test_load_with_a_worker_killed_midway(server: Server, sample: dict[str, bytes]) -> None:
+    url = f"{server.base}/predictions/classifier"
+    warm = run_load(url, server.key, sample["star"], requests=48, concurrency=16, max_seconds=60)
+    assert warm["ok"] == 48, warm
+    worker = next(p for p in server.processes() if "model_service_worker" in " ".join(p.cmdline()))
+    os.kill(worker.pid, signal.SIGKILL)
+    during = run_load(url, server.key, sample["star"], requests=32, concurrency=16, max_seconds=60)
+    assert during["answered"] == 32, during  # every request gets an HTTP answer, even if an error
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and server.post(sample["star"])[0] != 200:
+        time.sleep(1)
+    after = run_load(url, server.key, sample["star"], requests=32, concurrency=16, max_seconds=60)
+    assert after["ok"] == 32, after
+    assert worker.pid not in [p.pid for p in server.processes()]  # a new worker answered
+
+
+# --- the .mar is self-contained ----------------------------------------------------------------------------------
+def test_mar_serves_where_the_project_is_not_installed(
+    model_store: Path, sample: dict[str, bytes], tmp_path: Path
+) -> None:
+    # A venv that sees this venv's packages (torch, torchvision, Pillow, captum, torchserve) through a plain
+    # path entry, which does not run their .pth files: the editable install of visionapp is invisible there.
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    bare_site = next((bare / "lib").glob("python*/site-packages"))
+    (bare_site / "deps.pth").write_text(site.getsitepackages()[0] + "\n")
+    python = str(bare / "bin" / "python")
+    assert subprocess.run([python, "-c", "import torch, torchvision, PIL, captum, ts"]).returncode == 0
+    assert subprocess.run([python, "-c", "import visionapp"], capture_output=True).returncode != 0
+    # TorchServe runs its workers with the Python that runs the torchserve launcher: launch it with the bare one.
+    launcher = bare / "bin" / "torchserve"
+    launcher.write_text(f"#!{python}\nimport sys\nfrom ts.model_server import start\nsys.exit(start())\n")
+    launcher.chmod(0o755)
+    s = start_server(model_store, tmp_path / "serve", f"TORCHSERVE={launcher}")
+    try:
+        status, answer = s.post(sample["square"])
+        assert status == 200 and len(answer) == 5  # type: ignore[arg-type]
+        status, _ = s.post(sample["square"], endpoint="explanations", headers={"X-Method": "layer_gradcam"})
+        assert status == 200
+        worker = next(p for p in s.processes() if "model_service_worker" in " ".join(p.cmdline()))
+        assert worker.cmdline()[0] == python
+    finally:
+        stop_server(s)
