@@ -102,3 +102,23 @@ predict: $(STAMP) ## send IMG=photo.jpg to the running server (finds the key its
 	$(PY) serve/client.py $(if $(EXPLAIN),explain --save $(basename $(notdir $(IMG)))_heatmap.png $(if $(TARGET),--target $(TARGET)),predict) $(IMG) --port $(INFERENCE_PORT) --dir $(SERVE_DIR) --model $(MODEL_NAME)
 
 .PHONY: archive java-check serve serve-bg stop predict
+
+# ---- scale: TorchX ---------------------------------------------------------------------------------------------
+NPROC  ?= 2
+NNODES ?= 1
+IMAGE  ?=
+CPUS   ?= 2
+GPUS   ?= 0
+MEM_MB ?= 8192
+DRYRUN ?=
+TORCHX = PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/torchx   # torchrun must be on the workers' PATH
+
+launch: $(STAMP) ## the training as an NPROC-process DDP job through TorchX on this machine (ARGS=... overrides)
+	$(TORCHX) run -s local_cwd src/visionapp/launch.py:train --nproc $(NPROC) --cpu $(CPUS) $(if $(ARGS),-- $(ARGS))
+
+launch-k8s: $(STAMP) ## the same job on Kubernetes/Volcano (IMAGE=registry/app:tag NNODES=2 NPROC=1 [DRYRUN=1])
+	@test -n "$(IMAGE)" || { echo "usage: make launch-k8s IMAGE=registry/app:tag NNODES=2 NPROC=1 [CPUS=4 GPUS=1 MEM_MB=16384 DRYRUN=1]"; exit 2; }
+	$(TORCHX) run -s kubernetes --workspace "" $(if $(DRYRUN),--dryrun) src/visionapp/launch.py:train --image $(IMAGE) \
+	  --nnodes $(NNODES) --nproc $(NPROC) --cpu $(CPUS) --gpu $(GPUS) --memMB $(MEM_MB) $(if $(ARGS),-- $(ARGS))
+
+.PHONY: launch launch-k8s

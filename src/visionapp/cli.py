@@ -98,6 +98,7 @@ class CLI(LightningCLI):
         best = getattr(ckpt, "best_model_path", "")
         val_acc = getattr(ckpt, "best_model_score", None) if best else trainer.callback_metrics.get("val/acc")
         results = dict(trainer.test(module, datamodule=data, ckpt_path="best" if best else None)[0])
+        confusion = module.test_confusion.compute()  # a collective under DDP: every rank takes part
         if trainer.is_global_zero:
             write_run(
                 self.run_dir,
@@ -105,6 +106,7 @@ class CLI(LightningCLI):
                 data,
                 trainer,
                 self.throughput,
+                confusion,
                 val_acc=float(val_acc) if val_acc is not None else None,
                 test_results=results,
             )
@@ -116,6 +118,7 @@ def write_run(
     data: ImageDataModule,
     trainer: L.Trainer,
     throughput: Throughput,
+    confusion: torch.Tensor,
     *,
     val_acc: float | None,
     test_results: dict[str, float],
@@ -148,7 +151,7 @@ def write_run(
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
-    fig, ax = module.test_confusion.plot(labels=module.class_names)
+    fig, ax = module.test_confusion.plot(val=confusion, labels=module.class_names)
     assert isinstance(ax, Axes) and isinstance(fig, Figure)
     ax.set_title(f"{arch} on {data.name}: test accuracy {metrics['test_acc']:.3f}")
     fig.set_size_inches(max(6, 0.5 * len(module.class_names)), max(5, 0.45 * len(module.class_names)))
