@@ -59,4 +59,4 @@ def test_kubernetes_dry_run_spec(tmp_path: Path) -> None:
     assert "--nnodes 3 --nproc_per_node" in spec and "2 " in spec.split("--nproc_per_node", 1)[1][:5]
     assert "-m visionapp fit --config configs/train.yaml" in " ".join(spec.split())
     assert "--trainer.max_epochs=9" in spec and "--trainer.devices=2" in spec
-    assert "cpu: 4000m" in spec and "nvidia.com/gpu: 1" in spec and "memory: 16384M" in spec
+    assert "cpu: 4000m" in spec and "nvidia.com/gpu: '1'" in spec and "memory: 16384M" in spec
