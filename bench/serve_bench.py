@@ -51,6 +51,20 @@ def in_process_handler(mar: Path, workdir: Path):
     return run
 
 
+def cpu_seconds(serve_dir: Path, worker_port: int) -> dict[str, float]:
+    """CPU time used so far by this server's Java frontend, its Python worker(s), and this process (the client)."""
+    import psutil
+
+    out = {"frontend": 0.0, "worker": 0.0, "client": sum(psutil.Process().cpu_times()[:2])}
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "model_service_worker" in cmd and f".ts.sock.{worker_port}" in cmd:
+            out["worker"] += sum(p.cpu_times()[:2])
+        elif "org.pytorch.serve.ModelServer" in cmd and p.cwd() == str(serve_dir):  # started from SERVE_DIR
+            out["frontend"] += sum(p.cpu_times()[:2])
+    return out
+
+
 def timed(fn, repeats: int) -> list[float]:
     out = []
     for _ in range(repeats):
@@ -90,13 +104,17 @@ def main(argv: list[str] | None = None) -> int:
                 single = timed(lambda: handle([{"body": body}]), args.requests)
                 served1 = run_load(url, key, body, requests=args.requests, concurrency=1, max_seconds=300)
                 batched = timed(lambda: handle([{"body": body}] * 8), max(5, args.requests // 8))
+                before = cpu_seconds(tmpdir / "serve", port + 3)
                 served8 = run_load(url, key, body, requests=args.requests * 2, concurrency=8, max_seconds=300)
+                after = cpu_seconds(tmpdir / "serve", port + 3)
+                cpu = {k: (after[k] - before[k]) / served8["seconds"] for k in after}  # cores busy on average
                 rounds.append({
                     "inprocess_c1_p50_ms": percentile(single, 50) * 1e3,
                     "served_c1_p50_ms": served1["p50_ms"], "served_c1_p90_ms": served1["p90_ms"],
                     "served_c1_p99_ms": served1["p99_ms"],
                     "inprocess_batch8_images_per_s": 8 / statistics.median(batched),
                     "served_c8_requests_per_s": served8["requests_per_second"],
+                    **{f"c8_cores_busy_{k}": v for k, v in cpu.items()},
                 })  # fmt: skip
         finally:
             subprocess.run(["make", "-s", "stop", *make_vars], cwd=ROOT, check=False)

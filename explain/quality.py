@@ -168,7 +168,8 @@ def evaluate(
         entry["randomization_spearman"] = spearman(amaps[:k], attribute(randomized, xs, ts, method))
         results[method] = entry
         (out_dir / method).mkdir(parents=True, exist_ok=True)
-        for f, im in list(zip(files, images, strict=True))[:heatmaps]:
+        step = max(1, len(files) // max(1, heatmaps))  # spread over the (class-sorted) sample
+        for f, im in list(zip(files, images, strict=True))[::step][:heatmaps]:
             save_figure(explain(bundle, im, method), method, out_dir / method / f"{f.parent.name}_{f.stem}.png")
 
     report = {

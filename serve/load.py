@@ -9,18 +9,19 @@ a JSON summary: answered, ok, statuses, connection errors, latency p50/p90/p99 (
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import statistics
 import sys
 import threading
 import time
-import urllib.error
+import urllib.parse
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from client import call, inference_key
+from client import inference_key
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -38,6 +39,25 @@ def run_load(
     lock = threading.Lock()
     deadline = time.monotonic() + max_seconds
 
+    parsed = urllib.parse.urlsplit(url)
+    local = threading.local()  # one keep-alive connection per thread, as real clients and load tools do
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/octet-stream"}
+
+    def post(retry: bool = True) -> int:
+        if getattr(local, "conn", None) is None:
+            local.conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=timeout)
+        try:
+            local.conn.request("POST", parsed.path, body=body, headers=headers)
+            response = local.conn.getresponse()
+            response.read()
+            return response.status
+        except (OSError, http.client.HTTPException):
+            local.conn.close()
+            local.conn = None
+            if retry:  # the server may have closed an idle keep-alive connection: once more on a fresh one
+                return post(retry=False)
+            raise
+
     def one(_: int) -> None:
         if time.monotonic() > deadline:
             with lock:
@@ -45,9 +65,8 @@ def run_load(
             return
         t = time.perf_counter()
         try:
-            status, _ = call(url, key, body, timeout=timeout)
-            label = str(status)
-        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+            label = str(post())
+        except (OSError, http.client.HTTPException) as e:
             label = f"connection error: {type(e).__name__}"
         with lock:
             statuses[label] += 1
