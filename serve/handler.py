@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -64,59 +65,59 @@ class ImageClassifierHandler(BaseHandler):
             return self.model(data).softmax(dim=1).cpu()
 
     def postprocess(self, data: torch.Tensor) -> list[Any]:
-        out: list[Any] = []
-        for idx, req in enumerate(self.requests):
-            if req.error is not None:
-                out.append(self._error(idx, req.error))
-                continue
-            try:
-                k = self._topk(req)
-            except BadInput as e:
-                out.append(self._error(idx, e))
-                continue
+        def top_k(req: Request) -> list[dict[str, float]]:
+            k = self._topk(req)
             answers = []
             for row in req.rows:
                 p, i = data[row].topk(k)
                 answers.append({self.class_names[c]: round(float(v), 6) for v, c in zip(p, i, strict=True)})
-            out.append(answers if req.many else answers[0])
-        return out
+            return answers
+
+        return self._answer(top_k)
 
     # --- explanations: POST /explanations/<model> -------------------------------------------------------------
     def explain_handle(self, data_preprocess: torch.Tensor, raw_data: list[dict]) -> list[Any]:
+        return self._answer(self._explain)
+
+    def _explain(self, req: Request) -> list[dict[str, Any]]:
+        method = req.options.get("method", "integrated_gradients")
+        if method not in METHODS:
+            raise BadInput(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        target = req.options.get("target")
+        if target is not None:
+            try:
+                target_index(self.class_names, target)
+            except ValueError as e:
+                raise BadInput(str(e)) from None
+        answers = []
+        for img in req.images:
+            e = explain(self.bundle, img, method, target=target, device=self.device)
+            answers.append(
+                {
+                    "class": e.target,
+                    "probability": round(e.target_probability, 6),
+                    "predicted": e.predicted,
+                    "predicted_probability": round(e.probability, 6),
+                    "method": method,
+                    "heatmap_png_base64": base64.b64encode(overlay_png(img, e.attr_map)).decode("ascii"),
+                }
+            )
+        return answers
+
+    # --- helpers ------------------------------------------------------------------------------------------------
+    def _answer(self, make: Callable[[Request], list]) -> list[Any]:
+        """One answer per request of the batch: a list for several images, one object for one, or the error."""
         out: list[Any] = []
         for idx, req in enumerate(self.requests):
-            if req.error is not None:
-                out.append(self._error(idx, req.error))
-                continue
             try:
-                method = req.options.get("method", "integrated_gradients")
-                if method not in METHODS:
-                    raise BadInput(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-                target = req.options.get("target")
-                if target is not None:
-                    try:
-                        target_index(self.class_names, target)
-                    except ValueError as e:
-                        raise BadInput(str(e)) from None
-                answers = []
-                for img in req.images:
-                    e = explain(self.bundle, img, method, target=target, device=self.device)
-                    answers.append(
-                        {
-                            "class": e.target,
-                            "probability": round(e.target_probability, 6),
-                            "predicted": e.predicted,
-                            "predicted_probability": round(e.probability, 6),
-                            "method": method,
-                            "heatmap_png_base64": base64.b64encode(overlay_png(img, e.attr_map)).decode("ascii"),
-                        }
-                    )
+                if req.error is not None:
+                    raise req.error
+                answers = make(req)
                 out.append(answers if req.many else answers[0])
             except BadInput as e:
                 out.append(self._error(idx, e))
         return out
 
-    # --- helpers ------------------------------------------------------------------------------------------------
     def _topk(self, req: Request) -> int:
         n = len(self.class_names)
         raw = req.options.get("topk", str(min(5, n)))
