@@ -25,6 +25,11 @@ def inference_key(serve_dir: str | Path) -> str:
     return json.loads(path.read_text())["inference"]["key"]
 
 
+# The server is on loopback: never route through an http_proxy from the environment (urlopen's global
+# opener would, and it also keeps whatever proxy settings were in force at its first use).
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def call(
     url: str,
     key: str,
@@ -38,7 +43,7 @@ def call(
     if body is not None:
         req.add_header("Content-Type", content_type)
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with _OPENER.open(req, timeout=timeout) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
