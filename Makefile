@@ -10,7 +10,7 @@ ARGS   ?=
 PYTEST_ARGS ?=
 
 help: ## list the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}'
 
 # The venv is (re)installed whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -122,3 +122,12 @@ launch-k8s: $(STAMP) ## the same job on Kubernetes/Volcano (IMAGE=registry/app:t
 	  --nnodes $(NNODES) --nproc $(NPROC) --cpu $(CPUS) --gpu $(GPUS) --memMB $(MEM_MB) $(if $(ARGS),-- $(ARGS))
 
 .PHONY: launch launch-k8s
+
+# ---- benchmarks (not part of make test: these machines are noisy, ratios come from one run) ----------------
+bench-train: $(STAMP) ## training images/s: Lightning fit vs plain loop vs in-memory ceiling → bench/train_results.json
+	$(PY) bench/train_bench.py
+
+bench-serve: $(STAMP) $(MODEL_STORE)/$(MODEL_NAME).mar ## TorchServe vs the handler in process → bench/serve_results.json
+	$(PY) bench/serve_bench.py --mar $(MODEL_STORE)/$(MODEL_NAME).mar --image $$(ls data/shapes/test/star/*.png | head -1)
+
+.PHONY: bench-train bench-serve
