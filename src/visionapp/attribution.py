@@ -78,9 +78,10 @@ def attribute(
 ) -> torch.Tensor:
     """Attribution maps (N, H, W) for `target` classes of a batch `x` (normalised, N x 3 x H x W).
 
-    Channels are summed, keeping the sign: positive is evidence for the target class (reduce=False keeps them,
-    (N, 3, H, W), as captum.metrics wants). `baseline` picks the reference input (see `reference`).
-    `internal_batch_size` bounds the memory of integrated gradients (its steps run in chunks of this many images).
+    Channels are summed, keeping the sign: positive is evidence for the target class. reduce=False keeps them,
+    (N, 3, H, W), as captum.metrics wants; summing those over channels gives the reduced map. `baseline` picks
+    the reference input (see `reference`). `internal_batch_size` bounds the memory of integrated gradients
+    (its steps run in chunks of this many images).
     """
     check_method(method)
     h, w = x.shape[-2:]
@@ -130,7 +131,9 @@ def attribute(
         cam = LayerGradCam(model, gradcam_layer(model)).attribute(x, target=target, relu_attributions=True)
         attr = LayerAttribution.interpolate(cam, (h, w), interpolate_mode="bilinear")
     attr = attr.detach()
-    return attr.sum(dim=1) if reduce else attr.expand_as(x).contiguous()
+    if method == "layer_gradcam" and not reduce:  # one map for all channels: split it so channels sum to it
+        return (attr / x.shape[1]).expand_as(x).contiguous()
+    return attr.sum(dim=1) if reduce else attr
 
 
 def to_original_size(attr_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
