@@ -93,7 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="bench/train_results.json")
     args = ap.parse_args(argv)
-    torch.set_num_threads(torch.get_num_threads())  # the same threads for all three
     # The default config's data (96 px, 3000 images, batch 32, 2 loader workers) unless told otherwise.
     dm = ShapesDataModule(args.root, image_size=args.image_size, num_train=args.num_train)
     dm.prepare_data()

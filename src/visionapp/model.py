@@ -110,8 +110,7 @@ def _pretrained_state(
 
 def classifier_head(model: nn.Module) -> nn.Module:
     """The last layer that produces the class logits (resnet `fc`, vit `heads.head`, ...)."""
-    out_features = [m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)][-1]
-    return out_features
+    return [m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)][-1]
 
 
 def backbone_modules(model: nn.Module) -> nn.ModuleList:
