@@ -1,12 +1,15 @@
 """Training throughput: Lightning `fit` vs a plain PyTorch loop vs the compute ceiling, side by side.
 
     python bench/train_bench.py [--steps 30] [--warmup 5] [--rounds 3] [--out bench/train_results.json]
+    python bench/train_bench.py --device cuda --image-size 224 --batch-size 128 --num-workers 12 [--compile]
 
-Same model (the default config's resnet18, 5 classes, random init), batch size, image size, data and
-threads for all three, alternated round by round; images/s counted after --warmup steps:
-  ceiling    forward + backward + AdamW step on one batch already in memory (no data loading)
+Same model (the default config's resnet18, 5 classes, random init), batch size, image size, data, threads
+and device for all three, alternated round by round; images/s counted after --warmup steps:
+  ceiling    forward + backward + AdamW step on one batch already on the device (no data loading)
   loop       a plain PyTorch loop over the ShapesDataModule's train loader (the same loader `fit` uses)
   lightning  Trainer.fit of our LightningModule over the same DataModule (metrics, logging, scheduler on)
+On CUDA all three run as `make train` does there: bf16 autocast, channels_last model and inputs, and with
+--compile the model wrapped in torch.compile (compilation happens in the warm-up steps).
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -24,99 +30,181 @@ from visionapp.data import ShapesDataModule
 from visionapp.module import ImageClassifier
 
 
-def make_module(dm: ShapesDataModule) -> ImageClassifier:
+@dataclass
+class Setup:
+    device: torch.device
+    compile: bool
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self):  # what Lightning's "bf16-mixed" precision plugin does around each step
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else nullcontext()
+
+    def sync(self) -> None:  # CUDA runs asynchronously: a clock read needs the queued work done
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.cuda else x
+
+
+def make_module(dm: ShapesDataModule, setup: Setup) -> ImageClassifier:
     torch.manual_seed(0)
-    return ImageClassifier(arch="resnet18", weights=None, class_names=dm.class_names, image_size=dm.image_size,
-                           optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.05))  # fmt: skip
+    module = ImageClassifier(arch="resnet18", weights=None, class_names=dm.class_names, image_size=dm.image_size,
+                             optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.05))  # fmt: skip
+    if setup.cuda:
+        module.model.to(memory_format=torch.channels_last)
+    if setup.compile:
+        module.model.compile()  # in place: the state_dict keys and the optimizer's parameters stay the same
+    return module
 
 
-def ceiling(dm: ShapesDataModule, steps: int, warmup: int) -> float:
-    model = make_module(dm).model.train()
+def train_steps(model: torch.nn.Module, batches: Iterator, setup: Setup, steps: int, warmup: int) -> float:
+    """images/s of forward + backward + AdamW step over `steps` batches, counted after `warmup` of them."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    x = torch.randn(dm.batch_size, 3, dm.image_size, dm.image_size)
-    y = torch.randint(0, len(dm.class_names), (dm.batch_size,))
+    images, start = 0, 0.0
     for i in range(steps):
         if i == warmup:
-            t = time.perf_counter()
+            setup.sync()
+            images, start = 0, time.perf_counter()
+        x, y = next(batches)
+        x, y = setup.inputs(x), y.to(setup.device, non_blocking=True)
         opt.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    return (steps - warmup) * dm.batch_size / (time.perf_counter() - t)
-
-
-def plain_loop(dm: ShapesDataModule, steps: int, warmup: int) -> float:
-    model = make_module(dm).model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    images, t = 0, 0.0
-    for i, (x, y) in enumerate(dm.train_dataloader()):
-        if i == warmup:
-            t, images = time.perf_counter(), 0
-        opt.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
+        with setup.autocast():
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
         opt.step()
         images += len(y)
-        if i + 1 == steps:
-            break
-    return images / (time.perf_counter() - t)
+    setup.sync()
+    return images / (time.perf_counter() - start)
+
+
+def ceiling(dm: ShapesDataModule, setup: Setup, steps: int, warmup: int) -> float:
+    model = make_module(dm, setup).model.to(setup.device).train()
+    x = torch.randn(dm.batch_size, 3, dm.image_size, dm.image_size, device=setup.device)
+    y = torch.randint(0, len(dm.class_names), (dm.batch_size,), device=setup.device)
+    return train_steps(model, iter(lambda: (x, y), None), setup, steps, warmup)
+
+
+def plain_loop(dm: ShapesDataModule, setup: Setup, steps: int, warmup: int) -> float:
+    model = make_module(dm, setup).model.to(setup.device).train()
+    loader = dm.train_dataloader()  # one loader for all epochs, so its persistent workers live on, as in fit
+
+    def epochs() -> Iterator:
+        while True:
+            yield from loader
+
+    return train_steps(model, epochs(), setup, steps, warmup)
 
 
 class _Clock(L.Callback):
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.images, self.start, self.end = warmup, 0, 0.0, 0.0
+    def __init__(self, setup: Setup, warmup: int) -> None:
+        self.setup, self.warmup, self.images, self.start, self.end = setup, warmup, 0, 0.0, 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.warmup:
-            self.start = time.perf_counter()
+            self.setup.sync()
+            self.images, self.start = 0, time.perf_counter()
+        self.images += len(batch[1])
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step > self.warmup:
-            self.images += len(batch[1])
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.setup.sync()
         self.end = time.perf_counter()
 
 
-def lightning_fit(dm: ShapesDataModule, steps: int, warmup: int) -> float:
-    clock = _Clock(warmup)
+def lightning_fit(dm: ShapesDataModule, setup: Setup, steps: int, warmup: int) -> float:
+    clock = _Clock(setup, warmup)
     trainer = L.Trainer(max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[clock], accelerator="cpu", devices=1)  # fmt: skip
-    trainer.fit(make_module(dm), datamodule=dm)
+                        callbacks=[clock], accelerator=setup.device.type, devices=1,
+                        precision="bf16-mixed" if setup.cuda else "32-true")  # fmt: skip
+    trainer.fit(make_module(dm, setup), datamodule=dm)
     return clock.images / (clock.end - clock.start)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", default="data/shapes")
-    ap.add_argument("--image-size", type=int, default=96)
-    ap.add_argument("--num-train", type=int, default=3000)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--out", default="bench/train_results.json")
-    args = ap.parse_args(argv)
-    # The default config's data (96 px, 3000 images, batch 32, 2 loader workers) unless told otherwise.
-    dm = ShapesDataModule(args.root, image_size=args.image_size, num_train=args.num_train)
+CONTENDERS = {"ceiling": ceiling, "loop": plain_loop, "lightning": lightning_fit}
+
+
+def machine() -> dict:
+    import platform
+
+    import lightning
+    import torchvision
+
+    info = {"cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "lightning": lightning.__version__}  # fmt: skip
+    try:
+        info["cpu"] = next(
+            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def run(args: argparse.Namespace) -> dict:
+    setup = Setup(torch.device(args.device), args.compile)
+    if setup.cuda:
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+        torch.set_float32_matmul_precision("high")
+    dm = ShapesDataModule(args.root, image_size=args.image_size, num_train=args.num_train,
+                          batch_size=args.batch_size, num_workers=args.num_workers)  # fmt: skip
     dm.prepare_data()
     dm.setup("fit")
-    contenders = {"ceiling": ceiling, "loop": plain_loop, "lightning": lightning_fit}
-    raw: dict[str, list[float]] = {k: [] for k in contenders}
+    raw: dict[str, list[float]] = {k: [] for k in CONTENDERS}
     for _ in range(args.rounds):
-        for name, fn in contenders.items():
-            raw[name].append(fn(dm, args.steps, args.warmup))
+        for name, fn in CONTENDERS.items():
+            raw[name].append(fn(dm, setup, args.steps, args.warmup))
     med = {k: statistics.median(v) for k, v in raw.items()}
-    result = {
+    return {
         "images_per_second": med,
         "raw": raw,
         "train.loop_vs_ceiling": med["loop"] / med["ceiling"],
         "train.lightning_vs_loop": med["lightning"] / med["loop"],
-        "settings": {"steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "batch_size": dm.batch_size,
+        "settings": {"device": str(setup.device), "precision": "bf16-mixed" if setup.cuda else "32-true",
+                     "channels_last": setup.cuda, "compile": setup.compile, "steps": args.steps,
+                     "warmup": args.warmup, "rounds": args.rounds, "batch_size": dm.batch_size,
                      "image_size": dm.image_size, "threads": torch.get_num_threads(), "workers": dm.num_workers},
+        "machine": machine(),
     }  # fmt: skip
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default="data/shapes")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model (all three contenders)")
+    # The default config's data (96 px, 3000 images, batch 32, 2 loader workers) unless told otherwise.
+    ap.add_argument("--image-size", type=int, default=96)
+    ap.add_argument("--num-train", type=int, default=3000)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--num-workers", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default="bench/train_results.json")
+    return ap
+
+
+def print_table(result: dict) -> None:
+    for k, v in result["raw"].items():
+        print(f"  {k:10s} {result['images_per_second'][k]:9.1f} images/s   [{min(v):.1f} .. {max(v):.1f}]")
+    ratios = result["train.loop_vs_ceiling"], result["train.lightning_vs_loop"]
+    print(f"  loop / ceiling {ratios[0]:.3f}   lightning / loop {ratios[1]:.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    result = run(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    for k, v in raw.items():
-        print(f"{k:10s} {med[k]:8.1f} images/s   [{min(v):.1f} .. {max(v):.1f}]")
-    ratios = result["train.loop_vs_ceiling"], result["train.lightning_vs_loop"]
-    print(f"loop / ceiling {ratios[0]:.3f}   lightning / loop {ratios[1]:.3f}")
+    print_table(result)
     return 0
 
 
