@@ -19,7 +19,7 @@ import json
 import statistics
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,12 +137,9 @@ def machine() -> dict:
     info = {"cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
             "lightning": lightning.__version__}  # fmt: skip
-    try:
-        info["cpu"] = next(
-            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
+    with suppress(OSError, StopIteration):  # Linux only; elsewhere platform's guess stays
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
