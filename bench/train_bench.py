@@ -8,6 +8,8 @@ and device for all three, alternated round by round; images/s counted after --wa
   ceiling    forward + backward + AdamW step on one batch already on the device (no data loading)
   loop       a plain PyTorch loop over the ShapesDataModule's train loader (the same loader `fit` uses)
   lightning  Trainer.fit of our LightningModule over the same DataModule (metrics, logging, scheduler on)
+  input      the train loader alone, batches moved to the device: the data side's ceiling, to tell which
+             side bounds the loop when loop / ceiling is low
 On CUDA all three run as `make train` does there: bf16 autocast, channels_last model and inputs, and with
 --compile the model wrapped in torch.compile (compilation happens in the warm-up steps).
 """
@@ -89,15 +91,29 @@ def ceiling(dm: ShapesDataModule, setup: Setup, steps: int, warmup: int) -> floa
     return train_steps(model, iter(lambda: (x, y), None), setup, steps, warmup)
 
 
+def epochs(dm: ShapesDataModule) -> Iterator:
+    loader = dm.train_dataloader()  # one loader for all epochs, so its persistent workers live on, as in fit
+    while True:
+        yield from loader
+
+
 def plain_loop(dm: ShapesDataModule, setup: Setup, steps: int, warmup: int) -> float:
     model = make_module(dm, setup).model.to(setup.device).train()
-    loader = dm.train_dataloader()  # one loader for all epochs, so its persistent workers live on, as in fit
+    return train_steps(model, epochs(dm), setup, steps, warmup)
 
-    def epochs() -> Iterator:
-        while True:
-            yield from loader
 
-    return train_steps(model, epochs(), setup, steps, warmup)
+def input_pipeline(dm: ShapesDataModule, setup: Setup, steps: int, warmup: int) -> float:
+    """The loader alone, batches moved to the device and nothing else: the data side's own ceiling."""
+    batches, images, start = epochs(dm), 0, 0.0
+    for i in range(steps):
+        if i == warmup:
+            setup.sync()
+            images, start = 0, time.perf_counter()
+        x, y = next(batches)
+        x, y = setup.inputs(x), y.to(setup.device, non_blocking=True)
+        images += len(y)
+    setup.sync()
+    return images / (time.perf_counter() - start)
 
 
 class _Clock(L.Callback):
@@ -125,7 +141,7 @@ def lightning_fit(dm: ShapesDataModule, setup: Setup, steps: int, warmup: int) -
     return clock.images / (clock.end - clock.start)
 
 
-CONTENDERS = {"ceiling": ceiling, "loop": plain_loop, "lightning": lightning_fit}
+CONTENDERS = {"ceiling": ceiling, "loop": plain_loop, "lightning": lightning_fit, "input": input_pipeline}
 
 
 def machine() -> dict:
