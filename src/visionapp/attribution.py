@@ -20,6 +20,7 @@ from torch import nn
 from visionapp.bundle import Bundle
 
 METHODS = ("integrated_gradients", "gradient_shap", "occlusion", "layer_gradcam")
+GRADIENT_SHAP_SAMPLES = 16
 
 
 def check_method(method: str) -> str:
@@ -62,6 +63,25 @@ def gradcam_layer(model: nn.Module) -> nn.Module:
         f"layer_gradcam needs a convolutional stage; {type(model).__name__} has none we know of. "
         "Use integrated_gradients, gradient_shap or occlusion"
     )
+
+
+def occlusion_window(size: int) -> tuple[int, int]:
+    """Occlusion's square window and stride for an image side: an eighth of the image, half-window steps."""
+    return max(4, size // 8), max(2, size // 16)
+
+
+def equivalent_passes(method: str, h: int, w: int, *, ig_steps: int = 50) -> tuple[int, bool]:
+    """How many model passes `attribute` makes for one image, and whether each has a backward pass: the
+    floor its cost is measured against (bench/run.py)."""
+    check_method(method)
+    if method == "integrated_gradients":
+        return ig_steps, True
+    if method == "gradient_shap":
+        return GRADIENT_SHAP_SAMPLES, True
+    if method == "occlusion":
+        win, stride = occlusion_window(h)
+        return 1 + ((h - win) // stride + 1) * ((w - win) // stride + 1), False  # + the unoccluded forward
+    return 1, True  # layer_gradcam: one forward and one backward
 
 
 def attribute(
@@ -112,13 +132,17 @@ def attribute(
         attr = torch.cat(
             [
                 gs.attribute(
-                    x[i : i + 1], baselines=base[i : i + 1] + noise, n_samples=16, stdevs=0.1, target=target[i : i + 1]
+                    x[i : i + 1],
+                    baselines=base[i : i + 1] + noise,
+                    n_samples=GRADIENT_SHAP_SAMPLES,
+                    stdevs=0.1,
+                    target=target[i : i + 1],
                 )
                 for i in range(len(x))
             ]
         )
     elif method == "occlusion":
-        win, stride = max(4, h // 8), max(2, h // 16)  # an eighth of the image, half-window steps
+        win, stride = occlusion_window(h)
         attr = Occlusion(model).attribute(
             x,
             sliding_window_shapes=(3, win, win),
