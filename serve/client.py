@@ -49,19 +49,18 @@ def call(
         return e.code, e.read()
 
 
-def wait_ready(base: str, key: str, model: str, timeout: float) -> None:
+def wait_ready(base: str, management: str, serve_dir: Path, model: str, timeout: float) -> None:
+    """Until a worker of `model` is READY, as the management API describes it (any handler, no request sent)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            status, body = call(f"{base}/ping", key, timeout=5)
-            if status == 200 and b"Healthy" in body:
-                # Healthy means the frontend is up; the model is ready once a worker answers.
-                status, _ = call(f"{base}/predictions/{model}", key, b"", timeout=30)
-                if status in (200, 400):
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            key = json.loads((serve_dir / "key_file.json").read_text())["management"]["key"]
+            status, body = call(f"{management}/models/{model}", key, timeout=5)
+            if status == 200 and any(w.get("status") == "READY" for w in json.loads(body)[0].get("workers", [])):
+                return
+        except (OSError, ValueError, KeyError):  # not up yet: no key file, connection refused, no answer
             pass
-        time.sleep(1)
+        time.sleep(0.5)
     raise SystemExit(f"TorchServe at {base} did not become ready in {timeout:.0f}s; see its logs/")
 
 
@@ -70,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("command", choices=["predict", "explain", "wait"])
     ap.add_argument("images", nargs="*")
     ap.add_argument("--port", type=int, default=8080, help="inference port")
+    ap.add_argument("--management-port", type=int, default=None, help="wait: management port (default port + 1)")
     ap.add_argument("--dir", default=None, help="the server's directory with key_file.json (default logs/serve-PORT)")
     ap.add_argument("--model", default="classifier")
     ap.add_argument("--target", default=None, help="explain: class name to explain (default: the predicted one)")
@@ -80,10 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     base = f"http://127.0.0.1:{args.port}"
     serve_dir = Path(args.dir or f"logs/serve-{args.port}")
     if args.command == "wait":
-        deadline = time.monotonic() + args.timeout
-        while not (serve_dir / "key_file.json").is_file() and time.monotonic() < deadline:
-            time.sleep(0.5)  # TorchServe writes its keys once the frontend is up
-        wait_ready(base, inference_key(serve_dir), args.model, max(1.0, deadline - time.monotonic()))
+        management = f"http://127.0.0.1:{args.management_port or args.port + 1}"
+        wait_ready(base, management, serve_dir, args.model, args.timeout)
         print(f"ready: {base}/predictions/{args.model}")
         return 0
     if not args.images:
