@@ -1,34 +1,76 @@
-"""Serving cost: our TorchServe deployment against the same handler code called in process.
+"""Serving: our handler in process vs our TorchServe deployment vs TorchServe's stock handler, same weights.
 
-    python bench/serve_bench.py --mar model_store/classifier.mar --image photo.png [--rounds 3]
+    python bench/serve_bench.py --mar model_store/classifier.mar --bundle runs/latest/bundle --image photo.png
 
-Starts TorchServe (make serve-bg on spare ports), then alternates, for --rounds rounds:
-  in process, concurrency 1: preprocess + inference + postprocess of the handler on one request
-  served,     concurrency 1: HTTP latency through TorchServe (p50/p90/p99)
-  in process, batch of 8:    the handler on 8 requests at once (the batch TorchServe would form)
-  served,     concurrency 8: HTTP throughput with server-side batching
-and prints medians over rounds, with the spread, plus the two ratios. Writes --out as JSON.
+Contenders, alternated within each of --rounds rounds:
+  inprocess  our handler exactly as TorchServe loads it (extracted from the .mar), called directly: one
+             request for latency; a batch of min(c, batchSize) requests for throughput at concurrency c
+  ours       our .mar in TorchServe (make serve-bg), HTTP from a keep-alive load generator on loopback
+  stock      TorchServe's built-in `image_classifier` handler serving the same state_dict (a model file
+             for the architecture, index_to_name.json; its own Resize(256)/CenterCrop(224) preprocessing),
+             with the same model-config.yaml and server config: the peer users would start from
+Latency p50/p90/p99 at concurrency 1, throughput at each --concurrency; CPU seconds of the server's
+frontend, worker and the client during each served measurement; the size of one /explanations answer.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "serve"))
-from client import inference_key  # noqa: E402
+from client import call, inference_key  # noqa: E402
 from load import percentile, run_load  # noqa: E402
 
+# The stock handler loads `--model-file`: one class whose no-argument constructor builds the architecture.
+STOCK_MODEL_FILE = """from torchvision.models.resnet import {block}, ResNet
 
-def in_process_handler(mar: Path, workdir: Path):
+
+class BundleResNet(ResNet):
+    def __init__(self):
+        super().__init__({block}, {layers}, num_classes={num_classes})
+"""
+RESNETS = {"resnet18": ("BasicBlock", [2, 2, 2, 2]), "resnet34": ("BasicBlock", [3, 4, 6, 3]),
+           "resnet50": ("Bottleneck", [3, 4, 6, 3])}  # fmt: skip
+
+
+def stock_archive(bundle: Path, out: Path, name: str = "stock") -> Path:
+    """A .mar for TorchServe's stock image_classifier handler from our bundle's weights."""
+    meta = json.loads((bundle / "model.json").read_text())
+    if meta["arch"] not in RESNETS:
+        raise SystemExit(f"the stock contender needs a model file; written here for {', '.join(RESNETS)} only")
+    if meta["num_classes"] < 5:
+        raise SystemExit("the stock image_classifier handler always takes the top 5: it needs 5 or more classes")
+    block, layers = RESNETS[meta["arch"]]
+    staging = out / f"{name}-files"
+    staging.mkdir(parents=True, exist_ok=True)
+    model_file = staging / "model.py"
+    model_file.write_text(STOCK_MODEL_FILE.format(block=block, layers=layers, num_classes=meta["num_classes"]))
+    labels = staging / "index_to_name.json"
+    labels.write_text(json.dumps({str(i): c for i, c in enumerate(meta["class_names"])}))
+    cmd = [str(Path(sys.executable).parent / "torch-model-archiver"), "--model-name", name, "--version", "1.0",
+           "--model-file", str(model_file), "--serialized-file", str(bundle / "model.pt"),
+           "--handler", "image_classifier", "--extra-files", str(labels),
+           "--config-file", str(ROOT / "serve" / "model-config.yaml"),
+           "--export-path", str(out), "--force"]  # fmt: skip
+    subprocess.run(cmd, check=True)
+    return out / f"{name}.mar"
+
+
+def in_process_handler(mar: Path, workdir: Path) -> Callable[[list[dict]], list]:
     """The handler exactly as TorchServe loads it: extracted from the .mar, imported from there."""
     from ts.context import Context, RequestProcessor
 
@@ -39,7 +81,8 @@ def in_process_handler(mar: Path, workdir: Path):
     import handler  # from the extracted archive
 
     manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
-    ctx = Context("classifier", str(model_dir), manifest, 8, None, "0.12.0", model_yaml_config={"minWorkers": 1})
+    model_config = yaml.safe_load((ROOT / "serve" / "model-config.yaml").read_text())
+    ctx = Context("classifier", str(model_dir), manifest, 8, None, "0.12.0", model_yaml_config=model_config)
     h = handler.ImageClassifierHandler()
     h.initialize(ctx)
     h.context = ctx
@@ -51,21 +94,68 @@ def in_process_handler(mar: Path, workdir: Path):
     return run
 
 
-def cpu_seconds(serve_dir: Path, worker_port: int) -> dict[str, float]:
-    """CPU time used so far by this server's Java frontend, its Python worker(s), and this process (the client)."""
-    import psutil
-
-    out = {"frontend": 0.0, "worker": 0.0, "client": sum(psutil.Process().cpu_times()[:2])}
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if "model_service_worker" in cmd and f".ts.sock.{worker_port}" in cmd:
-            out["worker"] += sum(p.cpu_times()[:2])
-        elif "org.pytorch.serve.ModelServer" in cmd and p.cwd() == str(serve_dir):  # started from SERVE_DIR
-            out["frontend"] += sum(p.cpu_times()[:2])
-    return out
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
 
 
-def timed(fn, repeats: int) -> list[float]:
+@dataclass
+class Server:
+    """A TorchServe started with `make serve-bg` on free ports (the same config.properties as `make serve`)."""
+
+    mar: Path
+    dir: Path
+
+    def __post_init__(self) -> None:
+        ports = free_ports(6)
+        names = ["INFERENCE", "MANAGEMENT", "METRICS", "WORKER", "GRPC_INFERENCE", "GRPC_MANAGEMENT"]
+        self.make_vars = [f"{n}_PORT={p}" for n, p in zip(names, ports, strict=True)]
+        self.make_vars += [f"MODEL_STORE={self.mar.parent}", f"MODEL_NAME={self.mar.stem}", f"SERVE_DIR={self.dir}"]
+        self.port, self.worker_port = ports[0], ports[3]
+
+    def __enter__(self) -> Server:
+        subprocess.run(["make", "-s", "serve-bg", *self.make_vars], cwd=ROOT, check=True, timeout=300)
+        self.key = inference_key(self.dir)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        subprocess.run(["make", "-s", "stop", *self.make_vars], cwd=ROOT, check=False, timeout=120)
+
+    def url(self, endpoint: str = "predictions") -> str:
+        return f"http://127.0.0.1:{self.port}/{endpoint}/{self.mar.stem}"
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds used so far by this server's Java frontend and Python worker(s), and by this process."""
+        import psutil
+
+        out = {"frontend": 0.0, "worker": 0.0, "client": sum(psutil.Process().cpu_times()[:2])}
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = " ".join(p.info["cmdline"] or [])
+            try:
+                if "model_service_worker" in cmd and f".ts.sock.{self.worker_port}" in cmd:
+                    out["worker"] += sum(p.cpu_times()[:2])
+                elif "org.pytorch.serve.ModelServer" in cmd and p.cwd() == str(self.dir):
+                    out["frontend"] += sum(p.cpu_times()[:2])
+            except psutil.Error:  # a process that ended meanwhile
+                pass
+        return out
+
+    def load(self, body: bytes, *, requests: int, concurrency: int) -> dict:
+        before = self.cpu_seconds()
+        r = run_load(self.url(), self.key, body, requests=requests, concurrency=concurrency, max_seconds=300)
+        after = self.cpu_seconds()
+        if r["ok"] != requests:
+            raise SystemExit(f"{self.mar.stem}: {r['ok']} of {requests} requests succeeded: {r['statuses']}")
+        r["cores_busy"] = {k: (after[k] - before[k]) / r["seconds"] for k in after}
+        return r
+
+
+def timed(fn: Callable[[], object], repeats: int) -> list[float]:
     out = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -74,62 +164,129 @@ def timed(fn, repeats: int) -> list[float]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mar", default="model_store/classifier.mar")
-    ap.add_argument("--image", required=True)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--requests", type=int, default=100, help="HTTP requests per served measurement")
-    ap.add_argument("--port", type=int, default=18480)
-    ap.add_argument("--out", default="bench/serve_results.json")
-    args = ap.parse_args(argv)
+def measure_round(handle, servers: dict[str, Server], body: bytes, args: argparse.Namespace) -> dict:
+    """One round: latency at concurrency 1, then throughput at each concurrency, contenders alternated."""
+    batch_size = yaml.safe_load((ROOT / "serve" / "model-config.yaml").read_text())["batchSize"]
+    out: dict[str, dict] = {"inprocess": {}, **{name: {} for name in servers}}
+    single = timed(lambda: handle([{"body": body}]), args.requests)
+    out["inprocess"]["latency_ms"] = {f"p{q}": percentile(single, q) * 1e3 for q in (50, 90, 99)}
+    for name, server in servers.items():
+        r = server.load(body, requests=args.requests, concurrency=1)
+        out[name]["latency_ms"] = {f"p{q}": r[f"p{q}_ms"] for q in (50, 90, 99)}
+    for c in args.concurrency:
+        n = min(c, batch_size)  # the batch TorchServe would form at this concurrency
+        batched = timed(lambda n=n: handle([{"body": body}] * n), max(3, args.requests // n))
+        out["inprocess"][f"c{c}"] = {"images_per_s": n / statistics.median(batched), "batch": n}
+        for name, server in servers.items():
+            r = server.load(body, requests=args.requests * max(1, c // 4), concurrency=c)
+            out[name][f"c{c}"] = {"images_per_s": r["requests_per_second"], "p50_ms": r["p50_ms"],
+                                  "cores_busy": r["cores_busy"]}  # fmt: skip
+    return out
+
+
+def response_bytes(servers: dict[str, Server], body: bytes) -> dict[str, int]:
+    """Bytes of one /explanations answer for the image: our heatmap PNG vs the stock handler's raw tensor."""
+    sizes = {}
+    for name, server in servers.items():
+        status, answer = call(server.url("explanations"), server.key, body, timeout=300)
+        if status != 200:
+            raise SystemExit(f"{name}: /explanations answered {status}: {answer[:200]!r}")
+        sizes[name] = len(answer)
+    return sizes
+
+
+def leaves(d: dict, prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(leaves(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def nest(flat: dict[str, float]) -> dict:
+    out: dict = {}
+    for k, v in flat.items():
+        *path, last = k.split(".")
+        node = out
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = v
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
     body = Path(args.image).read_bytes()
     mar = Path(args.mar).resolve()
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
+        stock_mar = stock_archive(Path(args.bundle), tmpdir / "stock_store")
         handle = in_process_handler(mar, tmpdir)
-        port = args.port
-        make_vars = [f"INFERENCE_PORT={port}", f"MANAGEMENT_PORT={port + 1}", f"METRICS_PORT={port + 2}",
-                     f"WORKER_PORT={port + 3}", f"GRPC_INFERENCE_PORT={port + 4}",
-                     f"GRPC_MANAGEMENT_PORT={port + 5}", f"MODEL_STORE={mar.parent}", f"MODEL_NAME={mar.stem}",
-                     f"SERVE_DIR={tmpdir / 'serve'}"]  # fmt: skip
-        subprocess.run(["make", "-s", "serve-bg", *make_vars], cwd=ROOT, check=True)
-        try:
-            key = inference_key(tmpdir / "serve")
-            url = f"http://127.0.0.1:{port}/predictions/{mar.stem}"
-            run_load(url, key, body, requests=20, concurrency=8, max_seconds=60)  # warm-up
+        with Server(mar, tmpdir / "ours") as ours, Server(stock_mar, tmpdir / "stock") as stock:
+            servers = {"ours": ours, "stock": stock}
+            for server in servers.values():  # warm-up: workers loaded, first batches done
+                server.load(body, requests=16, concurrency=8)
             handle([{"body": body}] * 8)
-            rounds = []
-            for _ in range(args.rounds):
-                single = timed(lambda: handle([{"body": body}]), args.requests)
-                served1 = run_load(url, key, body, requests=args.requests, concurrency=1, max_seconds=300)
-                batched = timed(lambda: handle([{"body": body}] * 8), max(5, args.requests // 8))
-                before = cpu_seconds(tmpdir / "serve", port + 3)
-                served8 = run_load(url, key, body, requests=args.requests * 2, concurrency=8, max_seconds=300)
-                after = cpu_seconds(tmpdir / "serve", port + 3)
-                cpu = {k: (after[k] - before[k]) / served8["seconds"] for k in after}  # cores busy on average
-                rounds.append({
-                    "inprocess_c1_p50_ms": percentile(single, 50) * 1e3,
-                    "served_c1_p50_ms": served1["p50_ms"], "served_c1_p90_ms": served1["p90_ms"],
-                    "served_c1_p99_ms": served1["p99_ms"],
-                    "inprocess_batch8_images_per_s": 8 / statistics.median(batched),
-                    "served_c8_requests_per_s": served8["requests_per_second"],
-                    **{f"c8_cores_busy_{k}": v for k, v in cpu.items()},
-                })  # fmt: skip
-        finally:
-            subprocess.run(["make", "-s", "stop", *make_vars], cwd=ROOT, check=False)
-    summary = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
-    spread = {k: [min(r[k] for r in rounds), max(r[k] for r in rounds)] for k in rounds[0]}
-    summary["p50_vs_inprocess_c1"] = summary["served_c1_p50_ms"] / summary["inprocess_c1_p50_ms"]
-    summary["throughput_c8_vs_inprocess_batched"] = (
-        summary["served_c8_requests_per_s"] / summary["inprocess_batch8_images_per_s"]
-    )
-    result = {"summary": summary, "spread": spread, "rounds": rounds, "image": args.image, "mar": str(mar)}
+            rounds = [leaves(measure_round(handle, servers, body, args)) for _ in range(args.rounds)]
+            explain_bytes = response_bytes(servers, body)
+    median = nest({k: statistics.median(r[k] for r in rounds) for k in rounds[0]})
+    spread = nest({k: [min(r[k] for r in rounds), max(r[k] for r in rounds)] for k in rounds[0]})
+    return {
+        "median": median,
+        "spread": spread,
+        "explanation_response_bytes": explain_bytes,
+        "serve.p50_vs_inprocess_c1": median["ours"]["latency_ms"]["p50"] / median["inprocess"]["latency_ms"]["p50"],
+        "serve.throughput_vs_stock_c8": median["ours"]["c8"]["images_per_s"] / median["stock"]["c8"]["images_per_s"],
+        "serve.throughput_vs_inprocess_c8": (
+            median["ours"]["c8"]["images_per_s"] / median["inprocess"]["c8"]["images_per_s"]
+        ),
+        "explain.response_bytes_vs_stock": explain_bytes["ours"] / explain_bytes["stock"],
+        "settings": {"image": args.image, "mar": str(mar), "bundle": args.bundle, "rounds": args.rounds,
+                     "requests": args.requests, "concurrency": args.concurrency},
+        "raw_rounds": rounds,
+    }  # fmt: skip
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mar", default="model_store/classifier.mar")
+    ap.add_argument("--bundle", default="runs/latest/bundle", help="the bundle the .mar was built from")
+    ap.add_argument("--image", required=True)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=60, help="requests per measurement at concurrency ≤ 4")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
+    ap.add_argument("--out", default="bench/serve_results.json")
+    return ap
+
+
+def print_table(result: dict) -> None:
+    med, spread = result["median"], result["spread"]
+    contenders = list(med)
+
+    def cell(c: str, *path: str) -> str:  # median [min..max] over rounds
+        m, s = med[c], spread[c]
+        for p in path:
+            m, s = m[p], s[p]
+        return f"{m:7.1f} [{s[0]:.1f}..{s[1]:.1f}]"
+
+    print(f"  {'':22s}" + "".join(f"{c:>24s}" for c in contenders))
+    for q in ("p50", "p90", "p99"):
+        print(f"  {'c1 latency ' + q + ' ms':22s}" + "".join(f"{cell(c, 'latency_ms', q):>24s}" for c in contenders))
+    for key in (k for k in med["inprocess"] if k.startswith("c")):
+        print(f"  {key + ' images/s':22s}" + "".join(f"{cell(c, key, 'images_per_s'):>24s}" for c in contenders))
+    print(f"  /explanations bytes: {result['explanation_response_bytes']}")
+    for k in ("serve.p50_vs_inprocess_c1", "serve.throughput_vs_stock_c8", "serve.throughput_vs_inprocess_c8",
+              "explain.response_bytes_vs_stock"):  # fmt: skip
+        print(f"  {k:36s} {result[k]:.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    result = run(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    for k, v in summary.items():
-        lo_hi = spread.get(k)
-        print(f"{k:40s} {v:10.3f}" + (f"   [{lo_hi[0]:.3f} .. {lo_hi[1]:.3f}]" if lo_hi else ""))
+    print_table(result)
     return 0
 
 
