@@ -124,10 +124,14 @@ launch-k8s: $(STAMP) ## the same job on Kubernetes/Volcano (IMAGE=registry/app:t
 .PHONY: launch launch-k8s
 
 # ---- benchmarks (not part of make test: these machines are noisy, ratios come from one run) ----------------
-bench-train: $(STAMP) ## training images/s: Lightning fit vs plain loop vs in-memory ceiling → bench/train_results.json
-	$(PY) bench/train_bench.py
+BENCH_ARGS ?=
+bench: $(STAMP) java-check $(MODEL_STORE)/$(MODEL_NAME).mar ## every stage vs its peer and ceiling → bench/results.json (BENCH_ARGS="--rounds 5")
+	$(PY) bench/run.py --run $(RUN) --mar $(MODEL_STORE)/$(MODEL_NAME).mar $(BENCH_ARGS)
 
-bench-serve: $(STAMP) $(MODEL_STORE)/$(MODEL_NAME).mar ## TorchServe vs the handler in process → bench/serve_results.json
-	$(PY) bench/serve_bench.py --mar $(MODEL_STORE)/$(MODEL_NAME).mar --image $$(ls data/shapes/test/star/*.png | head -1)
+bench-train: $(STAMP) ## training alone (ARGS="--device cuda --image-size 224 --batch-size 128 --num-workers 12")
+	$(PY) bench/train_bench.py $(ARGS)
 
-.PHONY: bench-train bench-serve
+bench-serve: $(STAMP) java-check $(MODEL_STORE)/$(MODEL_NAME).mar ## serving alone: in process vs ours vs stock TorchServe
+	$(PY) bench/serve_bench.py --mar $(MODEL_STORE)/$(MODEL_NAME).mar --bundle $(RUN)/bundle --image $$(ls data/shapes/test/star/*.png | head -1) $(ARGS)
+
+.PHONY: bench bench-train bench-serve

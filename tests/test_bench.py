@@ -2,18 +2,48 @@
 thresholds have no place in tests on shared machines)."""
 
 import json
+import math
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+import run as bench_run
 import train_bench
+
+from visionapp.archive import build_archive
+
+TINY_TRAIN = ["--image-size", "48", "--num-train", "160", "--steps", "3", "--warmup", "1"]
 
 
 def test_train_bench_writes_every_key(tmp_path: Path) -> None:
     out = tmp_path / "train.json"
-    args = ["--root", str(tmp_path / "shapes"), "--image-size", "48", "--num-train", "160", "--steps", "3",
-            "--warmup", "1", "--rounds", "1", "--out", str(out)]  # fmt: skip
+    args = ["--root", str(tmp_path / "shapes"), *TINY_TRAIN, "--rounds", "1", "--out", str(out)]
     assert train_bench.main(args) == 0
     result = json.loads(out.read_text())
     assert result.keys() >= {"images_per_second", "raw", "train.loop_vs_ceiling", "train.lightning_vs_loop"}
+    assert set(result["images_per_second"]) == {"ceiling", "loop", "lightning", "input"}
     assert all(v > 0 for v in result["images_per_second"].values())
+
+
+@pytest.mark.slow
+def test_make_bench_writes_every_key(trained_run: Path, tmp_path: Path) -> None:
+    """`make bench`'s script end to end on a tiny setting: real TorchServe servers (ours and the stock handler)."""
+    mar = build_archive(trained_run / "bundle", name="classifier", out=tmp_path / "store")
+    out = tmp_path / "results.json"
+    args = ["--run", str(trained_run), "--mar", str(mar), "--rounds", "1", "--requests", "4", "--concurrency", "1",
+            "8", "--train-root", str(tmp_path / "shapes"), "--out", str(out)]  # fmt: skip
+    args += [a.replace("--", "--train-", 1) for a in TINY_TRAIN]
+    assert bench_run.main(args) == 0
+    result = json.loads(out.read_text())
+    for key in bench_run.GOALS:
+        assert math.isfinite(result[key]) and result[key] > 0, key
+        assert key in result["goals"]
+    assert result["machine"]["cores"] >= 1 and result["versions"]["torchserve"] != "not installed"
+    serve = result["serve"]["median"]
+    assert set(serve) == {"inprocess", "ours", "stock"}
+    for contender in serve.values():
+        assert set(contender["latency_ms"]) == {"p50", "p90", "p99"}
+        assert contender["c1"]["images_per_s"] > 0 and contender["c8"]["images_per_s"] > 0
+    assert set(result["explain"]["methods"]) == {"integrated_gradients", "gradient_shap", "occlusion", "layer_gradcam"}

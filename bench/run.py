@@ -1,0 +1,150 @@
+"""`make bench`: every stage against its peer and its ceiling, side by side, in one run → bench/results.json.
+
+    python bench/run.py [--run runs/latest] [--mar model_store/classifier.mar] [--rounds 3]
+
+  train    Lightning fit vs a plain loop vs the compute ceiling (bench/train_bench.py), on the CPU
+  serve    our handler in process vs our TorchServe vs the stock TorchServe handler (bench/serve_bench.py)
+  explain  seconds per image of each Captum method vs the model passes it is made of (explain/quality.py)
+Each comparison alternates its contenders over --rounds rounds and reports medians with [min..max].
+results.json holds the machine, the library versions, every raw figure and the ratio keys below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).parents[1]
+sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "explain")]
+import serve_bench  # noqa: E402
+import train_bench  # noqa: E402
+from quality import method_vs_passes  # noqa: E402
+
+from visionapp.attribution import METHODS  # noqa: E402
+from visionapp.bundle import load_bundle  # noqa: E402
+from visionapp.transforms import load_image  # noqa: E402
+
+# key: (goal, "min" if the ratio must reach the goal, "max" if it must stay under it)
+GOALS = {
+    "train.loop_vs_ceiling": (0.9, "min"),
+    "train.lightning_vs_loop": (0.97, "min"),
+    "serve.p50_vs_inprocess_c1": (1.15, "max"),
+    "serve.throughput_vs_stock_c8": (1.3, "min"),
+    "explain.ig50_vs_passes": (1.3, "max"),
+    "explain.response_bytes_vs_stock": (0.02, "max"),
+}
+PACKAGES = ("torch", "torchvision", "lightning", "torchmetrics", "captum", "torchserve", "torch-model-archiver")
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for p in PACKAGES:
+        try:
+            out[p] = version(p)
+        except PackageNotFoundError:
+            out[p] = "not installed"
+    return out
+
+
+def explain_bench(bundle_dir: Path, image: Path, rounds: int) -> dict:
+    bundle = load_bundle(bundle_dir)
+    for p in bundle.model.parameters():
+        p.requires_grad_(False)  # attributions need input gradients only
+    x = bundle.transform(load_image(image))[None]
+    runs = {m: [method_vs_passes(bundle.model, x, m, repeats=3) for _ in range(rounds)] for m in METHODS}
+    per_method = {}
+    for m, rs in runs.items():
+        ratios = [r["ratio"] for r in rs]
+        per_method[m] = {"seconds": statistics.median(r["seconds"] for r in rs), "passes": rs[0]["passes"],
+                         "backward": rs[0]["backward"],
+                         "passes_seconds": statistics.median(r["passes_seconds"] for r in rs),
+                         "ratio": statistics.median(ratios), "ratio_spread": [min(ratios), max(ratios)]}  # fmt: skip
+    return {"image_size": list(x.shape[-2:]), "methods": per_method, "raw": runs}
+
+
+def verdict(key: str, value: float) -> str:
+    goal, kind = GOALS[key]
+    met = value >= goal if kind == "min" else value <= goal
+    return f"{'met' if met else 'MISSED'} (goal {'≥' if kind == 'min' else '≤'} {goal})"
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", default="runs/latest", help="the trained run whose bundle is served and explained")
+    ap.add_argument("--mar", default="model_store/classifier.mar", help="its archive (make archive)")
+    ap.add_argument("--image", default=None, help="the image served and explained (default: one of the test split)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=60, help="serve: requests per measurement at concurrency ≤ 4")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
+    ap.add_argument("--train-root", default="data/shapes")
+    ap.add_argument("--train-image-size", type=int, default=96)
+    ap.add_argument("--train-num-train", type=int, default=3000)
+    ap.add_argument("--train-steps", type=int, default=30)
+    ap.add_argument("--train-warmup", type=int, default=5)
+    ap.add_argument("--out", default="bench/results.json")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    run_dir = Path(args.run)
+    if not (run_dir / "bundle").is_dir() or not Path(args.mar).is_file():
+        raise SystemExit(f"needs a trained run ({run_dir}/bundle) and its archive ({args.mar}): make train archive")
+    image = Path(args.image) if args.image else first_test_image(run_dir)
+    result: dict = {"machine": train_bench.machine(), "versions": versions()}
+    print(f"[1/3] train: ceiling / plain loop / Lightning, {args.rounds} rounds", flush=True)
+    train_argv = ["--root", args.train_root, "--image-size", str(args.train_image_size), "--num-train",
+                  str(args.train_num_train), "--steps", str(args.train_steps), "--warmup", str(args.train_warmup),
+                  "--rounds", str(args.rounds)]  # fmt: skip
+    train_args = train_bench.parser().parse_args(train_argv)
+    result["train"] = train_bench.run(train_args)
+    train_bench.print_table(result["train"])
+    print(f"[2/3] serve: in process / our TorchServe / stock TorchServe, {args.rounds} rounds", flush=True)
+    serve_argv = ["--mar", args.mar, "--bundle", str(run_dir / "bundle"), "--image", str(image),
+                  "--rounds", str(args.rounds), "--requests", str(args.requests),
+                  "--concurrency", *map(str, args.concurrency)]  # fmt: skip
+    serve_args = serve_bench.parser().parse_args(serve_argv)
+    result["serve"] = serve_bench.run(serve_args)
+    serve_bench.print_table(result["serve"])
+    print(f"[3/3] explain: each method vs its model passes, {args.rounds} rounds", flush=True)
+    result["explain"] = explain_bench(run_dir / "bundle", image, args.rounds)
+    for m, e in result["explain"]["methods"].items():
+        print(f"  {m:22s} {e['seconds'] * 1e3:8.1f} ms vs {e['passes']:3d} {'fwd+bwd' if e['backward'] else 'fwd'} "
+              f"passes {e['passes_seconds'] * 1e3:8.1f} ms   ratio {e['ratio']:.2f}")  # fmt: skip
+
+    result["train.loop_vs_ceiling"] = result["train"]["train.loop_vs_ceiling"]
+    result["train.lightning_vs_loop"] = result["train"]["train.lightning_vs_loop"]
+    result["serve.p50_vs_inprocess_c1"] = result["serve"]["serve.p50_vs_inprocess_c1"]
+    result["serve.throughput_vs_stock_c8"] = result["serve"]["serve.throughput_vs_stock_c8"]
+    result["explain.ig50_vs_passes"] = result["explain"]["methods"]["integrated_gradients"]["ratio"]
+    result["explain.response_bytes_vs_stock"] = result["serve"]["explain.response_bytes_vs_stock"]
+    result["goals"] = {k: {"goal": g, "kind": kind, "met": verdict(k, result[k]).startswith("met")}
+                       for k, (g, kind) in GOALS.items()}  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    gpu = f", {result['machine']['gpu']}" if "gpu" in result["machine"] else ""
+    print(f"\n{result['machine']['cpu']}, {result['machine']['cores']} threads{gpu}; torch {torch.__version__}")
+    for k in GOALS:
+        print(f"  {k:34s} {result[k]:8.3f}   {verdict(k, result[k])}")
+    print(f"written: {out}")
+    return 0
+
+
+def first_test_image(run_dir: Path) -> Path:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    split = Path(metrics["data_root"]) / metrics.get("test_split", "test")
+    found = sorted(p for p in split.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
+    if not found:
+        raise SystemExit(f"no test images under {split}; pass --image")
+    return found[0]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
