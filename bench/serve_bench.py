@@ -9,13 +9,15 @@ Contenders, alternated within each of --rounds rounds:
   stock      TorchServe's built-in `image_classifier` handler serving the same state_dict (a model file
              for the architecture, index_to_name.json; its own Resize(256)/CenterCrop(224) preprocessing),
              with the same model-config.yaml and server config: the peer users would start from
-Latency p50/p90/p99 at concurrency 1, throughput at each --concurrency; CPU seconds of the server's
+Latency p50/p90/p99 at concurrency 1 (request by request, contenders in turn), throughput at each
+--concurrency (blocks of requests, contenders in turn); CPU seconds of the server's
 frontend, worker and the client during each served measurement; the size of one /explanations answer.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import socket
 import statistics
@@ -145,6 +147,20 @@ class Server:
                 pass
         return out
 
+    def request_once(self, body: bytes) -> Callable[[], None]:
+        """A function that POSTs `body` once over one keep-alive connection, as the load generator does."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        headers = {"Authorization": f"Bearer {self.key}", "Content-Type": "application/octet-stream"}
+
+        def post() -> None:
+            conn.request("POST", f"/predictions/{self.mar.stem}", body=body, headers=headers)
+            response = conn.getresponse()
+            response.read()
+            if response.status != 200:
+                raise SystemExit(f"{self.mar.stem}: HTTP {response.status}")
+
+        return post
+
     def load(self, body: bytes, *, requests: int, concurrency: int) -> dict:
         before = self.cpu_seconds()
         r = run_load(self.url(), self.key, body, requests=requests, concurrency=concurrency, max_seconds=300)
@@ -168,11 +184,15 @@ def measure_round(handle, servers: dict[str, Server], body: bytes, args: argpars
     """One round: latency at concurrency 1, then throughput at each concurrency, contenders alternated."""
     batch_size = yaml.safe_load((ROOT / "serve" / "model-config.yaml").read_text())["batchSize"]
     out: dict[str, dict] = {"inprocess": {}, **{name: {} for name in servers}}
-    single = timed(lambda: handle([{"body": body}]), args.requests)
-    out["inprocess"]["latency_ms"] = {f"p{q}": percentile(single, q) * 1e3 for q in (50, 90, 99)}
-    for name, server in servers.items():
-        r = server.load(body, requests=args.requests, concurrency=1)
-        out[name]["latency_ms"] = {f"p{q}": r[f"p{q}_ms"] for q in (50, 90, 99)}
+    # Concurrency 1: request by request, the contenders in turn, so that each sees the same machine state
+    # (on a shared machine, blocks measured a minute apart differ by more than the overhead measured here).
+    calls = {"inprocess": lambda: handle([{"body": body}]), **{n: s.request_once(body) for n, s in servers.items()}}
+    seconds: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(args.requests):
+        for name, fn in calls.items():
+            seconds[name].extend(timed(fn, 1))
+    for name, values in seconds.items():
+        out[name]["latency_ms"] = {f"p{q}": percentile(values, q) * 1e3 for q in (50, 90, 99)}
     for c in args.concurrency:
         n = min(c, batch_size)  # the batch TorchServe would form at this concurrency
         batched = timed(lambda n=n: handle([{"body": body}] * n), max(3, args.requests // n))
