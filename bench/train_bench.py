@@ -64,7 +64,9 @@ def make_module(dm: ShapesDataModule, setup: Setup) -> ImageClassifier:
     return module
 
 
-def train_steps(model: torch.nn.Module, batches: Iterator, setup: Setup, steps: int, warmup: int) -> float:
+def train_steps(
+    model: torch.nn.Module, batches: Iterator, dm: ShapesDataModule, setup: Setup, steps: int, warmup: int
+) -> float:
     """images/s of forward + backward + AdamW step over `steps` batches, counted after `warmup` of them."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     images, start = 0, 0.0
@@ -74,6 +76,8 @@ def train_steps(model: torch.nn.Module, batches: Iterator, setup: Setup, steps: 
             images, start = 0, time.perf_counter()
         x, y = next(batches)
         x, y = setup.inputs(x), y.to(setup.device, non_blocking=True)
+        if x.dtype == torch.uint8:  # from the loader: normalised on the device, as Lightning's hook does
+            x, y = dm.on_after_batch_transfer((x, y))
         opt.zero_grad(set_to_none=True)
         with setup.autocast():
             loss = torch.nn.functional.cross_entropy(model(x), y)
@@ -88,7 +92,7 @@ def ceiling(dm: ShapesDataModule, setup: Setup, steps: int, warmup: int) -> floa
     model = make_module(dm, setup).model.to(setup.device).train()
     x = torch.randn(dm.batch_size, 3, dm.image_size, dm.image_size, device=setup.device)
     y = torch.randint(0, len(dm.class_names), (dm.batch_size,), device=setup.device)
-    return train_steps(model, iter(lambda: (x, y), None), setup, steps, warmup)
+    return train_steps(model, iter(lambda: (x, y), None), dm, setup, steps, warmup)
 
 
 def epochs(dm: ShapesDataModule) -> Iterator:
@@ -99,18 +103,18 @@ def epochs(dm: ShapesDataModule) -> Iterator:
 
 def plain_loop(dm: ShapesDataModule, setup: Setup, steps: int, warmup: int) -> float:
     model = make_module(dm, setup).model.to(setup.device).train()
-    return train_steps(model, epochs(dm), setup, steps, warmup)
+    return train_steps(model, epochs(dm), dm, setup, steps, warmup)
 
 
 def input_pipeline(dm: ShapesDataModule, setup: Setup, steps: int, warmup: int) -> float:
-    """The loader alone, batches moved to the device and nothing else: the data side's own ceiling."""
+    """The loader alone, batches moved to the device and normalised there: the data side's own ceiling."""
     batches, images, start = epochs(dm), 0, 0.0
     for i in range(steps):
         if i == warmup:
             setup.sync()
             images, start = 0, time.perf_counter()
         x, y = next(batches)
-        x, y = setup.inputs(x), y.to(setup.device, non_blocking=True)
+        x, y = dm.on_after_batch_transfer((setup.inputs(x), y.to(setup.device, non_blocking=True)))
         images += len(y)
     setup.sync()
     return images / (time.perf_counter() - start)

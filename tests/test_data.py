@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from visionapp.data import DataError, FolderDataModule, ShapesDataModule, TorchvisionDataModule
+from visionapp.transforms import EvalPreset, load_image
 
 
 def _image(path: Path, colour: tuple[int, int, int] = (200, 10, 10)) -> None:
@@ -29,8 +30,10 @@ def test_single_folder_is_split_by_seeded_fractions(tmp_path: Path) -> None:
     dm.setup("fit")
     sizes = {k: len(v) for k, v in dm.splits.items()}
     assert sizes == {"train": 14, "val": 4, "test": 2}
-    x, _y = next(iter(dm.train_dataloader()))
-    assert x.shape[1:] == (3, 32, 32) and x.dtype == torch.float32
+    batch = next(iter(dm.train_dataloader()))
+    assert batch[0].shape[1:] == (3, 32, 32) and batch[0].dtype == torch.uint8  # workers ship uint8 ...
+    x, _y = dm.on_after_batch_transfer(batch)
+    assert x.shape[1:] == (3, 32, 32) and x.dtype == torch.float32  # ... normalised on the batch's device
     dm2 = FolderDataModule(tmp_path / "pets", val_fraction=0.2, test_fraction=0.1, image_size=32)
     dm2.setup("fit")
     assert dm2.splits["val"].indices == dm.splits["val"].indices  # type: ignore[attr-defined]
@@ -103,3 +106,16 @@ def test_shapes_module_generates_once(tmp_path: Path) -> None:
     assert (tmp_path / "s" / "shapes.json").stat().st_mtime_ns == stamp
     dm.setup("fit")
     assert {k: len(v) for k, v in dm.splits.items()} == {"train": 10, "val": 5, "test": 5}
+
+
+def test_eval_batches_equal_the_bundles_preprocessing(tmp_path: Path) -> None:
+    """Loader (uint8) + on-device normalisation gives exactly what EvalPreset, used by explain/ and serve/,
+    gives for the same files: one preprocessing, split between the loader workers and the device."""
+    dm = FolderDataModule(_folder(tmp_path / "d", n=6), val_fraction=0.5, test_fraction=0.0, image_size=24,
+                          num_workers=0, batch_size=4)  # fmt: skip
+    dm.setup("fit")
+    x, _ = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())))
+    val = dm.splits["val"]
+    files = [val.dataset.samples[i][0] for i in val.indices[:4]]  # type: ignore[attr-defined]
+    preset = EvalPreset(image_size=24)
+    torch.testing.assert_close(x, torch.stack([preset(load_image(f)) for f in files]), rtol=0, atol=0)

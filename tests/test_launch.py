@@ -38,7 +38,7 @@ def test_two_process_ddp_through_torchx_writes_a_valid_run(tmp_path: Path, shape
     dm.setup("fit")
     correct = total = 0
     with torch.no_grad():
-        for x, y in dm.val_dataloader():
+        for x, y in map(dm.on_after_batch_transfer, dm.val_dataloader()):
             correct += int((bundle.model(x).argmax(1) == y).sum())
             total += len(y)
     assert total == 100

@@ -52,7 +52,7 @@ def test_bundle_round_trip_gives_the_checkpoints_logits(trained_run: Path, shape
     bundle = load_bundle(trained_run / "bundle")
     dm = ShapesDataModule(shapes_root, image_size=64, num_workers=0, batch_size=16)
     dm.setup("test")
-    x, _ = next(iter(dm.test_dataloader()))
+    x, _ = dm.on_after_batch_transfer(next(iter(dm.test_dataloader())))
     with torch.no_grad():
         torch.testing.assert_close(bundle.model(x), module(x), rtol=0, atol=1e-5)
     assert bundle.class_names == module.class_names

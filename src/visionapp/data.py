@@ -45,8 +45,14 @@ class ImageDataModule(L.LightningDataModule):
         super().__init__()
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.mean, self.std = tuple(mean), tuple(std)
-        self.train_transform = TrainPreset(image_size=image_size, mean=mean, std=std, crop_scale=crop_scale)
-        self.eval_transform = EvalPreset(image_size=image_size, mean=mean, std=std)
+        # The loader workers decode and resize/augment to uint8; `normalize` runs once the batch is on its
+        # device (on_after_batch_transfer). Same presets, hence the same pixels, as the bundle's EvalPreset.
+        train, evaluation = (
+            TrainPreset(image_size=image_size, mean=mean, std=std, crop_scale=crop_scale),
+            EvalPreset(image_size=image_size, mean=mean, std=std),
+        )
+        self.train_transform, self.eval_transform = train.geometry, evaluation.geometry
+        self.normalize = evaluation.normalize
         self.splits: dict[str, Dataset] = {}
 
     @property
@@ -65,6 +71,12 @@ class ImageDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+
+    def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int = 0):
+        """uint8 images → normalised float32, on the batch's device (Lightning calls this for every split;
+        code that iterates the loaders itself calls it too)."""
+        x, y = batch
+        return self.normalize(x), y
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -42,8 +42,18 @@ def load_image(source: str | Path | bytes) -> Image.Image:
     return img.convert("RGB")
 
 
+def to_model_input(mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> v2.Compose:
+    """uint8 image(s) → normalised float32: one image (C, H, W) or a batch (N, C, H, W), on any device.
+
+    The DataModules ship uint8 batches from their loader workers and apply this after the batch reached its
+    device (`on_after_batch_transfer`): a quarter of the bytes through shared and pinned memory, and the
+    arithmetic on the GPU when there is one.
+    """
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))])
+
+
 class TrainPreset:
-    """Training augmentation: random crop-resize and flip, then the same tensor conversion as eval."""
+    """Training augmentation: random crop-resize and flip (`geometry`, uint8), then `normalize`."""
 
     def __init__(
         self,
@@ -54,22 +64,21 @@ class TrainPreset:
         crop_scale: tuple[float, float] = (0.7, 1.0),
         hflip_prob: float = 0.5,
     ) -> None:
-        self.transforms = v2.Compose(
+        self.geometry = v2.Compose(
             [
                 v2.ToImage(),
                 v2.RandomResizedCrop((image_size, image_size), scale=crop_scale, antialias=True),
                 v2.RandomHorizontalFlip(hflip_prob),
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(mean=list(mean), std=list(std)),
             ]
         )
+        self.normalize = to_model_input(mean, std)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        return self.transforms(img)
+        return self.normalize(self.geometry(img))
 
 
 class EvalPreset:
-    """Eval transform: resize the whole image to image_size x image_size, scale to [0, 1], normalise.
+    """Eval transform: resize the whole image to image_size x image_size (`geometry`, uint8), then `normalize`.
 
     The whole image is resized (no centre crop) so that nothing the user sent is cut off and a heatmap
     maps back onto the original image by a plain resize.
@@ -79,14 +88,8 @@ class EvalPreset:
         self, *, image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
     ) -> None:
         self.image_size = image_size
-        self.transforms = v2.Compose(
-            [
-                v2.ToImage(),
-                v2.Resize((image_size, image_size), antialias=True),
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(mean=list(mean), std=list(std)),
-            ]
-        )
+        self.geometry = v2.Compose([v2.ToImage(), v2.Resize((image_size, image_size), antialias=True)])
+        self.normalize = to_model_input(mean, std)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        return self.transforms(img)
+        return self.normalize(self.geometry(img))
