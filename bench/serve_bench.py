@@ -186,11 +186,14 @@ def measure_round(handle, servers: dict[str, Server], body: bytes, args: argpars
     out: dict[str, dict] = {"inprocess": {}, **{name: {} for name in servers}}
     # Concurrency 1: request by request, the contenders in turn, so that each sees the same machine state
     # (on a shared machine, blocks measured a minute apart differ by more than the overhead measured here).
+    # The order rotates: whoever runs right after another contender pays for that one's OpenMP threads,
+    # which spin for a while after each call (measured: ~2 ms on the next contender's request).
     calls = {"inprocess": lambda: handle([{"body": body}]), **{n: s.request_once(body) for n, s in servers.items()}}
     seconds: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(args.requests):
-        for name, fn in calls.items():
-            seconds[name].extend(timed(fn, 1))
+    names = list(calls)
+    for i in range(args.requests):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            seconds[name].extend(timed(calls[name], 1))
     for name, values in seconds.items():
         out[name]["latency_ms"] = {f"p{q}": percentile(values, q) * 1e3 for q in (50, 90, 99)}
     for c in args.concurrency:
