@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ import torch
 
 from visionapp.data import ShapesDataModule
 from visionapp.module import ImageClassifier
+from visionapp.transforms import load_image
 
 
 @dataclass
@@ -145,6 +147,47 @@ def lightning_fit(dm: ShapesDataModule, setup: Setup, steps: int, warmup: int) -
     return clock.images / (clock.end - clock.start)
 
 
+def input_scan(dm: ShapesDataModule, setup: Setup, workers: list[int], steps: int, warmup: int) -> dict:
+    """What the input side costs: one image's decode and augmentation on one core, then the loader alone
+    at each worker count with the CPU its workers and the main process keep busy (cores)."""
+    import psutil
+
+    files = [path for path, _ in dm.splits["train"].samples[:200]]  # type: ignore[attr-defined]
+    torch.set_num_threads(1)  # as inside a loader worker
+    start = time.perf_counter()
+    images = [load_image(f) for f in files]
+    decode = (time.perf_counter() - start) / len(files)
+    start = time.perf_counter()
+    for img in images:
+        dm.train_transform(img)
+    augment = (time.perf_counter() - start) / len(files)
+    torch.set_num_threads(os.cpu_count() or 1)
+    out: dict = {"decode_ms_per_image": decode * 1e3, "augment_ms_per_image": augment * 1e3}
+    me = psutil.Process()
+    for n in workers:
+        dm.num_workers = n
+        batches, seen = epochs(dm), 0
+        for _ in range(warmup):
+            next(batches)
+        children = me.children(recursive=True)
+        cpu0 = [sum(p.cpu_times()[:2]) for p in children], sum(me.cpu_times()[:2])
+        setup.sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            x, y = next(batches)
+            dm.on_after_batch_transfer((setup.inputs(x), y.to(setup.device, non_blocking=True)))
+            seen += len(y)
+        setup.sync()
+        wall = time.perf_counter() - start
+        worker_cpu = sum(sum(p.cpu_times()[:2]) for p in children) - sum(cpu0[0])
+        out[f"workers_{n}"] = {"images_per_s": seen / wall, "worker_cores": worker_cpu / wall,
+                               "main_cores": (sum(me.cpu_times()[:2]) - cpu0[1]) / wall}  # fmt: skip
+        print(f"  input alone, {n:2d} workers: {seen / wall:9.1f} images/s, workers busy "
+              f"{worker_cpu / wall:.1f} cores, main process {out[f'workers_{n}']['main_cores']:.1f}")  # fmt: skip
+        del batches  # ends this loader's workers before the next count starts
+    return out
+
+
 CONTENDERS = {"ceiling": ceiling, "loop": plain_loop, "lightning": lightning_fit, "input": input_pipeline}
 
 
@@ -174,6 +217,8 @@ def run(args: argparse.Namespace) -> dict:
                           batch_size=args.batch_size, num_workers=args.num_workers)  # fmt: skip
     dm.prepare_data()
     dm.setup("fit")
+    if args.input_scan:
+        return {"input_scan": input_scan(dm, setup, args.input_scan, args.steps, args.warmup), "machine": machine()}
     raw: dict[str, list[float]] = {k: [] for k in CONTENDERS}
     for _ in range(args.rounds):
         for name, fn in CONTENDERS.items():
@@ -205,6 +250,14 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--input-scan",
+        type=int,
+        nargs="+",
+        metavar="WORKERS",
+        default=None,
+        help="instead: profile the input side (decode, augment, the loader alone at these worker counts)",
+    )
     ap.add_argument("--out", default="bench/train_results.json")
     return ap
 
@@ -221,7 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print_table(result)
+    if "input_scan" in result:
+        scan = result["input_scan"]
+        print(f"  one image on one core: decode {scan['decode_ms_per_image']:.2f} ms, "
+              f"augment {scan['augment_ms_per_image']:.2f} ms")  # fmt: skip
+    else:
+        print_table(result)
     return 0
 
 

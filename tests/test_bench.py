@@ -47,3 +47,12 @@ def test_make_bench_writes_every_key(trained_run: Path, tmp_path: Path) -> None:
         assert set(contender["latency_ms"]) == {"p50", "p90", "p99"}
         assert contender["c1"]["images_per_s"] > 0 and contender["c8"]["images_per_s"] > 0
     assert set(result["explain"]["methods"]) == {"integrated_gradients", "gradient_shap", "occlusion", "layer_gradcam"}
+
+
+def test_train_bench_input_scan(tmp_path: Path) -> None:
+    out = tmp_path / "scan.json"
+    args = ["--root", str(tmp_path / "shapes"), *TINY_TRAIN, "--input-scan", "1", "2", "--out", str(out)]
+    assert train_bench.main(args) == 0
+    scan = json.loads(out.read_text())["input_scan"]
+    assert scan["decode_ms_per_image"] > 0 and scan["augment_ms_per_image"] > 0
+    assert all(scan[f"workers_{n}"]["images_per_s"] > 0 for n in (1, 2))
