@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     gpu = f", {result['machine']['gpu']}" if "gpu" in result["machine"] else ""
-    print(f"\n{result['machine']['cpu']}, {result['machine']['cores']} threads{gpu}; torch {torch.__version__}")
+    print(f"\n{result['machine']['cpu']}, {result['machine']['cores']} cores{gpu}; torch {torch.__version__}")
     for k in GOALS:
         print(f"  {k:34s} {result[k]:8.3f}   {verdict(k, result[k])}")
     print(f"written: {out}")

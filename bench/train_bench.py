@@ -197,8 +197,9 @@ def machine() -> dict:
     import lightning
     import torchvision
 
-    info = {"cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "torchvision": torchvision.__version__,
             "lightning": lightning.__version__}  # fmt: skip
     with suppress(OSError, StopIteration):  # Linux only; elsewhere platform's guess stays
         cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
