@@ -87,7 +87,7 @@ serve: $(STAMP) java-check $(MODEL_STORE)/$(MODEL_NAME).mar ## TorchServe in the
 	@echo "  (the inference key is in $(SERVE_DIR)/key_file.json; or: make predict IMG=photo.jpg)"
 	cd $(SERVE_DIR) && $(TS_ENV) $(TORCHSERVE) --start --foreground $(TS_ARGS)
 
-serve-bg: $(STAMP) java-check $(MODEL_STORE)/$(MODEL_NAME).mar ## TorchServe in the background, returns when the model answers
+serve-bg: $(STAMP) java-check $(MODEL_STORE)/$(MODEL_NAME).mar ## TorchServe in the background, returns once a worker is ready (management API)
 	@mkdir -p $(SERVE_DIR)
 	cd $(SERVE_DIR) && $(TS_ENV) $(TORCHSERVE) --start $(TS_ARGS) > torchserve.out 2>&1
 	$(PY) serve/client.py wait --port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --dir $(SERVE_DIR) --model $(MODEL_NAME)
