@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,15 +26,20 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import suppress
 from pathlib import Path
 
+import psutil
 import yaml
 
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "serve"))
-from client import call, inference_key  # noqa: E402
+from client import call  # noqa: E402
 from load import percentile, run_load  # noqa: E402
+from local import LocalServer  # noqa: E402
+
+MODEL_CONFIG_FILE = ROOT / "serve" / "model-config.yaml"  # ours, also given to the stock archive
+MODEL_CONFIG = yaml.safe_load(MODEL_CONFIG_FILE.read_text())
 
 # The stock handler loads `--model-file`: one class whose no-argument constructor builds the architecture.
 STOCK_MODEL_FILE = """from torchvision.models.resnet import {block}, ResNet
@@ -66,7 +70,7 @@ def stock_archive(bundle: Path, out: Path, name: str = "stock") -> Path:
     cmd = [str(Path(sys.executable).parent / "torch-model-archiver"), "--model-name", name, "--version", "1.0",
            "--model-file", str(model_file), "--serialized-file", str(bundle / "model.pt"),
            "--handler", "image_classifier", "--extra-files", str(labels),
-           "--config-file", str(ROOT / "serve" / "model-config.yaml"),
+           "--config-file", str(MODEL_CONFIG_FILE),
            "--export-path", str(out), "--force"]  # fmt: skip
     subprocess.run(cmd, check=True)
     return out / f"{name}.mar"
@@ -83,8 +87,8 @@ def in_process_handler(mar: Path, workdir: Path) -> Callable[[list[dict]], list]
     import handler  # from the extracted archive
 
     manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
-    model_config = yaml.safe_load((ROOT / "serve" / "model-config.yaml").read_text())
-    ctx = Context("classifier", str(model_dir), manifest, 8, None, "0.12.0", model_yaml_config=model_config)
+    batch_size = MODEL_CONFIG["batchSize"]
+    ctx = Context("classifier", str(model_dir), manifest, batch_size, None, "0.12.0", model_yaml_config=MODEL_CONFIG)
     h = handler.ImageClassifierHandler()
     h.initialize(ctx)
     h.context = ctx
@@ -96,55 +100,19 @@ def in_process_handler(mar: Path, workdir: Path) -> Callable[[list[dict]], list]
     return run
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+class Server(LocalServer):
+    """A server from `make serve-bg` on free ports (serve/local.py), with what the bench measures it by."""
 
-
-@dataclass
-class Server:
-    """A TorchServe started with `make serve-bg` on free ports (the same config.properties as `make serve`)."""
-
-    mar: Path
-    dir: Path
-
-    def __post_init__(self) -> None:
-        ports = free_ports(6)
-        names = ["INFERENCE", "MANAGEMENT", "METRICS", "WORKER", "GRPC_INFERENCE", "GRPC_MANAGEMENT"]
-        self.make_vars = [f"{n}_PORT={p}" for n, p in zip(names, ports, strict=True)]
-        self.make_vars += [f"MODEL_STORE={self.mar.parent}", f"MODEL_NAME={self.mar.stem}", f"SERVE_DIR={self.dir}"]
-        self.port, self.worker_port = ports[0], ports[3]
-
-    def __enter__(self) -> Server:
-        subprocess.run(["make", "-s", "serve-bg", *self.make_vars], cwd=ROOT, check=True, timeout=300)
-        self.key = inference_key(self.dir)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        subprocess.run(["make", "-s", "stop", *self.make_vars], cwd=ROOT, check=False, timeout=120)
-
-    def url(self, endpoint: str = "predictions") -> str:
-        return f"http://127.0.0.1:{self.port}/{endpoint}/{self.mar.stem}"
+    def __init__(self, mar: Path, serve_dir: Path) -> None:
+        super().__init__(mar.parent, serve_dir, mar.stem)
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU seconds used so far by this server's Java frontend and Python worker(s), and by this process."""
-        import psutil
-
         out = {"frontend": 0.0, "worker": 0.0, "client": sum(psutil.Process().cpu_times()[:2])}
-        for p in psutil.process_iter(["cmdline"]):
-            cmd = " ".join(p.info["cmdline"] or [])
-            try:
-                if "model_service_worker" in cmd and f".ts.sock.{self.worker_port}" in cmd:
-                    out["worker"] += sum(p.cpu_times()[:2])
-                elif "org.pytorch.serve.ModelServer" in cmd and p.cwd() == str(self.dir):
-                    out["frontend"] += sum(p.cpu_times()[:2])
-            except psutil.Error:  # a process that ended meanwhile
-                pass
+        for p in self.processes():
+            with suppress(psutil.Error):  # a process that ended meanwhile
+                role = "worker" if "model_service_worker" in " ".join(p.cmdline()) else "frontend"
+                out[role] += sum(p.cpu_times()[:2])
         return out
 
     def request_once(self, body: bytes) -> Callable[[], None]:
@@ -153,11 +121,11 @@ class Server:
         headers = {"Authorization": f"Bearer {self.key}", "Content-Type": "application/octet-stream"}
 
         def post() -> None:
-            conn.request("POST", f"/predictions/{self.mar.stem}", body=body, headers=headers)
+            conn.request("POST", f"/predictions/{self.model}", body=body, headers=headers)
             response = conn.getresponse()
             response.read()
             if response.status != 200:
-                raise SystemExit(f"{self.mar.stem}: HTTP {response.status}")
+                raise SystemExit(f"{self.model}: HTTP {response.status}")
 
         return post
 
@@ -166,7 +134,7 @@ class Server:
         r = run_load(self.url(), self.key, body, requests=requests, concurrency=concurrency, max_seconds=300)
         after = self.cpu_seconds()
         if r["ok"] != requests:
-            raise SystemExit(f"{self.mar.stem}: {r['ok']} of {requests} requests succeeded: {r['statuses']}")
+            raise SystemExit(f"{self.model}: {r['ok']} of {requests} requests succeeded: {r['statuses']}")
         r["cores_busy"] = {k: (after[k] - before[k]) / r["seconds"] for k in after}
         return r
 
@@ -182,7 +150,7 @@ def timed(fn: Callable[[], object], repeats: int) -> list[float]:
 
 def measure_round(handle, servers: dict[str, Server], body: bytes, args: argparse.Namespace) -> dict:
     """One round: latency at concurrency 1, then throughput at each concurrency, contenders alternated."""
-    batch_size = yaml.safe_load((ROOT / "serve" / "model-config.yaml").read_text())["batchSize"]
+    batch_size = MODEL_CONFIG["batchSize"]
     out: dict[str, dict] = {"inprocess": {}, **{name: {} for name in servers}}
     # Concurrency 1: request by request, the contenders in turn, so that each sees the same machine state
     # (on a shared machine, blocks measured a minute apart differ by more than the overhead measured here).

@@ -10,12 +10,10 @@ import json
 import os
 import signal
 import site
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,59 +28,21 @@ from visionapp.transforms import load_image
 
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "serve"))
-from client import call, inference_key  # noqa: E402
+from client import call  # noqa: E402
 from load import run_load  # noqa: E402
+from local import LocalServer as Server  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Server:
-    base: str
-    key: str
-    dir: Path
-    make_vars: list[str]
-    worker_port: int
-
-    def post(
-        self,
-        body: bytes,
-        endpoint: str = "predictions",
-        content_type: str = "application/octet-stream",
-        headers: dict[str, str] | None = None,
-    ) -> tuple[int, object]:
-        status, raw = call(f"{self.base}/{endpoint}/classifier", self.key, body, content_type, headers=headers)
-        return status, json.loads(raw)
-
-    def processes(self) -> list[psutil.Process]:
-        """The frontend (java) and the worker processes of this server."""
-        found = []
-        for p in psutil.process_iter(["cmdline"]):
-            cmd = " ".join(p.info["cmdline"] or [])
-            if f".ts.sock.{self.worker_port}" in cmd or (str(self.dir) in cmd and "java" in cmd):
-                found.append(p)
-        return found
-
-
 def start_server(mar_dir: Path, serve_dir: Path, *extra_vars: str) -> Server:
-    ports = [free_port() for _ in range(6)]
-    names = ["INFERENCE", "MANAGEMENT", "METRICS", "WORKER", "GRPC_INFERENCE", "GRPC_MANAGEMENT"]
-    make_vars = [f"{n}_PORT={p}" for n, p in zip(names, ports, strict=True)]
-    make_vars += [f"MODEL_STORE={mar_dir}", f"SERVE_DIR={serve_dir}", *extra_vars]
-    subprocess.run(["make", "-s", "serve-bg", *make_vars], cwd=ROOT, check=True, timeout=300)
-    return Server(f"http://127.0.0.1:{ports[0]}", inference_key(serve_dir), serve_dir, make_vars, ports[3])
+    return Server(mar_dir, serve_dir, "classifier", *extra_vars).start()
 
 
 def stop_server(server: Server) -> None:
     before = server.processes()
     assert before, "no TorchServe process found for this server"
-    subprocess.run(["make", "-s", "stop", *server.make_vars], cwd=ROOT, check=True, timeout=120)
+    server.stop()
     _, alive = psutil.wait_procs(before, timeout=30)
     assert not alive and not server.processes(), f"left behind: {alive or server.processes()}"
 
@@ -228,9 +188,7 @@ def test_bad_input_gets_a_4xx_that_names_it(
 def test_body_over_the_size_limit_gets_413(server: Server, sample: dict[str, bytes]) -> None:
     # TorchServe's frontend refuses it from the Content-Length alone (max_request_size, 10 MiB), before any
     # byte of the body is read; curl -T sends the same Expect: 100-continue for large uploads.
-    conn = http.client.HTTPConnection(
-        server.base.removeprefix("http://").split(":")[0], int(server.base.rsplit(":", 1)[1])
-    )
+    conn = http.client.HTTPConnection("127.0.0.1", server.port)
     conn.putrequest("POST", "/predictions/classifier")
     conn.putheader("Authorization", f"Bearer {server.key}")
     conn.putheader("Content-Length", str(11 * 1024 * 1024))

@@ -1,0 +1,86 @@
+"""A TorchServe on free loopback ports, started with `make serve-bg` and stopped with `make stop`: the same
+config as `make serve`, for the end-to-end tests and the benchmarks.
+
+    with LocalServer(Path("model_store"), Path("/tmp/serve")) as s:
+        status, answer = s.post(Path("photo.png").read_bytes())
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+from contextlib import suppress
+from pathlib import Path
+
+import psutil
+from client import call, inference_key
+
+ROOT = Path(__file__).parents[1]
+PORTS = ("INFERENCE", "MANAGEMENT", "METRICS", "WORKER", "GRPC_INFERENCE", "GRPC_MANAGEMENT")  # make variables
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports (all held open at once while the OS picks them, so none repeats)."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class LocalServer:
+    def __init__(self, store: Path, serve_dir: Path, model: str = "classifier", *extra_vars: str) -> None:
+        """`store` holds `<model>.mar`; `serve_dir` gets the server's keys, logs and pid file; `extra_vars` are
+        more make variables (e.g. TORCHSERVE=... for another launcher)."""
+        ports = free_ports(len(PORTS))
+        self.port, self.worker_port = ports[PORTS.index("INFERENCE")], ports[PORTS.index("WORKER")]
+        self.model, self.dir = model, Path(serve_dir)
+        self.make_vars = [f"{name}_PORT={p}" for name, p in zip(PORTS, ports, strict=True)]
+        self.make_vars += [f"MODEL_STORE={store}", f"MODEL_NAME={model}", f"SERVE_DIR={self.dir}", *extra_vars]
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.key = ""
+
+    def start(self) -> LocalServer:
+        """Returns once the model's worker is ready (what make serve-bg waits for)."""
+        subprocess.run(["make", "-s", "serve-bg", *self.make_vars], cwd=ROOT, check=True, timeout=300)
+        self.key = inference_key(self.dir)
+        return self
+
+    def stop(self, check: bool = True) -> None:
+        subprocess.run(["make", "-s", "stop", *self.make_vars], cwd=ROOT, check=check, timeout=120)
+
+    def __enter__(self) -> LocalServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(check=False)
+
+    def url(self, endpoint: str = "predictions") -> str:
+        return f"{self.base}/{endpoint}/{self.model}"
+
+    def post(
+        self,
+        body: bytes,
+        endpoint: str = "predictions",
+        content_type: str = "application/octet-stream",
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, object]:
+        """The HTTP status and the decoded JSON answer."""
+        status, raw = call(self.url(endpoint), self.key, body, content_type, headers=headers)
+        return status, json.loads(raw)
+
+    def processes(self) -> list[psutil.Process]:
+        """This server's Java frontend (its command line does not name the directory; make serve-bg starts it
+        from there) and its Python worker(s) (named by their socket)."""
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = " ".join(p.info["cmdline"] or [])
+            with suppress(psutil.Error):  # a process that ended meanwhile
+                if f".ts.sock.{self.worker_port}" in cmd or (
+                    "org.pytorch.serve.ModelServer" in cmd and Path(p.cwd()) == self.dir.resolve()
+                ):
+                    found.append(p)
+        return found
