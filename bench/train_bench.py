@@ -108,18 +108,23 @@ def plain_loop(dm: ShapesDataModule, setup: Setup, steps: int, warmup: int) -> f
     return train_steps(model, epochs(dm), dm, setup, steps, warmup)
 
 
-def input_pipeline(dm: ShapesDataModule, setup: Setup, steps: int, warmup: int) -> float:
-    """The loader alone, batches moved to the device and normalised there: the data side's own ceiling."""
-    batches, images, start = epochs(dm), 0, 0.0
-    for i in range(steps):
-        if i == warmup:
-            setup.sync()
-            images, start = 0, time.perf_counter()
+def to_device(dm: ShapesDataModule, setup: Setup, batches: Iterator, n: int) -> int:
+    """Take n loader batches to the device and normalise them there, as fit does; the number of images."""
+    images = 0
+    for _ in range(n):
         x, y = next(batches)
-        x, y = dm.on_after_batch_transfer((setup.inputs(x), y.to(setup.device, non_blocking=True)))
+        dm.on_after_batch_transfer((setup.inputs(x), y.to(setup.device, non_blocking=True)))
         images += len(y)
     setup.sync()
-    return images / (time.perf_counter() - start)
+    return images
+
+
+def input_pipeline(dm: ShapesDataModule, setup: Setup, steps: int, warmup: int) -> float:
+    """The loader alone, batches moved to the device and normalised there: the data side's own ceiling."""
+    batches = epochs(dm)
+    to_device(dm, setup, batches, warmup)
+    start = time.perf_counter()
+    return to_device(dm, setup, batches, steps - warmup) / (time.perf_counter() - start)
 
 
 class _Clock(L.Callback):
@@ -153,6 +158,7 @@ def input_scan(dm: ShapesDataModule, setup: Setup, workers: list[int], steps: in
     import psutil
 
     files = [path for path, _ in dm.splits["train"].samples[:200]]  # type: ignore[attr-defined]
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as inside a loader worker
     start = time.perf_counter()
     images = [load_image(f) for f in files]
@@ -161,23 +167,17 @@ def input_scan(dm: ShapesDataModule, setup: Setup, workers: list[int], steps: in
     for img in images:
         dm.train_transform(img)
     augment = (time.perf_counter() - start) / len(files)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads)
     out: dict = {"decode_ms_per_image": decode * 1e3, "augment_ms_per_image": augment * 1e3}
     me = psutil.Process()
     for n in workers:
         dm.num_workers = n
-        batches, seen = epochs(dm), 0
-        for _ in range(warmup):
-            next(batches)
+        batches = epochs(dm)
+        to_device(dm, setup, batches, warmup)  # starts the workers and fills their prefetch
         children = me.children(recursive=True)
         cpu0 = [sum(p.cpu_times()[:2]) for p in children], sum(me.cpu_times()[:2])
-        setup.sync()
         start = time.perf_counter()
-        for _ in range(steps):
-            x, y = next(batches)
-            dm.on_after_batch_transfer((setup.inputs(x), y.to(setup.device, non_blocking=True)))
-            seen += len(y)
-        setup.sync()
+        seen = to_device(dm, setup, batches, steps)
         wall = time.perf_counter() - start
         worker_cpu = sum(sum(p.cpu_times()[:2]) for p in children) - sum(cpu0[0])
         out[f"workers_{n}"] = {"images_per_s": seen / wall, "worker_cores": worker_cpu / wall,
