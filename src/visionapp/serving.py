@@ -2,7 +2,8 @@
 and shipped inside the .mar with the rest of the code the handler imports.
 
 A request row from TorchServe maps names to values: the raw body ("body" or "data": bytes), multipart
-form fields (one per file), query-string parameters, or a JSON body already decoded into a dict.
+form fields (one per file), or a JSON body already decoded into a dict. (TorchServe does not pass the
+query string on; options come as X-* headers, form fields or JSON keys.)
 """
 
 from __future__ import annotations
