@@ -49,6 +49,8 @@ class ImageClassifierHandler(BaseHandler):
     # --- inference: preprocess → inference → postprocess, batched across requests ---------------------------
     def preprocess(self, data: list[dict]) -> torch.Tensor:
         self.requests = [parse_request(row, self.context.get_all_request_header(i)) for i, row in enumerate(data)]
+        if self._is_explain():  # explain() transforms each image itself, on the way to its heatmap
+            return torch.empty(0)
         tensors = []
         for req in self.requests:
             for img in req.images:
