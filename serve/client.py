@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--method", default=None, help="explain: attribution method")
     ap.add_argument("--save", default=None, help="explain: write the heatmap overlay PNG here")
     ap.add_argument("--timeout", type=float, default=180)
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # images may follow the options, as `make predict` passes them
     base = f"http://127.0.0.1:{args.port}"
     serve_dir = Path(args.dir or f"logs/serve-{args.port}")
     if args.command == "wait":

@@ -225,6 +225,24 @@ def test_explanation_returns_class_probability_and_heatmap(server: Server, sampl
 
 
 # --- load and faults -------------------------------------------------------------------------------------------
+def test_make_predict_as_the_readme_gives_it(server: Server, sample: dict[str, bytes], tmp_path: Path) -> None:
+    """`make predict IMG=... [EXPLAIN=1 TARGET=...]`: the client finds the key itself; the heatmap is written
+    to <image name>_heatmap.png in the working directory."""
+    image = tmp_path / "visionapp-test-star.png"
+    image.write_bytes(sample["star"])
+    heatmap = ROOT / "visionapp-test-star_heatmap.png"
+    make = ["make", "-s", "predict", f"IMG={image}", *server.make_vars]
+    try:
+        out = subprocess.run(make, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "HTTP 200" in out.stdout, out.stdout + out.stderr
+        explain = [*make, "EXPLAIN=1", "TARGET=circle"]
+        out = subprocess.run(explain, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0 and '"class": "circle"' in out.stdout, out.stdout + out.stderr
+        assert Image.open(heatmap).size == Image.open(image).size
+    finally:
+        heatmap.unlink(missing_ok=True)
+
+
 def test_load_with_a_worker_killed_midway(server: Server, sample: dict[str, bytes]) -> None:
     url = f"{server.base}/predictions/classifier"
     warm = run_load(url, server.key, sample["star"], requests=48, concurrency=16, max_seconds=60)
