@@ -224,6 +224,23 @@ def test_explanation_returns_class_probability_and_heatmap(server: Server, sampl
     assert status == 400 and "integrated_gradients" in answer["message"]  # type: ignore[index]
 
 
+def test_logs_keep_access_and_metrics_without_per_request_chatter(server: Server, sample: dict[str, bytes]) -> None:
+    """serve/log4j2.xml (passed by make serve): every request in access_log.log and its metrics in
+    model_metrics.log, once each; ts_log.log holds start-up and warnings, not TorchServe's per-batch
+    scheduling lines (its default config logs ~20 per request, each written twice)."""
+    access = server.dir / "access_log.log"
+    before = access.read_text().count("POST /predictions/classifier") if access.exists() else 0
+    for _ in range(3):
+        assert server.post(sample["star"])[0] == 200
+    time.sleep(1)  # the worker's metric lines reach the frontend through its stdout reader
+    assert access.read_text().count("POST /predictions/classifier") == before + 3
+    assert "HandlerTime" in (server.dir / "model_metrics.log").read_text()
+    ts_log = (server.dir / "ts_log.log").read_text()
+    assert "Model classifier loaded" in ts_log and ts_log.count("Torchserve version") == 1
+    for chatter in ("Flushing req.cmd", "Sending response for jobId", "result=[METRICS]", "ACCESS_LOG"):
+        assert chatter not in ts_log, chatter
+
+
 # --- load and faults -------------------------------------------------------------------------------------------
 def test_make_predict_as_the_readme_gives_it(server: Server, sample: dict[str, bytes], tmp_path: Path) -> None:
     """`make predict IMG=... [EXPLAIN=1 TARGET=...]`: the client finds the key itself; the heatmap is written
