@@ -59,6 +59,7 @@ WORKER_PORT     ?= $(shell expr $(INFERENCE_PORT) + 1000)
 GRPC_INFERENCE_PORT  ?= $(shell expr $(INFERENCE_PORT) - 1010)
 GRPC_MANAGEMENT_PORT ?= $(shell expr $(INFERENCE_PORT) - 1009)
 TORCHSERVE      ?= $(abspath $(VENV))/bin/torchserve
+# TorchServe's server config and log config (TS_LOG_CONFIG= empty: TorchServe's built-in logging)
 TS_CONFIG       ?= serve/config.properties
 TS_LOG_CONFIG   ?= serve/log4j2.xml
 # TorchServe reads these over serve/config.properties (enable_envvars_config=true). TMPDIR holds its pid file,
@@ -70,7 +71,7 @@ TS_ENV = TS_INFERENCE_ADDRESS=http://127.0.0.1:$(INFERENCE_PORT) \
          TS_GRPC_INFERENCE_PORT=$(GRPC_INFERENCE_PORT) TS_GRPC_MANAGEMENT_PORT=$(GRPC_MANAGEMENT_PORT) \
          TS_ALLOWED_URLS='file://$(abspath $(MODEL_STORE))/.*\.mar' \
          TMPDIR=$(abspath $(SERVE_DIR)) LOG_LOCATION=$(abspath $(SERVE_DIR)) METRICS_LOCATION=$(abspath $(SERVE_DIR))
-TS_ARGS = --ts-config $(abspath $(TS_CONFIG)) --log-config $(abspath $(TS_LOG_CONFIG)) --model-store $(abspath $(MODEL_STORE)) \
+TS_ARGS = --ts-config $(abspath $(TS_CONFIG)) $(if $(TS_LOG_CONFIG),--log-config $(abspath $(TS_LOG_CONFIG))) --model-store $(abspath $(MODEL_STORE)) \
           --models $(MODEL_NAME)=$(MODEL_NAME).mar --ncs
 
 archive: $(STAMP) ## pack RUN's bundle into $(MODEL_STORE)/$(MODEL_NAME).mar with torch-model-archiver

@@ -9,9 +9,13 @@ Contenders, alternated within each of --rounds rounds:
   stock      TorchServe's built-in `image_classifier` handler serving the same state_dict (a model file
              for the architecture, index_to_name.json; its own Resize(256)/CenterCrop(224) preprocessing),
              with the same model-config.yaml and server config: the peer users would start from
+  --variant  more servers of our .mar with other make variables, measured in the same rounds, e.g.
+             --variant builtin-logs:TS_LOG_CONFIG=      (TorchServe's built-in log configuration)
+             --variant window3:MODEL_STORE=/tmp/store3  (a .mar archived with another model-config.yaml)
 Latency p50/p90/p99 at concurrency 1 (request by request, contenders in turn), throughput at each
 --concurrency (blocks of requests, contenders in turn); CPU seconds of the server's
-frontend, worker and the client during each served measurement; the size of one /explanations answer.
+frontend, worker and the client during each served measurement, and the mean batch TorchServe formed;
+the size of one /explanations answer.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Callable
-from contextlib import suppress
+from contextlib import ExitStack, suppress
 from pathlib import Path
 
 import psutil
@@ -103,8 +107,13 @@ def in_process_handler(mar: Path, workdir: Path) -> Callable[[list[dict]], list]
 class Server(LocalServer):
     """A server from `make serve-bg` on free ports (serve/local.py), with what the bench measures it by."""
 
-    def __init__(self, mar: Path, serve_dir: Path) -> None:
-        super().__init__(mar.parent, serve_dir, mar.stem)
+    def __init__(self, mar: Path, serve_dir: Path, *extra_vars: str) -> None:
+        super().__init__(mar.parent, serve_dir, mar.stem, *extra_vars)
+
+    def batches(self) -> int:
+        """Batches the worker has received so far: TorchServe's worker logs one line per batch."""
+        log = self.dir / "model_log.log"
+        return log.read_text().count("Backend received inference") if log.exists() else 0
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU seconds used so far by this server's Java frontend and Python worker(s), and by this process."""
@@ -130,12 +139,13 @@ class Server(LocalServer):
         return post
 
     def load(self, body: bytes, *, requests: int, concurrency: int) -> dict:
-        before = self.cpu_seconds()
+        before, batches = self.cpu_seconds(), self.batches()
         r = run_load(self.url(), self.key, body, requests=requests, concurrency=concurrency, max_seconds=300)
         after = self.cpu_seconds()
         if r["ok"] != requests:
             raise SystemExit(f"{self.model}: {r['ok']} of {requests} requests succeeded: {r['statuses']}")
         r["cores_busy"] = {k: (after[k] - before[k]) / r["seconds"] for k in after}
+        r["batch"] = requests / max(1, self.batches() - batches)  # requests per forward pass, on average
         return r
 
 
@@ -171,7 +181,7 @@ def measure_round(handle, servers: dict[str, Server], body: bytes, args: argpars
         for name, server in servers.items():
             r = server.load(body, requests=args.requests * max(1, c // 4), concurrency=c)
             out[name][f"c{c}"] = {"images_per_s": r["requests_per_second"], "p50_ms": r["p50_ms"],
-                                  "cores_busy": r["cores_busy"]}  # fmt: skip
+                                  "cores_busy": r["cores_busy"], "batch": r["batch"]}  # fmt: skip
     return out
 
 
@@ -214,8 +224,11 @@ def run(args: argparse.Namespace) -> dict:
         tmpdir = Path(tmp)
         stock_mar = stock_archive(Path(args.bundle), tmpdir / "stock_store")
         handle = in_process_handler(mar, tmpdir)
-        with Server(mar, tmpdir / "ours") as ours, Server(stock_mar, tmpdir / "stock") as stock:
-            servers = {"ours": ours, "stock": stock}
+        with ExitStack() as stack:
+            servers = {"ours": stack.enter_context(Server(mar, tmpdir / "ours")),
+                       "stock": stack.enter_context(Server(stock_mar, tmpdir / "stock"))}  # fmt: skip
+            for name, make_vars in args.variant:
+                servers[name] = stack.enter_context(Server(mar, tmpdir / name, *make_vars))
             for server in servers.values():  # warm-up: workers loaded, first batches done
                 server.load(body, requests=16, concurrency=8)
             handle([{"body": body}] * 8)
@@ -234,7 +247,8 @@ def run(args: argparse.Namespace) -> dict:
         ),
         "explain.response_bytes_vs_stock": explain_bytes["ours"] / explain_bytes["stock"],
         "settings": {"image": args.image, "mar": str(mar), "bundle": args.bundle, "rounds": args.rounds,
-                     "requests": args.requests, "concurrency": args.concurrency},
+                     "requests": args.requests, "concurrency": args.concurrency,
+                     "variants": dict(args.variant)},
         "raw_rounds": rounds,
     }  # fmt: skip
 
@@ -247,8 +261,27 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--requests", type=int, default=60, help="requests per measurement at concurrency ≤ 4")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
+    ap.add_argument(
+        "--variant",
+        type=variant,
+        action="append",
+        default=[],
+        metavar="NAME:VAR=VALUE[,VAR=VALUE]",
+        help="one more server of the .mar with these make variables (repeatable)",
+    )
     ap.add_argument("--out", default="bench/serve_results.json")
     return ap
+
+
+def variant(spec: str) -> tuple[str, list[str]]:
+    name, sep, assignments = spec.partition(":")
+    make_vars = assignments.split(",") if assignments else []
+    if not sep or not name or name in ("inprocess", "ours", "stock") or not all("=" in v for v in make_vars):
+        raise argparse.ArgumentTypeError(
+            f"{spec!r}: expected NAME:VAR=VALUE[,VAR=VALUE], NAME not inprocess/ours/stock "
+            "(e.g. builtin-logs:TS_LOG_CONFIG=)"
+        )
+    return name, make_vars
 
 
 def print_table(result: dict) -> None:
@@ -266,6 +299,9 @@ def print_table(result: dict) -> None:
         print(f"  {'c1 latency ' + q + ' ms':22s}" + "".join(f"{cell(c, 'latency_ms', q):>24s}" for c in contenders))
     for key in (k for k in med["inprocess"] if k.startswith("c")):
         print(f"  {key + ' images/s':22s}" + "".join(f"{cell(c, key, 'images_per_s'):>24s}" for c in contenders))
+    served = [c for c in contenders if c != "inprocess"]
+    for key in (k for k in med["ours"] if k.startswith("c")):
+        print(f"  {key + ' mean batch':22s}" + f"{'':>24s}" + "".join(f"{cell(c, key, 'batch'):>24s}" for c in served))
     print(f"  /explanations bytes: {result['explanation_response_bytes']}")
     for k in ("serve.p50_vs_inprocess_c1", "serve.throughput_vs_stock_c8", "serve.throughput_vs_inprocess_c8",
               "explain.response_bytes_vs_stock"):  # fmt: skip

@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
 import run as bench_run
+import serve_bench
 import train_bench
 
 from visionapp.archive import build_archive
@@ -47,6 +48,31 @@ def test_make_bench_writes_every_key(trained_run: Path, tmp_path: Path) -> None:
         assert set(contender["latency_ms"]) == {"p50", "p90", "p99"}
         assert contender["c1"]["images_per_s"] > 0 and contender["c8"]["images_per_s"] > 0
     assert set(result["explain"]["methods"]) == {"integrated_gradients", "gradient_shap", "occlusion", "layer_gradcam"}
+
+
+@pytest.mark.slow
+def test_serve_bench_variant_is_one_more_contender(trained_run: Path, tmp_path: Path) -> None:
+    """--variant starts one more server with other make variables (here TorchServe's built-in logging) and
+    measures it in the same rounds, with the batches TorchServe formed."""
+    mar = build_archive(trained_run / "bundle", name="classifier", out=tmp_path / "store")
+    image = next((Path(json.loads((trained_run / "metrics.json").read_text())["data_root"]) / "test").rglob("*.png"))
+    out = tmp_path / "serve.json"
+    args = ["--mar", str(mar), "--bundle", str(trained_run / "bundle"), "--image", str(image), "--rounds", "1",
+            "--requests", "4", "--concurrency", "8", "--variant", "builtin-logs:TS_LOG_CONFIG=",
+            "--out", str(out)]  # fmt: skip
+    assert serve_bench.main(args) == 0
+    result = json.loads(out.read_text())
+    assert list(result["median"]) == ["inprocess", "ours", "stock", "builtin-logs"]
+    for name in ("ours", "stock", "builtin-logs"):
+        assert 1 <= result["median"][name]["c8"]["batch"] <= 8, name
+    assert result["settings"]["variants"] == {"builtin-logs": ["TS_LOG_CONFIG="]}
+
+
+@pytest.mark.parametrize("spec", ["nocolon", "ours:TS_LOG_CONFIG=", ":A=1", "x:NOEQUALS"])
+def test_serve_bench_variant_refuses_a_bad_spec(spec: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        serve_bench.parser().parse_args(["--image", "x.png", "--variant", spec])
+    assert "NAME:VAR=VALUE" in capsys.readouterr().err
 
 
 def test_train_bench_input_scan(tmp_path: Path) -> None:
