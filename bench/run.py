@@ -82,6 +82,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--requests", type=int, default=60, help="serve: requests per measurement at concurrency ≤ 4")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
+    ap.add_argument("--serve-warmup", type=int, default=1000, help="serve: requests per server before the rounds")
     ap.add_argument("--train-root", default="data/shapes")
     ap.add_argument("--train-image-size", type=int, default=96)
     ap.add_argument("--train-num-train", type=int, default=3000)
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     train_bench.print_table(result["train"])
     print(f"[2/3] serve: in process / our TorchServe / stock TorchServe, {args.rounds} rounds", flush=True)
     serve_argv = ["--mar", args.mar, "--bundle", str(run_dir / "bundle"), "--image", str(image),
-                  "--rounds", str(args.rounds), "--requests", str(args.requests),
+                  "--rounds", str(args.rounds), "--requests", str(args.requests), "--warmup", str(args.serve_warmup),
                   "--concurrency", *map(str, args.concurrency)]  # fmt: skip
     serve_args = serve_bench.parser().parse_args(serve_argv)
     result["serve"] = serve_bench.run(serve_args)

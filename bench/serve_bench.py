@@ -12,6 +12,8 @@ Contenders, alternated within each of --rounds rounds:
   --variant  more servers of our .mar with other make variables, measured in the same rounds, e.g.
              --variant builtin-logs:TS_LOG_CONFIG=      (TorchServe's built-in log configuration)
              --variant window3:MODEL_STORE=/tmp/store3  (a .mar archived with another model-config.yaml)
+Each server first answers --warmup requests (default 1000): the JVM compiles TorchServe's frontend over the
+first thousands of requests, and a cold frontend is not what a running service has.
 Latency p50/p90/p99 at concurrency 1 (request by request, contenders in turn), throughput at each
 --concurrency (blocks of requests, contenders in turn); CPU seconds of the server's
 frontend, worker and the client during each served measurement, and the mean batch TorchServe formed;
@@ -229,8 +231,8 @@ def run(args: argparse.Namespace) -> dict:
                        "stock": stack.enter_context(Server(stock_mar, tmpdir / "stock"))}  # fmt: skip
             for name, make_vars in args.variant:
                 servers[name] = stack.enter_context(Server(mar, tmpdir / name, *make_vars))
-            for server in servers.values():  # warm-up: workers loaded, first batches done
-                server.load(body, requests=16, concurrency=8)
+            for server in servers.values():  # warm-up: workers loaded, first batches done, the JIT at work
+                server.load(body, requests=args.warmup, concurrency=8)
             handle([{"body": body}] * 8)
             rounds = [leaves(measure_round(handle, servers, body, args)) for _ in range(args.rounds)]
             explain_bytes = response_bytes(servers, body)
@@ -247,7 +249,7 @@ def run(args: argparse.Namespace) -> dict:
         ),
         "explain.response_bytes_vs_stock": explain_bytes["ours"] / explain_bytes["stock"],
         "settings": {"image": args.image, "mar": str(mar), "bundle": args.bundle, "rounds": args.rounds,
-                     "requests": args.requests, "concurrency": args.concurrency,
+                     "warmup": args.warmup, "requests": args.requests, "concurrency": args.concurrency,
                      "variants": dict(args.variant)},
         "raw_rounds": rounds,
     }  # fmt: skip
@@ -259,6 +261,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--bundle", default="runs/latest/bundle", help="the bundle the .mar was built from")
     ap.add_argument("--image", required=True)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--warmup", type=int, default=1000, help="requests per server before the rounds (the JVM's JIT warms up)"
+    )
     ap.add_argument("--requests", type=int, default=60, help="requests per measurement at concurrency ≤ 4")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument(

@@ -34,7 +34,7 @@ def test_make_bench_writes_every_key(trained_run: Path, tmp_path: Path) -> None:
     mar = build_archive(trained_run / "bundle", name="classifier", out=tmp_path / "store")
     out = tmp_path / "results.json"
     args = ["--run", str(trained_run), "--mar", str(mar), "--rounds", "1", "--requests", "4", "--concurrency", "1",
-            "8", "--train-root", str(tmp_path / "shapes"), "--out", str(out)]  # fmt: skip
+            "8", "--serve-warmup", "8", "--train-root", str(tmp_path / "shapes"), "--out", str(out)]  # fmt: skip
     args += [a.replace("--", "--train-", 1) for a in TINY_TRAIN]
     assert bench_run.main(args) == 0
     result = json.loads(out.read_text())
@@ -58,7 +58,7 @@ def test_serve_bench_variant_is_one_more_contender(trained_run: Path, tmp_path: 
     image = next((Path(json.loads((trained_run / "metrics.json").read_text())["data_root"]) / "test").rglob("*.png"))
     out = tmp_path / "serve.json"
     args = ["--mar", str(mar), "--bundle", str(trained_run / "bundle"), "--image", str(image), "--rounds", "1",
-            "--requests", "4", "--concurrency", "8", "--variant", "builtin-logs:TS_LOG_CONFIG=",
+            "--requests", "4", "--warmup", "8", "--concurrency", "8", "--variant", "builtin-logs:TS_LOG_CONFIG=",
             "--out", str(out)]  # fmt: skip
     assert serve_bench.main(args) == 0
     result = json.loads(out.read_text())
