@@ -227,7 +227,8 @@ def test_explanation_returns_class_probability_and_heatmap(server: Server, sampl
 def test_logs_keep_access_and_metrics_without_per_request_chatter(server: Server, sample: dict[str, bytes]) -> None:
     """serve/log4j2.xml (passed by make serve): every request in access_log.log and its metrics in
     model_metrics.log, once each; ts_log.log holds start-up and warnings, not TorchServe's per-batch
-    scheduling lines (its default config logs ~20 per request, each written twice)."""
+    scheduling lines (its default config logs ~20 per request, each written twice); the console
+    (torchserve.out for make serve-bg) shows the handler's own log but not the worker's per-batch line."""
     access = server.dir / "access_log.log"
     before = access.read_text().count("POST /predictions/classifier") if access.exists() else 0
     for _ in range(3):
@@ -239,6 +240,9 @@ def test_logs_keep_access_and_metrics_without_per_request_chatter(server: Server
     assert "Model classifier loaded" in ts_log and ts_log.count("Torchserve version") == 1
     for chatter in ("Flushing req.cmd", "Sending response for jobId", "result=[METRICS]", "ACCESS_LOG"):
         assert chatter not in ts_log, chatter
+    console = (server.dir / "torchserve.out").read_text()
+    assert "with classes" in console and "Backend received inference" not in console
+    assert "Backend received inference" in (server.dir / "model_log.log").read_text()
 
 
 # --- load and faults -------------------------------------------------------------------------------------------
