@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -160,28 +161,35 @@ def timed(fn: Callable[[], object], repeats: int) -> list[float]:
     return out
 
 
-def measure_round(handle, servers: dict[str, Server], body: bytes, args: argparse.Namespace) -> dict:
-    """One round: latency at concurrency 1, then throughput at each concurrency, contenders alternated."""
+def measure_round(handle, servers: dict[str, Server], body: bytes, args: argparse.Namespace, seed: int) -> dict:
+    """One round: latency at concurrency 1, then throughput at each concurrency, contenders alternated in an
+    order shuffled by `seed` (the round's number)."""
     batch_size = MODEL_CONFIG["batchSize"]
     out: dict[str, dict] = {"inprocess": {}, **{name: {} for name in servers}}
     # Concurrency 1: request by request, the contenders in turn, so that each sees the same machine state
     # (on a shared machine, blocks measured a minute apart differ by more than the overhead measured here).
-    # The order rotates: whoever runs right after another contender pays for that one's OpenMP threads,
-    # which spin for a while after each call (measured: ~2 ms on the next contender's request).
+    # The order is shuffled each time: whoever runs right after another contender pays for that one's
+    # OpenMP threads, which spin for a while after each call (measured: ~2 ms on the next request). A
+    # rotating order was not enough: it keeps each contender behind the same predecessor.
     calls = {"inprocess": lambda: handle([{"body": body}]), **{n: s.request_once(body) for n, s in servers.items()}}
     seconds: dict[str, list[float]] = {name: [] for name in calls}
-    names = list(calls)
-    for i in range(args.requests):
-        for name in names[i % len(names) :] + names[: i % len(names)]:
+    names, rng = list(calls), random.Random(seed)
+    for _ in range(args.requests):
+        rng.shuffle(names)
+        for name in names:
             seconds[name].extend(timed(calls[name], 1))
     for name, values in seconds.items():
         out[name]["latency_ms"] = {f"p{q}": percentile(values, q) * 1e3 for q in (50, 90, 99)}
     for c in args.concurrency:
         n = min(c, batch_size)  # the batch TorchServe would form at this concurrency
-        batched = timed(lambda n=n: handle([{"body": body}] * n), max(3, args.requests // n))
-        out["inprocess"][f"c{c}"] = {"images_per_s": n / statistics.median(batched), "batch": n}
-        for name, server in servers.items():
-            r = server.load(body, requests=args.requests * max(1, c // 4), concurrency=c)
+        blocks = ["inprocess", *servers]
+        rng.shuffle(blocks)  # blocks of seconds each; the machine's speed drifts, so no one always goes first
+        for name in blocks:
+            if name == "inprocess":
+                batched = timed(lambda n=n: handle([{"body": body}] * n), max(3, args.requests // n))
+                out[name][f"c{c}"] = {"images_per_s": n / statistics.median(batched), "batch": n}
+                continue
+            r = servers[name].load(body, requests=args.requests * max(1, c // 4), concurrency=c)
             out[name][f"c{c}"] = {"images_per_s": r["requests_per_second"], "p50_ms": r["p50_ms"],
                                   "cores_busy": r["cores_busy"], "batch": r["batch"]}  # fmt: skip
     return out
@@ -234,7 +242,7 @@ def run(args: argparse.Namespace) -> dict:
             for server in servers.values():  # warm-up: workers loaded, first batches done, the JIT at work
                 server.load(body, requests=args.warmup, concurrency=8)
             handle([{"body": body}] * 8)
-            rounds = [leaves(measure_round(handle, servers, body, args)) for _ in range(args.rounds)]
+            rounds = [leaves(measure_round(handle, servers, body, args, seed=i)) for i in range(args.rounds)]
             explain_bytes = response_bytes(servers, body)
     median = nest({k: statistics.median(r[k] for r in rounds) for k in rounds[0]})
     spread = nest({k: [min(r[k] for r in rounds), max(r[k] for r in rounds)] for k in rounds[0]})
