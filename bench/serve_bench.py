@@ -142,7 +142,7 @@ class Server(LocalServer):
         return post
 
     def load(self, body: bytes, *, requests: int, concurrency: int) -> dict:
-        before, batches = self.cpu_seconds(), self.batches()
+        batches, before = self.batches(), self.cpu_seconds()  # reading the log is not the client's load
         r = run_load(self.url(), self.key, body, requests=requests, concurrency=concurrency, max_seconds=300)
         after = self.cpu_seconds()
         if r["ok"] != requests:
@@ -238,6 +238,8 @@ def run(args: argparse.Namespace) -> dict:
             servers = {"ours": stack.enter_context(Server(mar, tmpdir / "ours")),
                        "stock": stack.enter_context(Server(stock_mar, tmpdir / "stock"))}  # fmt: skip
             for name, make_vars in args.variant:
+                if name in servers:
+                    raise SystemExit(f"--variant {name}: the name is given twice")
                 servers[name] = stack.enter_context(Server(mar, tmpdir / name, *make_vars))
             for server in servers.values():  # warm-up: workers loaded, first batches done, the JIT at work
                 server.load(body, requests=args.warmup, concurrency=8)

@@ -66,6 +66,12 @@ def make_module(dm: ShapesDataModule, setup: Setup) -> ImageClassifier:
     return module
 
 
+def on_device(dm: ShapesDataModule, setup: Setup, batch: tuple[torch.Tensor, torch.Tensor]):
+    """A loader batch (uint8) on the device and normalised there, as fit does (on_after_batch_transfer)."""
+    x, y = batch
+    return dm.on_after_batch_transfer((setup.inputs(x), y.to(setup.device, non_blocking=True)))
+
+
 def train_steps(
     model: torch.nn.Module, batches: Iterator, dm: ShapesDataModule, setup: Setup, steps: int, warmup: int
 ) -> float:
@@ -77,9 +83,8 @@ def train_steps(
             setup.sync()
             images, start = 0, time.perf_counter()
         x, y = next(batches)
-        x, y = setup.inputs(x), y.to(setup.device, non_blocking=True)
-        if x.dtype == torch.uint8:  # from the loader: normalised on the device, as Lightning's hook does
-            x, y = dm.on_after_batch_transfer((x, y))
+        if x.dtype == torch.uint8:  # from the loader (the ceiling's batch is already on the device)
+            x, y = on_device(dm, setup, (x, y))
         opt.zero_grad(set_to_none=True)
         with setup.autocast():
             loss = torch.nn.functional.cross_entropy(model(x), y)
@@ -92,7 +97,7 @@ def train_steps(
 
 def ceiling(dm: ShapesDataModule, setup: Setup, steps: int, warmup: int) -> float:
     model = make_module(dm, setup).model.to(setup.device).train()
-    x = torch.randn(dm.batch_size, 3, dm.image_size, dm.image_size, device=setup.device)
+    x = setup.inputs(torch.randn(dm.batch_size, 3, dm.image_size, dm.image_size, device=setup.device))
     y = torch.randint(0, len(dm.class_names), (dm.batch_size,), device=setup.device)
     return train_steps(model, iter(lambda: (x, y), None), dm, setup, steps, warmup)
 
@@ -112,9 +117,7 @@ def to_device(dm: ShapesDataModule, setup: Setup, batches: Iterator, n: int) -> 
     """Take n loader batches to the device and normalise them there, as fit does; the number of images."""
     images = 0
     for _ in range(n):
-        x, y = next(batches)
-        dm.on_after_batch_transfer((setup.inputs(x), y.to(setup.device, non_blocking=True)))
-        images += len(y)
+        images += len(on_device(dm, setup, next(batches))[1])
     setup.sync()
     return images
 
