@@ -51,6 +51,8 @@ explain: $(STAMP) ## Captum heatmaps for a sample of RUN's test split + quality 
 # ---- archive and serve ---------------------------------------------------------------------------------------
 MODEL_NAME      ?= classifier
 MODEL_STORE     ?= model_store
+# TorchServe's per-model settings (batching, workers, timeouts), packed into the .mar by make archive
+MODEL_CONFIG    ?= serve/model-config.yaml
 INFERENCE_PORT  ?= 8080
 MANAGEMENT_PORT ?= 8081
 METRICS_PORT    ?= 8082
@@ -74,8 +76,8 @@ TS_ENV = TS_INFERENCE_ADDRESS=http://127.0.0.1:$(INFERENCE_PORT) \
 TS_ARGS = --ts-config $(abspath $(TS_CONFIG)) $(if $(TS_LOG_CONFIG),--log-config $(abspath $(TS_LOG_CONFIG))) --model-store $(abspath $(MODEL_STORE)) \
           --models $(MODEL_NAME)=$(MODEL_NAME).mar --ncs
 
-archive: $(STAMP) ## pack RUN's bundle into $(MODEL_STORE)/$(MODEL_NAME).mar with torch-model-archiver
-	$(PY) -m visionapp.archive --bundle $(RUN)/bundle --name $(MODEL_NAME) --out $(MODEL_STORE)
+archive: $(STAMP) ## pack RUN's bundle into $(MODEL_STORE)/$(MODEL_NAME).mar with torch-model-archiver (MODEL_CONFIG=serve/model-config.yaml)
+	$(PY) -m visionapp.archive --bundle $(RUN)/bundle --name $(MODEL_NAME) --out $(MODEL_STORE) --model-config $(MODEL_CONFIG)
 
 java-check:
 	@command -v java >/dev/null || { echo "TorchServe needs Java 17 or newer: sudo apt-get install openjdk-17-jre-headless (or brew install openjdk@17)"; exit 1; }

@@ -11,7 +11,8 @@ Contenders, alternated within each of --rounds rounds:
              with the same model-config.yaml and server config: the peer users would start from
   --variant  more servers of our .mar with other make variables, measured in the same rounds, e.g.
              --variant builtin-logs:TS_LOG_CONFIG=      (TorchServe's built-in log configuration)
-             --variant window3:MODEL_STORE=/tmp/store3  (a .mar archived with another model-config.yaml)
+             --variant window3:MODEL_STORE=/tmp/store3  (a .mar archived with another model config:
+                                 make archive MODEL_CONFIG=window3.yaml MODEL_STORE=/tmp/store3)
 Each server first answers --warmup requests (default 1000): the JVM compiles TorchServe's frontend over the
 first thousands of requests, and a cold frontend is not what a running service has.
 Latency p50/p90/p99 at concurrency 1 (request by request, contenders in turn), throughput at each
@@ -182,14 +183,17 @@ def measure_round(handle, servers: dict[str, Server], body: bytes, args: argpars
         out[name]["latency_ms"] = {f"p{q}": percentile(values, q) * 1e3 for q in (50, 90, 99)}
     for c in args.concurrency:
         n = min(c, batch_size)  # the batch TorchServe would form at this concurrency
+        images = args.requests * max(1, c // 4)  # per contender and block
         blocks = ["inprocess", *servers]
         rng.shuffle(blocks)  # blocks of seconds each; the machine's speed drifts, so no one always goes first
         for name in blocks:
             if name == "inprocess":
-                batched = timed(lambda n=n: handle([{"body": body}] * n), max(3, args.requests // n))
-                out[name][f"c{c}"] = {"images_per_s": n / statistics.median(batched), "batch": n}
+                # The same statistic as the servers': images over the block's seconds, for as many images (a
+                # median batch time would leave out the slow moments that a server's block includes).
+                batched = timed(lambda n=n: handle([{"body": body}] * n), max(3, round(images / n)))
+                out[name][f"c{c}"] = {"images_per_s": n * len(batched) / sum(batched), "batch": n}
                 continue
-            r = servers[name].load(body, requests=args.requests * max(1, c // 4), concurrency=c)
+            r = servers[name].load(body, requests=images, concurrency=c)
             out[name][f"c{c}"] = {"images_per_s": r["requests_per_second"], "p50_ms": r["p50_ms"],
                                   "cores_busy": r["cores_busy"], "batch": r["batch"]}  # fmt: skip
     return out

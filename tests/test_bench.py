@@ -15,6 +15,7 @@ import train_bench
 
 from visionapp.archive import build_archive
 
+ROOT = Path(__file__).parents[1]
 TINY_TRAIN = ["--image-size", "48", "--num-train", "160", "--steps", "3", "--warmup", "1"]
 
 
@@ -52,20 +53,25 @@ def test_make_bench_writes_every_key(trained_run: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_serve_bench_variant_is_one_more_contender(trained_run: Path, tmp_path: Path) -> None:
-    """--variant starts one more server with other make variables (here TorchServe's built-in logging) and
-    measures it in the same rounds, with the batches TorchServe formed."""
+    """--variant starts one more server with other make variables and measures it in the same rounds, with the
+    batches TorchServe formed: here TorchServe's built-in logging, and a .mar archived with another model config
+    (batches of at most 2), which the batches it forms must show."""
     mar = build_archive(trained_run / "bundle", name="classifier", out=tmp_path / "store")
+    config = tmp_path / "batch2.yaml"
+    config.write_text((ROOT / "serve" / "model-config.yaml").read_text().replace("batchSize: 8", "batchSize: 2"))
+    build_archive(trained_run / "bundle", name="classifier", out=tmp_path / "store2", model_config=config)
     image = next((Path(json.loads((trained_run / "metrics.json").read_text())["data_root"]) / "test").rglob("*.png"))
     out = tmp_path / "serve.json"
     args = ["--mar", str(mar), "--bundle", str(trained_run / "bundle"), "--image", str(image), "--rounds", "1",
             "--requests", "4", "--warmup", "8", "--concurrency", "8", "--variant", "builtin-logs:TS_LOG_CONFIG=",
-            "--out", str(out)]  # fmt: skip
+            "--variant", f"batch2:MODEL_STORE={tmp_path / 'store2'}", "--out", str(out)]  # fmt: skip
     assert serve_bench.main(args) == 0
     result = json.loads(out.read_text())
-    assert list(result["median"]) == ["inprocess", "ours", "stock", "builtin-logs"]
+    assert list(result["median"]) == ["inprocess", "ours", "stock", "builtin-logs", "batch2"]
     for name in ("ours", "stock", "builtin-logs"):
         assert 1 <= result["median"][name]["c8"]["batch"] <= 8, name
-    assert result["settings"]["variants"] == {"builtin-logs": ["TS_LOG_CONFIG="]}
+    assert 1 <= result["median"]["batch2"]["c8"]["batch"] <= 2
+    assert result["settings"]["variants"]["builtin-logs"] == ["TS_LOG_CONFIG="]
 
 
 @pytest.mark.parametrize("spec", ["nocolon", "ours:TS_LOG_CONFIG=", ":A=1", "x:NOEQUALS"])

@@ -13,6 +13,7 @@ import site
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from visionapp.archive import build_archive
@@ -278,6 +280,29 @@ def test_load_with_a_worker_killed_midway(server: Server, sample: dict[str, byte
     after = run_load(url, server.key, sample["star"], requests=32, concurrency=16, max_seconds=60)
     assert after["ok"] == 32, after
     assert worker.pid not in [p.pid for p in server.processes()]  # a new worker answered
+
+
+# --- the .mar packs the model config it is given --------------------------------------------------------------
+def test_archive_packs_the_model_config_it_is_given(trained_run: Path, tmp_path: Path) -> None:
+    config = tmp_path / "my-config.yaml"
+    config.write_text("batchSize: 4\nmaxBatchDelay: 5\n")
+    mar = build_archive(trained_run / "bundle", out=tmp_path / "store", model_config=config)
+    with zipfile.ZipFile(mar) as z:
+        manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
+        assert yaml.safe_load(z.read(manifest["model"]["configFile"])) == {"batchSize": 4, "maxBatchDelay": 5}
+
+
+@pytest.mark.parametrize(
+    "text, message", [(None, "is missing"), ("batchSize: [8", "not valid YAML"), ("- 8\n", "must be a YAML mapping")]
+)
+def test_archive_names_a_bad_model_config(trained_run: Path, tmp_path: Path, text: str | None, message: str) -> None:
+    config = tmp_path / "bad.yaml"
+    if text is not None:
+        config.write_text(text)
+    with pytest.raises((FileNotFoundError, ValueError), match=message) as e:
+        build_archive(trained_run / "bundle", out=tmp_path / "store", model_config=config)
+    assert str(config) in str(e.value)
+    assert not (tmp_path / "store" / "classifier.mar").exists()
 
 
 # --- the .mar is self-contained ----------------------------------------------------------------------------------
