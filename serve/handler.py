@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +23,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from visionapp.attribution import METHODS, explain, overlay_png, target_index
 from visionapp.bundle import load_bundle
-from visionapp.serving import MAX_PIXELS, BadInput, Request, parse_request
+from visionapp.serving import MAX_PIXELS, BadInput, Request, parse_request, worker_threads
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +36,15 @@ class ImageClassifierHandler(BaseHandler):
         if self.device.type == "cpu":
             # Share the cores between this model's workers instead of each worker taking all of them.
             workers = int((getattr(context, "model_yaml_config", None) or {}).get("minWorkers", 1))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
+            torch.set_num_threads(worker_threads(workers))
         Image.MAX_IMAGE_PIXELS = MAX_PIXELS
         self.bundle = load_bundle(props["model_dir"], map_location=self.device)
         self.bundle.model.to(self.device)
         self.model = self.bundle.model
         self.class_names = self.bundle.class_names
         self.initialized = True
-        log.info("loaded %s with classes %s on %s", self.bundle.meta["arch"], self.class_names, self.device)
+        threads = f", torch threads: {torch.get_num_threads()}" if self.device.type == "cpu" else ""
+        log.info("loaded %s with classes %s on %s%s", self.bundle.meta["arch"], self.class_names, self.device, threads)
 
     # --- inference: preprocess → inference → postprocess, batched across requests ---------------------------
     def preprocess(self, data: list[dict]) -> torch.Tensor:

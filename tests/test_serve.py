@@ -244,6 +244,7 @@ def test_logs_keep_access_and_metrics_without_per_request_chatter(server: Server
         assert chatter not in ts_log, chatter
     console = (server.dir / "torchserve.out").read_text()
     assert "with classes" in console and "Backend received inference" not in console
+    assert f"on cpu, torch threads: {len(os.sched_getaffinity(0))}" in console  # one worker: every core it may use
     assert "Backend received inference" in (server.dir / "model_log.log").read_text()
 
 

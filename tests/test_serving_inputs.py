@@ -1,11 +1,15 @@
-"""Request parsing of the TorchServe handler, without a server (the end-to-end suite is test_serve.py)."""
+"""Request parsing and the worker's threads of the TorchServe handler, without a server (the end-to-end suite is
+test_serve.py)."""
 
 import base64
 import io
+import os
+import subprocess
+import sys
 
 from PIL import Image
 
-from visionapp.serving import parse_request
+from visionapp.serving import parse_request, worker_threads
 
 
 def _png(size: tuple[int, int] = (8, 6)) -> bytes:
@@ -42,3 +46,16 @@ def test_errors_name_the_problem() -> None:
     for words, row in cases.items():
         req = parse_request(row)
         assert req.error is not None and words in str(req.error) and req.error.status == 400, (words, req.error)
+
+
+def test_worker_threads_share_the_cores_this_process_may_use() -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert worker_threads(1) == cores
+    assert worker_threads(2) == max(1, cores // 2)
+    assert worker_threads(10 * cores) == 1
+    # Pinned to one core (as taskset or a container's cpuset does), whatever the machine has: one thread.
+    code = (
+        "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+        "from visionapp.serving import worker_threads; print(worker_threads(1))"
+    )
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "1\n"

@@ -1,5 +1,5 @@
-"""Request parsing for the TorchServe handler (serve/handler.py), kept in the package so it is unit-tested
-and shipped inside the .mar with the rest of the code the handler imports.
+"""Request parsing and the worker's thread count for the TorchServe handler (serve/handler.py), kept in the
+package so they are unit-tested and shipped inside the .mar with the rest of the code the handler imports.
 
 A request row from TorchServe maps names to values: the raw body ("body" or "data": bytes), multipart
 form fields (one per file), or a JSON body already decoded into a dict. (TorchServe does not pass the
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,19 @@ from visionapp.transforms import load_image
 
 OPTION_KEYS = {"topk", "target", "method"}
 MAX_PIXELS = 40_000_000  # a decoded image above this is refused (decompression bombs): ~6300 x 6300
+
+
+def worker_threads(workers: int) -> int:
+    """torch threads for each of a model's `workers` CPU workers: the cores this process may run on, shared.
+
+    The cores come from the CPU affinity (taskset, a container's cpuset), not os.cpu_count(): a worker pinned to
+    2 cores of a 64-core machine that started 64 threads would spend its time switching between them.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity API (macOS, Windows)
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, workers))
 
 
 class BadInput(ValueError):
