@@ -6,10 +6,11 @@ import io
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from PIL import Image
 
-from visionapp.serving import parse_request, worker_threads
+from visionapp.serving import cgroup_cpu_quota, parse_request, worker_threads
 
 
 def _png(size: tuple[int, int] = (8, 6)) -> bytes:
@@ -59,3 +60,22 @@ def test_worker_threads_share_the_cores_this_process_may_use() -> None:
         "from visionapp.serving import worker_threads; print(worker_threads(1))"
     )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "1\n"
+
+
+def test_worker_threads_respect_a_cgroup_cpu_quota(tmp_path: Path) -> None:
+    """A cgroup v2 tree as the kernel writes it: /proc/self/cgroup names the cgroup, its cpu.max the quota."""
+    proc = tmp_path / "proc_self_cgroup"
+    proc.write_text("0::/kubepods/pod1/ctr\n")
+    limit = tmp_path / "sys_fs_cgroup" / "kubepods" / "pod1" / "ctr" / "cpu.max"
+    limit.parent.mkdir(parents=True)
+    cgroup = (proc, tmp_path / "sys_fs_cgroup")
+    for text, quota in [("max 100000\n", None), ("150000 100000\n", 1.5), ("50000 100000\n", 0.5)]:
+        limit.write_text(text)
+        assert cgroup_cpu_quota(*cgroup) == quota
+    cores = len(os.sched_getaffinity(0))
+    limit.write_text("150000 100000\n")  # 1.5 CPUs: 2 threads at most, for one worker
+    assert worker_threads(1, cgroup) == min(cores, 2)
+    limit.write_text("50000 100000\n")  # half a CPU: one thread
+    assert worker_threads(1, cgroup) == 1
+    proc.write_text("4:cpu,cpuacct:/docker/abc\n")  # cgroup v1 only: no quota read, the affinity decides
+    assert cgroup_cpu_quota(*cgroup) is None and worker_threads(1, cgroup) == cores

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -23,17 +25,39 @@ OPTION_KEYS = {"topk", "target", "method"}
 MAX_PIXELS = 40_000_000  # a decoded image above this is refused (decompression bombs): ~6300 x 6300
 
 
-def worker_threads(workers: int) -> int:
-    """torch threads for each of a model's `workers` CPU workers: the cores this process may run on, shared.
+CGROUP = (Path("/proc/self/cgroup"), Path("/sys/fs/cgroup"))  # this process's cgroup, and where cgroup v2 is mounted
 
-    The cores come from the CPU affinity (taskset, a container's cpuset), not os.cpu_count(): a worker pinned to
-    2 cores of a 64-core machine that started 64 threads would spend its time switching between them.
+
+def worker_threads(workers: int, cgroup: tuple[Path, Path] = CGROUP) -> int:
+    """torch threads for each of a model's `workers` CPU workers: the cores this process may use, shared.
+
+    The cores are its CPU affinity (taskset, a container's cpuset), capped by its cgroup's CPU quota (a Kubernetes
+    CPU limit, `docker run --cpus`), not os.cpu_count(): a worker limited to 2 cores of a 64-core machine that
+    started 64 threads would spend its time switching between them, or being throttled.
     """
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # no affinity API (macOS, Windows)
         cores = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(*cgroup)
+    if quota is not None:
+        cores = min(cores, max(1, math.ceil(quota)))
     return max(1, cores // max(1, workers))
+
+
+def cgroup_cpu_quota(proc_cgroup: Path, root: Path) -> float | None:
+    """CPUs that this process's cgroup v2 quota allows (`cpu.max`: "quota period"); None if unlimited or unknown.
+
+    `proc_cgroup` is /proc/self/cgroup, whose "0::/path" line names the process's cgroup under `root`
+    (/sys/fs/cgroup); in a container with its own cgroup namespace that path is "/".
+    """
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+        path = next(line[3:] for line in lines if line.startswith("0::"))
+        quota, period = (root / path.lstrip("/") / "cpu.max").read_text().split()
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, StopIteration, ValueError):  # cgroup v1 only, no cpu controller here, or not Linux
+        return None
 
 
 class BadInput(ValueError):
