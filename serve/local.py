@@ -40,7 +40,6 @@ class LocalServer:
         self.model, self.dir = model, Path(serve_dir)
         self.make_vars = [f"{name}_PORT={p}" for name, p in zip(PORTS, ports, strict=True)]
         self.make_vars += [f"MODEL_STORE={store}", f"MODEL_NAME={model}", f"SERVE_DIR={self.dir}", *extra_vars]
-        self.base = f"http://127.0.0.1:{self.port}"
         self.key = ""
 
     def start(self) -> LocalServer:
@@ -59,7 +58,7 @@ class LocalServer:
         self.stop(check=False)
 
     def url(self, endpoint: str = "predictions") -> str:
-        return f"{self.base}/{endpoint}/{self.model}"
+        return f"http://127.0.0.1:{self.port}/{endpoint}/{self.model}"
 
     def post(
         self,
