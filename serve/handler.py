@@ -33,17 +33,18 @@ class ImageClassifierHandler(BaseHandler):
         props = context.system_properties
         gpu = props.get("gpu_id")
         self.device = torch.device(f"cuda:{gpu}" if torch.cuda.is_available() and gpu is not None else "cpu")
+        threads = ""
         if self.device.type == "cpu":
             # Share the cores between this model's workers instead of each worker taking all of them.
             workers = int((getattr(context, "model_yaml_config", None) or {}).get("minWorkers", 1))
             torch.set_num_threads(worker_threads(workers))
+            threads = f", torch threads: {torch.get_num_threads()}"
         Image.MAX_IMAGE_PIXELS = MAX_PIXELS
         self.bundle = load_bundle(props["model_dir"], map_location=self.device)
         self.bundle.model.to(self.device)
         self.model = self.bundle.model
         self.class_names = self.bundle.class_names
         self.initialized = True
-        threads = f", torch threads: {torch.get_num_threads()}" if self.device.type == "cpu" else ""
         log.info("loaded %s with classes %s on %s%s", self.bundle.meta["arch"], self.class_names, self.device, threads)
 
     # --- inference: preprocess → inference → postprocess, batched across requests ---------------------------
