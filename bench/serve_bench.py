@@ -124,7 +124,7 @@ class Server(LocalServer):
         out = {"frontend": 0.0, "worker": 0.0, "client": sum(psutil.Process().cpu_times()[:2])}
         for p in self.processes():
             with suppress(psutil.Error):  # a process that ended meanwhile
-                role = "worker" if "model_service_worker" in " ".join(p.cmdline()) else "frontend"
+                role = "worker" if "model_service_worker" in " ".join(p.info["cmdline"] or []) else "frontend"
                 out[role] += sum(p.cpu_times()[:2])
         return out
 

@@ -73,7 +73,8 @@ class LocalServer:
 
     def processes(self) -> list[psutil.Process]:
         """This server's Java frontend (its command line does not name the directory; make serve-bg starts it
-        from there) and its Python worker(s) (named by their socket)."""
+        from there) and its Python worker(s) (named by their socket); each with the command line read here in
+        `.info["cmdline"]`."""
         found = []
         for p in psutil.process_iter(["cmdline"]):
             cmd = " ".join(p.info["cmdline"] or [])

@@ -48,6 +48,9 @@ def test_make_bench_writes_every_key(trained_run: Path, tmp_path: Path) -> None:
     for contender in serve.values():
         assert set(contender["latency_ms"]) == {"p50", "p90", "p99"}
         assert contender["c1"]["images_per_s"] > 0 and contender["c8"]["images_per_s"] > 0
+    for server in ("ours", "stock"):  # each server's CPU is found and told apart: its frontend and its worker
+        busy = serve[server]["c8"]["cores_busy"]
+        assert busy["frontend"] > 0 and busy["worker"] > 0, busy
     assert set(result["explain"]["methods"]) == {"integrated_gradients", "gradient_shap", "occlusion", "layer_gradcam"}
 
 
