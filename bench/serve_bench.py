@@ -9,6 +9,7 @@ Contenders, alternated within each of --rounds rounds:
   stock      TorchServe's built-in `image_classifier` handler serving the same state_dict (a model file
              for the architecture, index_to_name.json; its own Resize(256)/CenterCrop(224) preprocessing),
              with the same model-config.yaml and server config: the peer users would start from
+  --image-size  serve the bundle's weights at another input size (our .mar rebuilt with it; timing only)
   --variant  more servers of our .mar with other make variables, measured in the same rounds, e.g.
              --variant builtin-logs:TS_LOG_CONFIG=      (TorchServe's built-in log configuration)
              --variant window3:MODEL_STORE=/tmp/store3  (a .mar archived with another model config:
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import importlib.util
 import json
 import random
 import statistics
@@ -45,6 +47,8 @@ sys.path.insert(0, str(ROOT / "serve"))
 from client import call  # noqa: E402
 from load import percentile, run_load  # noqa: E402
 from local import LocalServer  # noqa: E402
+
+from visionapp.archive import build_archive  # noqa: E402
 
 MODEL_CONFIG_FILE = ROOT / "serve" / "model-config.yaml"  # ours, also given to the stock archive
 MODEL_CONFIG = yaml.safe_load(MODEL_CONFIG_FILE.read_text())
@@ -84,6 +88,20 @@ def stock_archive(bundle: Path, out: Path, name: str = "stock") -> Path:
     return out / f"{name}.mar"
 
 
+def resized_archive(bundle: Path, image_size: int, out: Path) -> tuple[Path, Path]:
+    """Our .mar of the bundle's weights served at another input size, and that bundle: for timing only (a
+    torchvision CNN's global pooling takes any size, but the accuracy it was trained for is at its own size)."""
+    meta = json.loads((bundle / "model.json").read_text())
+    if "model_kwargs" in meta:  # a ViT's position embeddings are made for the size it was trained at
+        raise SystemExit(f"--image-size: a {meta['arch']} is built for {meta['image_size']} px; serve it at that")
+    staging = out / f"bundle-{image_size}px"
+    staging.mkdir(parents=True)
+    (staging / "model.pt").symlink_to((bundle / "model.pt").resolve())
+    (staging / "model.json").write_text(json.dumps({**meta, "image_size": image_size}, indent=2))
+    mar = build_archive(staging, name="classifier", out=out / f"store-{image_size}px", model_config=MODEL_CONFIG_FILE)
+    return mar, staging
+
+
 def in_process_handler(mar: Path, workdir: Path) -> Callable[[list[dict]], list]:
     """The handler exactly as TorchServe loads it: extracted from the .mar, imported from there."""
     from ts.context import Context, RequestProcessor
@@ -92,7 +110,10 @@ def in_process_handler(mar: Path, workdir: Path) -> Callable[[list[dict]], list]
     with zipfile.ZipFile(mar) as z:
         z.extractall(model_dir)
     sys.path.insert(0, str(model_dir))
-    import handler  # from the extracted archive
+    # Loaded from the extracted archive by its path: `import handler` would reuse the first one bench/run.py made.
+    spec = importlib.util.spec_from_file_location("handler", model_dir / "handler.py")
+    handler = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(handler)
 
     manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
     batch_size = MODEL_CONFIG["batchSize"]
@@ -233,10 +254,13 @@ def nest(flat: dict[str, float]) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     body = Path(args.image).read_bytes()
-    mar = Path(args.mar).resolve()
+    mar, bundle = Path(args.mar).resolve(), Path(args.bundle)
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
-        stock_mar = stock_archive(Path(args.bundle), tmpdir / "stock_store")
+        if args.image_size:
+            mar, bundle = resized_archive(bundle, args.image_size, tmpdir)
+        image_size = json.loads((bundle / "model.json").read_text())["image_size"]
+        stock_mar = stock_archive(bundle, tmpdir / "stock_store")
         handle = in_process_handler(mar, tmpdir)
         with ExitStack() as stack:
             servers = {"ours": stack.enter_context(Server(mar, tmpdir / "ours")),
@@ -262,7 +286,8 @@ def run(args: argparse.Namespace) -> dict:
             median["ours"]["c8"]["images_per_s"] / median["inprocess"]["c8"]["images_per_s"]
         ),
         "explain.response_bytes_vs_stock": explain_bytes["ours"] / explain_bytes["stock"],
-        "settings": {"image": args.image, "mar": str(mar), "bundle": args.bundle, "rounds": args.rounds,
+        "settings": {"image": args.image, "mar": args.mar, "bundle": args.bundle,
+                     "image_size": image_size, "rounds": args.rounds,
                      "warmup": args.warmup, "requests": args.requests, "concurrency": args.concurrency,
                      "variants": dict(args.variant)},
         "raw_rounds": rounds,
@@ -274,6 +299,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--mar", default="model_store/classifier.mar")
     ap.add_argument("--bundle", default="runs/latest/bundle", help="the bundle the .mar was built from")
     ap.add_argument("--image", required=True)
+    ap.add_argument(
+        "--image-size", type=int, default=None, help="serve the weights at this input size (default: the bundle's)"
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument(
         "--warmup", type=int, default=1000, help="requests per server before the rounds (the JVM's JIT warms up)"

@@ -43,6 +43,10 @@ def test_make_bench_writes_every_key(trained_run: Path, tmp_path: Path) -> None:
         assert math.isfinite(result[key]) and result[key] > 0, key
         assert key in result["goals"]
     assert result["machine"]["cores"] >= 1 and result["versions"]["torchserve"] != "not installed"
+    own_size = json.loads((trained_run / "bundle" / "model.json").read_text())["image_size"]
+    assert own_size != 224  # so that the reference-size part is measured, not copied
+    assert result["serve"]["settings"]["image_size"] == own_size
+    assert result["serve_224px"]["settings"]["image_size"] == 224  # the same weights, served at 224 px
     serve = result["serve"]["median"]
     assert set(serve) == {"inprocess", "ours", "stock"}
     for contender in serve.values():
@@ -75,6 +79,17 @@ def test_serve_bench_variant_is_one_more_contender(trained_run: Path, tmp_path: 
         assert 1 <= result["median"][name]["c8"]["batch"] <= 8, name
     assert 1 <= result["median"]["batch2"]["c8"]["batch"] <= 2
     assert result["settings"]["variants"]["builtin-logs"] == ["TS_LOG_CONFIG="]
+
+
+def test_serve_bench_resizes_only_what_takes_any_size(tmp_path: Path) -> None:
+    """--image-size serves a CNN's weights at another size (test_make_bench); not a ViT's, whose position
+    embeddings fix its size."""
+    vit = tmp_path / "vit"
+    vit.mkdir()
+    meta = {"arch": "vit_b_16", "image_size": 64, "model_kwargs": {"image_size": 64}}
+    (vit / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(SystemExit, match="vit_b_16 is built for"):
+        serve_bench.resized_archive(vit, 224, tmp_path / "out")
 
 
 @pytest.mark.parametrize("spec", ["nocolon", "ours:TS_LOG_CONFIG=", ":A=1", "x:NOEQUALS"])
