@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     gpu = f", {result['machine']['gpu']}" if "gpu" in result["machine"] else ""
     print(f"\n{result['machine']['cpu']}, {result['machine']['cores']} cores{gpu}; torch {torch.__version__}")
     for k in GOALS:
-        print(f"  {k:34s} {result[k]:8.3f}   {verdict(k, result[k])}")
+        print(f"  {k:40s} {result[k]:8.3f}   {verdict(k, result[k])}")
     print(f"written: {out}")
     return 0
 
