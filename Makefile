@@ -6,6 +6,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= configs/train.yaml
+# configs/train.yaml is the base; any other CONFIG is an overlay composed on top of it (LightningCLI --config twice)
+CONFIGS = --config configs/train.yaml $(if $(filter-out configs/train.yaml,$(CONFIG)),--config $(CONFIG))
 ARGS   ?=
 PYTEST_ARGS ?=
 
@@ -21,8 +23,8 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP) ## create .venv and install the project (done by every target that needs it)
 
-train: $(STAMP) ## fine-tune with LightningCLI (CONFIG=configs/train.yaml ARGS="--trainer.max_epochs=2")
-	$(PY) -m visionapp fit --config $(CONFIG) $(ARGS)
+train: $(STAMP) ## fine-tune with LightningCLI (CONFIG=configs/folder.yaml ARGS="--trainer.max_epochs=2")
+	$(PY) -m visionapp fit $(CONFIGS) $(ARGS)
 
 test: $(STAMP) ## run the whole test suite on the CPU (PYTEST_ARGS="-k bundle" to pick)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -6,10 +6,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
 from visionapp.cli import cli_main
+
+ROOT = Path(__file__).parents[1]
 
 # Small enough for 2 CPU cores, big enough that the model really learns (resnet18 at 64 px: 2x2 last map).
 TINY_DATA = [
@@ -41,21 +44,30 @@ def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("data") / "shapes64"
 
 
-def run_fit(runs_dir: Path, shapes_root: Path, *extra: str) -> Path:
-    """Train through the real LightningCLI entry point; returns the run directory."""
-    cli_main(
-        [
-            "fit",
-            "--config=configs/train.yaml",
-            f"--data.init_args.root={shapes_root}",
-            *TINY_DATA,
-            "--model.weights=null",
-            f"--runs_dir={runs_dir}",
-            "--trainer.enable_model_summary=false",
-            *extra,
-        ]
-    )
+def fit(runs_dir: Path, *args: str) -> Path:
+    """`python -m visionapp fit *args` in this process, offline weights, into runs_dir; returns the run."""
+    cli_main(["fit", *args, "--model.weights=null", f"--runs_dir={runs_dir}", "--trainer.enable_model_summary=false"])
     return (runs_dir / "latest").resolve()
+
+
+def run_fit(runs_dir: Path, shapes_root: Path, *extra: str) -> Path:
+    """Train the default config on tiny shapes through the real LightningCLI entry point."""
+    return fit(runs_dir, "--config=configs/train.yaml", f"--data.init_args.root={shapes_root}", *TINY_DATA, *extra)
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+class InterruptAt(L.Callback):
+    """Fails at the start of `epoch`, as a crash or a pre-empted job would (last.ckpt holds the epoch before)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise Interrupted(f"interrupted at the start of epoch {self.epoch}")
 
 
 @pytest.fixture(scope="session")
@@ -64,3 +76,41 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, shapes_root: Path) -> 
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
     runs = tmp_path_factory.mktemp("runs")
     return run_fit(runs, shapes_root, "--trainer.max_epochs=5")
+
+
+def make_photos(root: Path, *, per_class: dict[str, int] | None = None) -> Path:
+    """A folder of photo-like JPEGs as a user would bring: root/train|val/<class>/*.jpg at varied sizes and
+    aspect ratios, some stored sideways with an EXIF orientation tag, one grayscale and one CMYK per split.
+    Made from the shapes generator (circles and stars) at other sizes, saved as JPEG."""
+    from PIL import Image
+
+    from visionapp import shapes
+
+    per_class = per_class or {"train": 12, "val": 6}
+    sizes = [(160, 120), (96, 128), (200, 200), (150, 90), (120, 160)]
+    for split, n in per_class.items():
+        for c, name in ((0, "circle"), (3, "star")):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img, _, label = shapes.render(i * len(shapes.CLASSES) + c, split, seed=7, size=200)
+                assert shapes.CLASSES[label] == name
+                img = img.resize(sizes[i % len(sizes)])
+                path = folder / f"IMG_{i:04d}.jpg"
+                if i == 1:
+                    img.convert("L").save(path, quality=90)  # grayscale
+                elif i == 2:
+                    img.convert("CMYK").save(path, quality=90)  # CMYK, as print workflows write
+                elif i % 4 == 3:
+                    # Stored sideways, the way cameras do: pixels rotated, EXIF says "rotate 90° CW to view".
+                    exif = Image.Exif()
+                    exif[0x0112] = 6
+                    img.transpose(Image.Transpose.ROTATE_90).save(path, quality=90, exif=exif)
+                else:
+                    img.save(path, quality=90)
+    return root
+
+
+@pytest.fixture(scope="session")
+def photos_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_photos(tmp_path_factory.mktemp("data") / "photos")

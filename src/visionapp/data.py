@@ -9,8 +9,10 @@ DataLoader worker starts, with the file and the fix (`DataError`).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -264,10 +266,42 @@ class ShapesDataModule(FolderDataModule):
         )
 
 
-class TorchvisionDataModule(ImageDataModule):
-    """A torchvision data set by name, downloaded into `root` when online."""
+@dataclass(frozen=True)
+class TorchvisionSet:
+    """How to build one split of a torchvision data set: make(root, split, transform, download) → Dataset.
+    `splits` are those it ships; without a "val" one, val is cut from train by val_fraction."""
 
-    SETS = ("cifar10", "oxford_iiit_pet", "flowers102")
+    make: Callable[[str, str, Any, bool], Dataset]
+    splits: tuple[str, ...] = ("train", "test")
+
+
+def _fake(root: str, split: str, transform: Any, download: bool) -> Dataset:
+    # CIFAR-10's shape (10 classes of 32x32 RGB) with random pixels: a stand-in that needs no download.
+    size, offset = (200, 0) if split == "train" else (50, 10_000)
+    return datasets.FakeData(size, (3, 32, 32), 10, transform=transform, random_offset=offset)
+
+
+# The one registry of torchvision data sets a name selects (TorchvisionDataModule's `name`).
+TORCHVISION_SETS: dict[str, TorchvisionSet] = {
+    "cifar10": TorchvisionSet(
+        lambda root, split, t, dl: datasets.CIFAR10(root, train=split == "train", transform=t, download=dl)
+    ),
+    "oxford_iiit_pet": TorchvisionSet(
+        lambda root, split, t, dl: datasets.OxfordIIITPet(
+            root, split="trainval" if split == "train" else "test", transform=t, download=dl
+        )
+    ),
+    "flowers102": TorchvisionSet(
+        lambda root, split, t, dl: datasets.Flowers102(root, split=split, transform=t, download=dl),
+        ("train", "val", "test"),
+    ),
+    "fake": TorchvisionSet(_fake),
+}
+
+
+class TorchvisionDataModule(ImageDataModule):
+    """A torchvision data set by name (TORCHVISION_SETS), downloaded into `root` when online; "fake" is
+    random images of CIFAR-10's shape, for trying a config without a download."""
 
     def __init__(
         self,
@@ -283,9 +317,9 @@ class TorchvisionDataModule(ImageDataModule):
         std: Sequence[float] = IMAGENET_STD,
         crop_scale: tuple[float, float] = (0.35, 1.0),
     ) -> None:
-        if name not in self.SETS:
+        if name not in TORCHVISION_SETS:
             raise DataError(
-                f"unknown torchvision data set {name!r}; choose from {self.SETS}, "
+                f"unknown torchvision data set {name!r}; choose from {tuple(TORCHVISION_SETS)}, "
                 "or use FolderDataModule for your own images"
             )
         super().__init__(
@@ -297,21 +331,15 @@ class TorchvisionDataModule(ImageDataModule):
             crop_scale=crop_scale,
         )
         self.set_name = self.name = name
+        self.dataset = TORCHVISION_SETS[name]
         self.root = Path(root)
         self.val_fraction, self.split_seed = val_fraction, split_seed
 
     def _make(self, split: str, transform=None, download: bool = False) -> Dataset:
-        root = str(self.root)
-        if self.set_name == "cifar10":
-            return datasets.CIFAR10(root, train=split == "train", transform=transform, download=download)
-        if self.set_name == "oxford_iiit_pet":
-            return datasets.OxfordIIITPet(
-                root, split="trainval" if split == "train" else "test", transform=transform, download=download
-            )
-        return datasets.Flowers102(root, split=split, transform=transform, download=download)
+        return self.dataset.make(str(self.root), split, transform, download)
 
     def prepare_data(self) -> None:
-        for split in ("train", "val", "test") if self.set_name == "flowers102" else ("train", "test"):
+        for split in self.dataset.splits:
             try:
                 self._make(split, download=True)
             except Exception as e:  # URLError, socket errors, HTTP errors: all mean "could not fetch it"
@@ -324,12 +352,14 @@ class TorchvisionDataModule(ImageDataModule):
     @property
     def class_names(self) -> list[str]:
         self.prepare_data()  # the class list comes with the data; no-op when already downloaded
-        return [str(c) for c in self._make("test").classes]  # type: ignore[attr-defined]
+        test = self._make("test")
+        classes = getattr(test, "classes", None) or range(test.num_classes)  # type: ignore[attr-defined]
+        return [str(c) for c in classes]
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        if self.set_name == "flowers102":
+        if "val" in self.dataset.splits:
             self.splits = {
                 "train": self._make("train", self.train_transform),
                 "val": self._make("val", self.eval_transform),

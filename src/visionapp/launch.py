@@ -12,10 +12,12 @@ import time
 from torchx import specs
 from torchx.components import dist
 
+BASE_CONFIG = "configs/train.yaml"
+
 
 def train(
     *overrides: str,
-    config: str = "configs/train.yaml",
+    config: str = BASE_CONFIG,
     ddp_config: str = "configs/ddp.yaml",
     nnodes: int = 1,
     nproc: int = 2,
@@ -30,7 +32,7 @@ def train(
 
     Args:
         overrides: extra LightningCLI arguments, e.g. --trainer.max_epochs=2
-        config: the training config (as for make train)
+        config: the training config, as for make train: the base, or an overlay composed on the base
         ddp_config: the DDP preset composed on top of it
         nnodes: number of nodes (replicas)
         nproc: processes per node (one per GPU on GPU nodes)
@@ -42,9 +44,11 @@ def train(
         max_retries: restarts of the job on failure
     """
     name = run_name or time.strftime("%Y%m%d-%H%M%S") + f"-ddp{nnodes * nproc}"
+    overlay = ("--config", config) if config != BASE_CONFIG else ()
     return dist.ddp(
         "fit",
-        "--config", config,
+        "--config", BASE_CONFIG,
+        *overlay,
         "--config", ddp_config,
         f"--trainer.devices={nproc}",
         f"--trainer.num_nodes={nnodes}",

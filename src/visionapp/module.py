@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from visionapp.model import PretrainedInfo, backbone_modules, build_model
+from visionapp.schedule import WarmupCosine, run_length_kwargs
 from visionapp.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -33,11 +33,11 @@ class ImageClassifier(L.LightningModule):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         optimizer: OptimizerCallable = torch.optim.AdamW,
-        warmup_fraction: float = 0.05,
+        scheduler: LRSchedulerCallable = WarmupCosine,
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer"])
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.class_names = list(class_names)
         n = len(self.class_names)
         self.model, info = build_model(
@@ -49,7 +49,7 @@ class ImageClassifier(L.LightningModule):
             image_size=image_size,
         )
         self.pretrained_info = info
-        self.optimizer = optimizer
+        self.optimizer, self.scheduler = optimizer, scheduler
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         # One metric object per split (torchmetrics keeps state per object and syncs it across DDP ranks).
         self.train_acc = MulticlassAccuracy(n, average="micro")
@@ -111,17 +111,11 @@ class ImageClassifier(L.LightningModule):
         return self(x).softmax(dim=1)
 
     def configure_optimizers(self):
-        # Only trainable parameters: BackboneFinetuning adds the frozen backbone as its own group later.
+        # Only trainable parameters: BackboneFinetuning adds the frozen backbone as its own group later, and the
+        # schedule (WarmupCosine by default) gives that group its own warm-up and decay.
         optimizer = self.optimizer(p for p in self.parameters() if p.requires_grad)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = max(1, int(self.hparams.warmup_fraction * total))
-
-        def warmup_cosine(step: int) -> float:  # linear warm-up, then cosine decay to zero, per step
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine)
+        scheduler = self.scheduler(optimizer, **run_length_kwargs(self.scheduler, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
