@@ -35,7 +35,7 @@ from rich.table import Table
 from scipy.stats import spearmanr
 from torch import nn
 
-from visionapp.attribution import METHODS, attribute, check_method, equivalent_passes, explain
+from visionapp.attribution import METHODS, Explanation, attribute, check_method, equivalent_passes, to_original_size
 from visionapp.bundle import load_bundle
 from visionapp.shapes import mask_path
 from visionapp.transforms import load_image
@@ -106,17 +106,33 @@ def method_vs_passes(model: nn.Module, x: torch.Tensor, method: str, repeats: in
     return {"seconds": seconds, "passes": n, "backward": backward, "passes_seconds": passes, "ratio": seconds / passes}
 
 
+def metric_subset(n: int, k: int) -> list[int]:
+    """k indices spread evenly over a class-sorted sample of n: every class is represented, not the first."""
+    return sorted({int(i) for i in np.linspace(0, n - 1, min(k, n)).round()})
+
+
+def default_metric_samples(image_size: int) -> int:
+    """Images for the costly metrics: 8 at 96 px, fewer as the cost per attribution grows with the pixels
+    (2 at 224 px), so that `make explain` stays within a few minutes on a laptop's CPU."""
+    return max(2, min(8, round(8 * 96 * 96 / image_size**2)))
+
+
 def evaluate(
     run: Path,
     *,
     samples: int = 50,
-    metric_samples: int = 8,
+    metric_samples: int | None = None,
     methods: tuple[str, ...] = METHODS,
     heatmaps: int = 2,
     seed: int = 0,
     console: Console | None = None,
 ) -> dict:
     console = console or Console(width=150)
+    started = time.perf_counter()
+
+    def say(text: str) -> None:  # plain lines, so a log file shows the progress too
+        console.print(f"[{time.perf_counter() - started:6.1f} s] {text}", highlight=False)
+
     bundle = load_bundle(run / "bundle")
     model = bundle.model
     for p in model.parameters():
@@ -128,22 +144,29 @@ def evaluate(
         raise SystemExit(f"no test images at {split_dir} (from {run}/metrics.json); run `make train` first")
     rng = np.random.default_rng(seed)
     files = [files[i] for i in sorted(rng.choice(len(files), size=min(samples, len(files)), replace=False))]
+    k = metric_samples or default_metric_samples(bundle.transform.image_size)
+    have_masks = all(mask_path(f) is not None for f in files)
+    if not have_masks:  # the maps of the whole sample only serve the mask metrics: keep the metric subset
+        console.print(f"[yellow]{split_dir} has no ground-truth masks: pointing_game and mass_in_mask skipped")
+        files = [files[i] for i in metric_subset(len(files), k)]
     images = [load_image(f) for f in files]
     x = torch.stack([bundle.transform(im) for im in images])
     with torch.no_grad():
         target = model(x).argmax(1)
-    mask_files = [mask_path(f) for f in files]
-    have_masks = all(m is not None for m in mask_files)
     if have_masks:
         size = x.shape[-2:]
         masks = torch.stack(
             [
                 torch.from_numpy(np.asarray(Image.open(m).resize(size[::-1], Image.Resampling.NEAREST)) > 0)
-                for m in mask_files
+                for m in map(mask_path, files)
             ]
         )
-    else:
-        console.print(f"[yellow]{split_dir} has no ground-truth masks: pointing_game and mass_in_mask skipped")
+    subset = metric_subset(len(x), k)
+    xs, ts = x[subset], target[subset]
+    say(
+        f"{len(x)} test images for the maps, {len(subset)} of them (spread over the classes) for infidelity, "
+        f"sensitivity and randomisation; {x.shape[-1]} px"
+    )
     randomized = randomized_copy(model)
     for p in randomized.parameters():
         p.requires_grad_(False)
@@ -152,10 +175,16 @@ def evaluate(
         n = torch.randn_like(inputs) * 0.1
         return n, inputs - n
 
+    sensitivity_perturbations = 3
     results: dict[str, dict] = {}
     out_dir = run / "explanations"
     for method in methods:
         check_method(method)
+        t = time.perf_counter()
+        attribute(model, x[:1], target[:1], method)
+        each = time.perf_counter() - t
+        planned = len(x) + len(subset) * (sensitivity_perturbations + 1)  # maps, sensitivity, randomisation
+        say(f"{method}: {planned} attributions, ~{each:.2f} s each: ~{planned * each:.0f} s")
         per_channel, seconds = [], 0.0
         for i in track(range(0, len(x), 10), description=f"{method:>22}", console=console, transient=True):
             t = time.perf_counter()
@@ -166,8 +195,8 @@ def evaluate(
         entry: dict[str, float | None] = {"seconds_per_image": seconds / len(x)}
         entry["pointing_game"] = pointing_game(amaps, masks) if have_masks else None
         entry["mass_in_mask"] = mass_in_mask(amaps, masks) if have_masks else None
-        k = min(metric_samples, len(x))
-        xs, ts, raw = x[:k], target[:k], raw_all[:k]
+        say(f"{method}: {len(x)} maps in {seconds:.1f} s")
+        raw = raw_all[subset]
         torch.manual_seed(seed)
         entry["infidelity"] = (
             infidelity(model, noise, xs, raw, target=ts, n_perturb_samples=10, normalize=True).mean().item()
@@ -178,25 +207,42 @@ def evaluate(
             return (attribute(model, inputs[0], target, method, reduce=False),)
 
         entry["sensitivity_max"] = (
-            sensitivity_max(explanation, (xs,), target=ts, n_perturb_samples=3, perturb_radius=0.02).mean().item()
+            sensitivity_max(
+                explanation, (xs,), target=ts, n_perturb_samples=sensitivity_perturbations, perturb_radius=0.02
+            )
+            .mean()
+            .item()
         )
-        entry["randomization_spearman"] = spearman(amaps[:k], attribute(randomized, xs, ts, method))
+        say(f"{method}: infidelity and sensitivity done")
+        entry["randomization_spearman"] = spearman(amaps[subset], attribute(randomized, xs, ts, method))
         results[method] = entry
         (out_dir / method).mkdir(parents=True, exist_ok=True)
-        step = max(1, len(files) // max(1, heatmaps))  # spread over the (class-sorted) sample
-        for f, im in list(zip(files, images, strict=True))[::step][:heatmaps]:
-            save_figure(explain(bundle, im, method), method, out_dir / method / f"{f.parent.name}_{f.stem}.png")
+        with torch.no_grad():
+            probs = model(x).softmax(1)
+        for i in metric_subset(len(files), heatmaps) if heatmaps else []:  # from the maps already computed
+            names, p = bundle.class_names, probs[i]
+            e = Explanation(
+                images[i],
+                to_original_size(amaps[i], images[i].size),
+                names[int(target[i])],
+                float(p.max()),
+                names[int(target[i])],
+                float(p.max()),
+            )
+            save_figure(e, method, out_dir / method / f"{files[i].parent.name}_{files[i].stem}.png")
+        say(f"{method}: done")
 
     report = {
         "run": str(run),
         "samples": len(x),
-        "metric_samples": min(metric_samples, len(x)),
+        "metric_samples": len(subset),
         "methods": results,
-        "ig50_vs_passes": method_vs_passes(model, x[:1], "integrated_gradients"),
+        "ig50_vs_passes": method_vs_passes(model, x[:1], "integrated_gradients", repeats=3),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "quality.json").write_text(json.dumps(report, indent=2))
     print_table(report, console)
+    say(f"wrote {out_dir / 'quality.json'} and sample heatmaps under {out_dir}")
     return report
 
 
@@ -220,7 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default="runs/latest", help="a run directory (with bundle/ and metrics.json)")
     ap.add_argument("--samples", type=int, default=50, help="test images (seeded sample) for the map metrics")
-    ap.add_argument("--metric-samples", type=int, default=8, help="images for infidelity, sensitivity, randomisation")
+    ap.add_argument(
+        "--metric-samples",
+        type=int,
+        default=None,
+        help="images for infidelity, sensitivity, randomisation (default: 8 at 96 px, 2 at 224 px)",
+    )
     ap.add_argument("--methods", nargs="+", default=list(METHODS), help=f"any of {', '.join(METHODS)}")
     ap.add_argument("--heatmaps", type=int, default=2, help="sample heatmap PNGs to draw per method")
     args = ap.parse_args(argv)

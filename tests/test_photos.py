@@ -1,0 +1,67 @@
+"""Your own photos through the whole pipeline, as the README offers it: JPEGs of varied sizes, sideways with an
+EXIF orientation, grayscale and CMYK, trained with `make train CONFIG=configs/folder.yaml` past the backbone's
+thaw, explained with explain/heatmap.py, packed with `make archive` and answered by the real TorchServe."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "serve"))  # moved into the package next
+from local import LocalServer  # noqa: E402
+from PIL import Image
+
+from visionapp.bundle import load_bundle
+from visionapp.transforms import load_image
+
+pytestmark = pytest.mark.slow
+
+
+def test_photos_train_explain_archive_and_serve(photos_root: Path, tmp_path: Path) -> None:
+    runs, store = tmp_path / "runs", tmp_path / "model_store"
+    args = (
+        f"--data.init_args.root={photos_root} --data.init_args.image_size=64 --data.init_args.batch_size=8 "
+        f"--data.init_args.num_workers=0 --model.weights=null --trainer.max_epochs=2 --runs_dir={runs}"
+    )
+    proc = subprocess.run(
+        ["make", "-s", "train", "CONFIG=configs/folder.yaml", f"ARGS={args}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = (runs / "latest").resolve()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["class_names"] == ["circle", "star"]
+    assert metrics["test_split"] == "val"  # root/train + root/val, no root/test: reported on val, and said so
+
+    heatmaps = tmp_path / "heatmaps"
+    proc = subprocess.run(
+        [sys.executable, "explain/heatmap.py", "--bundle", str(run / "bundle"), "--images", str(photos_root / "val"),
+         "--method", "layer_gradcam", "--out", str(heatmaps)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cmyk = photos_root / "val" / "star" / "IMG_0002.jpg"
+    sideways = photos_root / "val" / "star" / "IMG_0003.jpg"
+    assert Image.open(cmyk).mode == "CMYK" and Image.open(sideways).getexif()[0x0112] == 6
+    assert len(list(heatmaps.glob("*.png"))) == len(list((photos_root / "val").rglob("*.jpg")))
+
+    proc = subprocess.run(
+        ["make", "-s", "archive", f"RUN={run}", f"MODEL_STORE={store}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bundle = load_bundle(run / "bundle")
+    with LocalServer(store, tmp_path / "serve") as server:
+        for photo in (cmyk, sideways, photos_root / "val" / "circle" / "IMG_0001.jpg"):  # CMYK, EXIF, grayscale
+            status, answer = server.post(photo.read_bytes())
+            assert status == 200 and isinstance(answer, dict) and set(answer) == {"circle", "star"}, answer
+            with torch.no_grad():
+                probs = bundle.model(bundle.transform(load_image(photo))[None]).softmax(1)[0]
+            for name, p in answer.items():
+                assert p == pytest.approx(float(probs[bundle.class_names.index(name)]), abs=1e-4)
