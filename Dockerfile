@@ -9,5 +9,5 @@ COPY src ./src
 COPY configs ./configs
 COPY .torchxconfig ./
 RUN pip install --no-cache-dir -e . \
-    && python -c "import visionapp.cli, torchx"
+    && python -c "import visionapp.train.cli, torchx"
 # torchrun (from torch) is on PATH here; the component runs `torchrun ... -m visionapp fit`.

@@ -29,10 +29,11 @@ train: $(STAMP) ## fine-tune with LightningCLI (CONFIG=configs/folder.yaml ARGS=
 test: $(STAMP) ## run the whole test suite on the CPU (PYTEST_ARGS="-k bundle" to pick)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint: $(STAMP) ## ruff lint + format check, mypy on src
+lint: $(STAMP) ## ruff lint + format check, mypy on src, the import contracts between stages (import-linter)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 format: $(STAMP) ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
@@ -46,7 +47,7 @@ clean: ## remove generated runs, archives and caches (keeps data/ and .venv)
 RUN ?= runs/latest
 SAMPLES ?= 50
 explain: $(STAMP) ## Captum heatmaps for a sample of RUN's test split + quality table (RUN=runs/latest SAMPLES=50)
-	$(PY) explain/quality.py --run $(RUN) --samples $(SAMPLES)
+	$(PY) -m visionapp.explain --run $(RUN) --samples $(SAMPLES)
 	@echo "heatmaps: $(RUN)/explanations/<method>/*.png; your own images: python explain/heatmap.py --help"
 .PHONY: explain
 
@@ -79,7 +80,7 @@ TS_ARGS = --ts-config $(abspath $(TS_CONFIG)) $(if $(TS_LOG_CONFIG),--log-config
           --models $(MODEL_NAME)=$(MODEL_NAME).mar --ncs
 
 archive: $(STAMP) ## pack RUN's bundle into $(MODEL_STORE)/$(MODEL_NAME).mar with torch-model-archiver (MODEL_CONFIG=serve/model-config.yaml)
-	$(PY) -m visionapp.archive --bundle $(RUN)/bundle --name $(MODEL_NAME) --out $(MODEL_STORE) --model-config $(MODEL_CONFIG)
+	$(PY) -m visionapp.serve.archive --bundle $(RUN)/bundle --name $(MODEL_NAME) --out $(MODEL_STORE) --model-config $(MODEL_CONFIG)
 
 java-check:
 	@command -v java >/dev/null || { echo "TorchServe needs Java 17 or newer: sudo apt-get install openjdk-17-jre-headless (or brew install openjdk@17)"; exit 1; }
@@ -97,7 +98,7 @@ serve: $(STAMP) java-check $(MODEL_STORE)/$(MODEL_NAME).mar ## TorchServe in the
 serve-bg: $(STAMP) java-check $(MODEL_STORE)/$(MODEL_NAME).mar ## TorchServe in the background, returns once a worker is ready (management API)
 	@mkdir -p $(SERVE_DIR)
 	cd $(SERVE_DIR) && $(TS_ENV) $(TORCHSERVE) --start $(TS_ARGS) > torchserve.out 2>&1
-	$(PY) serve/client.py wait --port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --dir $(SERVE_DIR) --model $(MODEL_NAME)
+	$(PY) -m visionapp.serve.client wait --port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --dir $(SERVE_DIR) --model $(MODEL_NAME)
 	@echo "key: $(SERVE_DIR)/key_file.json; stop with: make stop INFERENCE_PORT=$(INFERENCE_PORT)"
 
 stop: ## stop the background TorchServe started with make serve-bg (same INFERENCE_PORT)
@@ -106,7 +107,7 @@ stop: ## stop the background TorchServe started with make serve-bg (same INFEREN
 IMG ?=
 predict: $(STAMP) ## send IMG=photo.jpg to the running server (finds the key itself); EXPLAIN=1 for a heatmap
 	@test -n "$(IMG)" || { echo "usage: make predict IMG=photo.jpg [EXPLAIN=1 TARGET=star]"; exit 2; }
-	$(PY) serve/client.py $(if $(EXPLAIN),explain --save $(basename $(notdir $(IMG)))_heatmap.png $(if $(TARGET),--target $(TARGET)),predict) $(IMG) --port $(INFERENCE_PORT) --dir $(SERVE_DIR) --model $(MODEL_NAME)
+	$(PY) -m visionapp.serve.client $(if $(EXPLAIN),explain --save $(basename $(notdir $(IMG)))_heatmap.png $(if $(TARGET),--target $(TARGET)),predict) $(IMG) --port $(INFERENCE_PORT) --dir $(SERVE_DIR) --model $(MODEL_NAME)
 
 .PHONY: archive java-check serve serve-bg stop predict
 
@@ -132,13 +133,13 @@ launch-k8s: $(STAMP) ## the same job on Kubernetes/Volcano (IMAGE=registry/app:t
 
 # ---- benchmarks (not part of make test: these machines are noisy, ratios come from one run) ----------------
 BENCH_ARGS ?=
-bench: $(STAMP) java-check $(MODEL_STORE)/$(MODEL_NAME).mar ## every stage vs its peer and ceiling → bench/results.json (BENCH_ARGS="--rounds 5")
-	$(PY) bench/run.py --run $(RUN) --mar $(MODEL_STORE)/$(MODEL_NAME).mar $(BENCH_ARGS)
+bench: $(STAMP) java-check $(MODEL_STORE)/$(MODEL_NAME).mar ## every stage vs its peer and ceiling → bench/results.json, docs/bench-results.md (BENCH_ARGS="--rounds 5")
+	$(PY) -m visionapp.bench --run $(RUN) --mar $(MODEL_STORE)/$(MODEL_NAME).mar --report docs/bench-results.md $(BENCH_ARGS)
 
 bench-train: $(STAMP) ## training alone (ARGS="--device cuda --image-size 224 --batch-size 128 --num-workers 12")
-	$(PY) bench/train_bench.py $(ARGS)
+	$(PY) -m visionapp.bench.train $(ARGS)
 
 bench-serve: $(STAMP) java-check $(MODEL_STORE)/$(MODEL_NAME).mar ## serving alone: in process vs ours vs stock TorchServe
-	$(PY) bench/serve_bench.py --mar $(MODEL_STORE)/$(MODEL_NAME).mar --bundle $(RUN)/bundle --image $$(ls data/shapes/test/star/*.png | head -1) $(ARGS)
+	$(PY) -m visionapp.bench.serve --mar $(MODEL_STORE)/$(MODEL_NAME).mar --bundle $(RUN)/bundle --image $$(ls data/shapes/test/star/*.png | head -1) $(ARGS)
 
 .PHONY: bench bench-train bench-serve

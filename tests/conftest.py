@@ -10,7 +10,8 @@ import lightning as L
 import pytest
 import torch
 
-from visionapp.cli import cli_main
+from visionapp import shapes
+from visionapp.train.cli import cli_main
 
 ROOT = Path(__file__).parents[1]
 
@@ -78,39 +79,16 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, shapes_root: Path) -> 
     return run_fit(runs, shapes_root, "--trainer.max_epochs=5")
 
 
-def make_photos(root: Path, *, per_class: dict[str, int] | None = None) -> Path:
-    """A folder of photo-like JPEGs as a user would bring: root/train|val/<class>/*.jpg at varied sizes and
-    aspect ratios, some stored sideways with an EXIF orientation tag, one grayscale and one CMYK per split.
-    Made from the shapes generator (circles and stars) at other sizes, saved as JPEG."""
-    from PIL import Image
-
-    from visionapp import shapes
-
-    per_class = per_class or {"train": 12, "val": 6}
-    sizes = [(160, 120), (96, 128), (200, 200), (150, 90), (120, 160)]
-    for split, n in per_class.items():
-        for c, name in ((0, "circle"), (3, "star")):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                img, _, label = shapes.render(i * len(shapes.CLASSES) + c, split, seed=7, size=200)
-                assert shapes.CLASSES[label] == name
-                img = img.resize(sizes[i % len(sizes)])
-                path = folder / f"IMG_{i:04d}.jpg"
-                if i == 1:
-                    img.convert("L").save(path, quality=90)  # grayscale
-                elif i == 2:
-                    img.convert("CMYK").save(path, quality=90)  # CMYK, as print workflows write
-                elif i % 4 == 3:
-                    # Stored sideways, the way cameras do: pixels rotated, EXIF says "rotate 90° CW to view".
-                    exif = Image.Exif()
-                    exif[0x0112] = 6
-                    img.transpose(Image.Transpose.ROTATE_90).save(path, quality=90, exif=exif)
-                else:
-                    img.save(path, quality=90)
-    return root
-
-
 @pytest.fixture(scope="session")
 def photos_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_photos(tmp_path_factory.mktemp("data") / "photos")
+    return shapes.write_photo_folder(tmp_path_factory.mktemp("data") / "photos")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` run where CUDA is, and are skipped with the reason elsewhere (CI has no GPU)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; none here")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

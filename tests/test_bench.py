@@ -3,19 +3,17 @@ thresholds have no place in tests on shared machines)."""
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
-import run as bench_run
-import serve_bench
-import train_bench
-
-from visionapp.archive import build_archive
+from visionapp.bench import __main__ as bench_run
+from visionapp.bench import serve as serve_bench
+from visionapp.bench import train as train_bench
+from visionapp.serve.archive import build_archive
 
 ROOT = Path(__file__).parents[1]
+MODEL_CONFIG = ROOT / "serve" / "model-config.yaml"
 TINY_TRAIN = ["--image-size", "48", "--num-train", "160", "--steps", "3", "--warmup", "1"]
 
 
@@ -32,10 +30,11 @@ def test_train_bench_writes_every_key(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_make_bench_writes_every_key(trained_run: Path, tmp_path: Path) -> None:
     """`make bench`'s script end to end on a tiny setting: real TorchServe servers (ours and the stock handler)."""
-    mar = build_archive(trained_run / "bundle", name="classifier", out=tmp_path / "store")
+    mar = build_archive(trained_run / "bundle", name="classifier", out=tmp_path / "store", model_config=MODEL_CONFIG)
     out = tmp_path / "results.json"
     args = ["--run", str(trained_run), "--mar", str(mar), "--rounds", "1", "--requests", "4", "--concurrency", "1",
-            "8", "--serve-warmup", "8", "--train-root", str(tmp_path / "shapes"), "--out", str(out)]  # fmt: skip
+            "8", "--serve-warmup", "8", "--train-root", str(tmp_path / "shapes"), "--out", str(out),
+            "--report", str(tmp_path / "report.md")]  # fmt: skip
     args += [a.replace("--", "--train-", 1) for a in TINY_TRAIN]
     assert bench_run.main(args) == 0
     result = json.loads(out.read_text())
@@ -56,6 +55,10 @@ def test_make_bench_writes_every_key(trained_run: Path, tmp_path: Path) -> None:
         busy = serve[server]["c8"]["cores_busy"]
         assert busy["frontend"] > 0 and busy["worker"] > 0, busy
     assert set(result["explain"]["methods"]) == {"integrated_gradients", "gradient_shap", "occlusion", "layer_gradcam"}
+    report = (tmp_path / "report.md").read_text()  # the docs' tables come from these results, every goal among them
+    for key in bench_run.GOALS:
+        assert f"| `{key}` | **{result[key]:.3f}** |" in report
+    assert "## Serving at the 224 px" in report and "throughput at concurrency 8" in report
 
 
 @pytest.mark.slow
@@ -63,7 +66,7 @@ def test_serve_bench_variant_is_one_more_contender(trained_run: Path, tmp_path: 
     """--variant starts one more server with other make variables and measures it in the same rounds, with the
     batches TorchServe formed: here TorchServe's built-in logging, and a .mar archived with another model config
     (batches of at most 2), which the batches it forms must show."""
-    mar = build_archive(trained_run / "bundle", name="classifier", out=tmp_path / "store")
+    mar = build_archive(trained_run / "bundle", name="classifier", out=tmp_path / "store", model_config=MODEL_CONFIG)
     config = tmp_path / "batch2.yaml"
     config.write_text((ROOT / "serve" / "model-config.yaml").read_text().replace("batchSize: 8", "batchSize: 2"))
     build_archive(trained_run / "bundle", name="classifier", out=tmp_path / "store2", model_config=config)

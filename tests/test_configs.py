@@ -13,7 +13,7 @@ import torch
 import yaml
 from conftest import ROOT, Interrupted, fit, run_fit
 
-from visionapp.schedule import WarmupCosine, run_length_kwargs
+from visionapp.train.schedule import WarmupCosine, run_length_kwargs
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from visionapp.data import DataError, FolderDataModule, ShapesDataModule, TorchvisionDataModule
+from visionapp.train.data import DataError, FolderDataModule, ShapesDataModule, TorchvisionDataModule
 from visionapp.transforms import EvalPreset, load_image
 
 

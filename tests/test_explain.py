@@ -11,12 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from visionapp.attribution import METHODS, explain
 from visionapp.bundle import load_bundle
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "explain"))
-import heatmap
-import quality
+from visionapp.explain import heatmap, quality
+from visionapp.explain.attribution import explain
+from visionapp.explain.methods import METHODS
 
 
 def _test_image(trained_run: Path, cls: str = "star") -> Path:
@@ -63,7 +61,7 @@ def test_randomisation_check_separates_trained_from_random(trained_run: Path) ->
         [bundle.transform(Image.open(_test_image(trained_run, c)).convert("RGB")) for c in bundle.class_names]
     )
     target = bundle.model(x).argmax(1)
-    from visionapp.attribution import attribute
+    from visionapp.explain.attribution import attribute
 
     trained = attribute(bundle.model, x, target, "layer_gradcam")
     random = attribute(quality.randomized_copy(bundle.model), x, target, "layer_gradcam")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from visionapp.bundle import load_bundle
-from visionapp.data import ShapesDataModule
+from visionapp.train.data import ShapesDataModule
 
 ROOT = Path(__file__).parents[1]
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torchvision.models import get_model, get_model_weights
 
-from visionapp.model import backbone_modules, build_model, classifier_head
+from visionapp.train.model import backbone_modules, build_model, classifier_head
 
 
 @pytest.mark.parametrize(

@@ -12,12 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "serve"))  # moved into the package next
-from local import LocalServer  # noqa: E402
 from PIL import Image
 
 from visionapp.bundle import load_bundle
+from visionapp.serve.local import LocalServer
 from visionapp.transforms import load_image
 
 pytestmark = pytest.mark.slow

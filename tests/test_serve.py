@@ -24,16 +24,16 @@ import torch
 import yaml
 from PIL import Image
 
-from visionapp.archive import build_archive
 from visionapp.bundle import load_bundle
-from visionapp.serving import worker_threads
+from visionapp.serve.archive import build_archive
+from visionapp.serve.client import call
+from visionapp.serve.inputs import worker_threads
+from visionapp.serve.load import run_load
+from visionapp.serve.local import LocalServer as Server
 from visionapp.transforms import load_image
 
 ROOT = Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT / "serve"))
-from client import call  # noqa: E402
-from load import run_load  # noqa: E402
-from local import LocalServer as Server  # noqa: E402
+MODEL_CONFIG = ROOT / "serve" / "model-config.yaml"
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,7 @@ def stop_server(server: Server) -> None:
 @pytest.fixture(scope="module")
 def model_store(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     store = tmp_path_factory.mktemp("model_store")
-    build_archive(trained_run / "bundle", name="classifier", out=store)
+    build_archive(trained_run / "bundle", name="classifier", out=store, model_config=MODEL_CONFIG)
     return store
 
 
@@ -305,6 +305,27 @@ def test_archive_names_a_bad_model_config(trained_run: Path, tmp_path: Path, tex
         build_archive(trained_run / "bundle", out=tmp_path / "store", model_config=config)
     assert str(config) in str(e.value)
     assert not (tmp_path / "store" / "classifier.mar").exists()
+
+
+def test_make_archive_works_from_a_non_editable_install(trained_run: Path, tmp_path: Path) -> None:
+    """`pip install .` (no checkout on the path) then `make archive`: the handler and the serving code come from
+    the installed package, the model config from the path the Makefile gives."""
+    site_dir = tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site_dir), str(ROOT)]
+    assert subprocess.run(pip, capture_output=True, text=True, timeout=600).returncode == 0
+    (site_dir / "visionapp" / "serve" / "INSTALLED").write_text("the non-editable copy")  # travels if it is used
+    env = {**os.environ, "PYTHONPATH": str(site_dir)}
+    where = subprocess.run([sys.executable, "-c", "import visionapp; print(visionapp.__file__)"],
+                           env=env, cwd=tmp_path, capture_output=True, text=True, check=True)  # fmt: skip
+    assert where.stdout.startswith(str(site_dir))
+    make = ["make", "-s", "archive", f"RUN={trained_run}", f"MODEL_STORE={tmp_path / 'store'}"]
+    proc = subprocess.run(make, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with zipfile.ZipFile(tmp_path / "store" / "classifier.mar") as z:
+        names = set(z.namelist())
+    assert {"handler.py", "model.json", "visionapp/serve/handler.py", "visionapp/bundle.py"} <= names
+    assert "visionapp/serve/INSTALLED" in names  # packed from the installed copy, not from the checkout
+    assert not any(n.startswith("visionapp/train/") for n in names)  # the training stack stays out
 
 
 # --- the .mar is self-contained ----------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from visionapp.serving import cgroup_cpu_quota, parse_request, worker_threads
+from visionapp.serve.inputs import cgroup_cpu_quota, parse_request, worker_threads
 
 
 def _png(size: tuple[int, int] = (8, 6)) -> bytes:
@@ -58,7 +58,7 @@ def test_worker_threads_share_the_cores_this_process_may_use(tmp_path: Path) -> 
     # Pinned to one core (as taskset or a container's cpuset does), whatever the machine has: one thread.
     code = (
         "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
-        "from visionapp.serving import worker_threads; print(worker_threads(1))"
+        "from visionapp.serve.inputs import worker_threads; print(worker_threads(1))"
     )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "1\n"
 

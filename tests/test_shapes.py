@@ -71,3 +71,15 @@ def test_no_colour_statistic_gives_the_class_away(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", shapes.CLASSES)
 def test_every_outline_has_unit_area(name: str) -> None:
     assert shapes._area(shapes._UNIT_SHAPES[name]) == pytest.approx(1.0)
+
+
+def test_a_folder_that_is_not_a_shapes_data_set_is_left_alone(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"no shapes\.json"):
+        shapes.generate(photos, size=16, counts={"train": 5, "val": 5, "test": 5}, workers=1)
+    assert [p.name for p in photos.iterdir()] == ["notes.txt"]
+    shapes.generate(tmp_path / "new", size=16, counts={"train": 5, "val": 5, "test": 5}, workers=1)
+    shapes.generate(tmp_path / "new", size=16, counts={"train": 10, "val": 5, "test": 5}, workers=1)  # ours: remade
+    assert len(list((tmp_path / "new" / "train").rglob("*.png"))) == 10

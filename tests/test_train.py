@@ -8,8 +8,8 @@ import torch
 from conftest import run_fit
 
 from visionapp.bundle import load_bundle
-from visionapp.data import ShapesDataModule
-from visionapp.module import ImageClassifier
+from visionapp.train.data import ShapesDataModule
+from visionapp.train.module import ImageClassifier
 
 METRIC_KEYS = {
     "arch",
@@ -78,3 +78,11 @@ def test_resume_from_checkpoint(tmp_path: Path, shapes_root: Path) -> None:
         f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
     )
     assert json.loads((resumed / "metrics.json").read_text())["global_steps"] == 4
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_fit_uses_mixed_precision_and_channels_last(tmp_path: Path, shapes_root: Path) -> None:
+    run = run_fit(tmp_path / "runs", shapes_root, "--trainer.fast_dev_run=true")
+    metrics = json.loads((run / "metrics.json").read_text())
+    expected = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    assert metrics["precision"] == expected and metrics["device"] != "cpu"

@@ -3,7 +3,7 @@
 python -m visionapp fit --config configs/train.yaml [--trainer.max_epochs=2 ...]
 """
 
-from visionapp.cli import cli_main
+from visionapp.train.cli import cli_main
 
 if __name__ == "__main__":
     cli_main()

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import platform
+from contextlib import suppress
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +39,11 @@ class Bundle:
 
 
 def versions() -> dict[str, str]:
-    import lightning
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "lightning": lightning.__version__,
-    }
+    """The library versions a bundle was made with (read from the installed metadata: no training import)."""
+    out = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__}
+    with suppress(PackageNotFoundError):
+        out["lightning"] = version("lightning")
+    return out
 
 
 def save_bundle(

@@ -170,6 +170,13 @@ def generate(
     meta = root / "shapes.json"
     if meta.exists() and json.loads(meta.read_text()) == params:
         return root
+    if root.is_dir() and any(root.iterdir()) and not meta.exists():
+        # Not a shapes data set (no shapes.json): maybe the user's own folder, given as the root by mistake.
+        raise FileExistsError(
+            f"{root} is not empty and holds no shapes data set (no shapes.json); nothing was changed. "
+            "Point the shapes root at an empty or new folder (e.g. data/shapes), or use FolderDataModule "
+            "(configs/folder.yaml) for your own images"
+        )
     tmp = root.with_name(root.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     for split in SPLITS:
@@ -193,10 +200,43 @@ def mask_path(image_path: str | Path) -> Path | None:
     return candidate if candidate.exists() else None
 
 
+def write_photo_folder(root: str | Path, *, per_class: dict[str, int] | None = None, seed: int = 7) -> Path:
+    """A folder laid out and encoded as a user's photos, to try the folder configuration without any:
+    root/train|val/{circle,star}/IMG_nnnn.jpg at varied sizes and aspect ratios, some stored sideways with an
+    EXIF orientation tag (as cameras do), one grayscale and one CMYK JPEG per class and split."""
+    root = Path(root)
+    per_class = per_class or {"train": 12, "val": 6}
+    sizes = [(160, 120), (96, 128), (200, 200), (150, 90), (120, 160)]
+    for split, n in per_class.items():
+        for c, name in ((0, "circle"), (3, "star")):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img, _, _ = render(i * len(CLASSES) + c, split if split in SPLITS else "train", seed=seed, size=200)
+                img = img.resize(sizes[i % len(sizes)])
+                path = folder / f"IMG_{i:04d}.jpg"
+                if i == 1:
+                    img.convert("L").save(path, quality=90)
+                elif i == 2:
+                    img.convert("CMYK").save(path, quality=90)
+                elif i % 4 == 3:  # pixels stored rotated; EXIF orientation 6 says "rotate 90° clockwise to view"
+                    exif = Image.Exif()
+                    exif[0x0112] = 6
+                    img.transpose(Image.Transpose.ROTATE_90).save(path, quality=90, exif=exif)
+                else:
+                    img.save(path, quality=90)
+    return root
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default="data/shapes")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--size", type=int, default=96)
+    ap.add_argument("--photos", type=int, default=0, help="instead: a photo-like JPEG folder, N train images a class")
     args = ap.parse_args()
-    print(generate(args.root, seed=args.seed, size=args.size))
+    if args.photos:
+        counts = {"train": args.photos, "val": max(2, args.photos // 3)}
+        print(write_photo_folder(args.root, per_class=counts))
+    else:
+        print(generate(args.root, seed=args.seed, size=args.size))

@@ -18,6 +18,8 @@ from torchvision.transforms import v2
 # The normalisation of every torchvision ImageNet classification weight (weights.transforms().mean/std).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The file extensions taken for images when a folder is read (training data, the heatmap script's inputs).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 
 def load_image(source: str | Path | bytes) -> Image.Image:

@@ -1,11 +1,13 @@
 """Pack a bundle into a self-contained TorchServe archive with torch-model-archiver.
 
-    python -m visionapp.archive --bundle runs/latest/bundle --name classifier --out model_store \
-        [--model-config serve/model-config.yaml]
+    python -m visionapp.serve.archive --bundle runs/latest/bundle --name classifier --out model_store \
+        --model-config serve/model-config.yaml
 
-The .mar holds the bundle (model.pt, model.json), serve/handler.py, the model config (batching, workers,
-timeouts; serve/model-config.yaml unless --model-config names another) and a copy of this package, so
-TorchServe needs torch, torchvision, Pillow and captum but not visionapp installed.
+The .mar holds the bundle (model.pt, model.json), the handler (visionapp/serve/handler.py, as the archive's
+handler.py), the model config (batching, workers, timeouts) and the package code serving imports: the base
+(bundle, transforms), visionapp.explain and visionapp.serve, not the training stack. So TorchServe needs torch,
+torchvision, Pillow and captum but not visionapp installed. Everything is found from the installed package
+(editable or not) and the paths given; nothing is read from a checkout.
 """
 
 from __future__ import annotations
@@ -19,34 +21,42 @@ from pathlib import Path
 
 import yaml
 
-PACKAGE = Path(__file__).parent
-SERVE = PACKAGE.parents[1] / "serve"  # the repository's serve/ folder (handler, configs)
+PACKAGE = Path(__file__).parents[1]  # the installed visionapp package
+HANDLER = Path(__file__).with_name("handler.py")
+# What the handler imports, copied into the archive: the base modules and the two stages serving uses.
+SERVING_CODE = ("__init__.py", "bundle.py", "transforms.py", "explain", "serve")
 
 
 def build_archive(
     bundle: str | Path,
     *,
+    model_config: str | Path,
     name: str = "classifier",
     out: str | Path = "model_store",
     version: str = "1.0",
-    serve_dir: str | Path = SERVE,
-    model_config: str | Path | None = None,
 ) -> Path:
-    bundle, out, serve_dir = Path(bundle), Path(out), Path(serve_dir)
+    bundle, out = Path(bundle), Path(out)
     for f in (bundle / "model.pt", bundle / "model.json"):
         if not f.is_file():
             raise FileNotFoundError(f"{f} is missing; train first (make train) or pass a run's bundle/ folder")
-    model_config = check_model_config(Path(model_config) if model_config else serve_dir / "model-config.yaml")
+    model_config = check_model_config(Path(model_config))
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         # extra-files copies a folder's *contents* into the archive root: stage the package under it.
-        shutil.copytree(PACKAGE, Path(tmp) / "visionapp", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        staged = Path(tmp) / "visionapp"
+        staged.mkdir()
+        for item in SERVING_CODE:
+            src = PACKAGE / item
+            if src.is_dir():
+                shutil.copytree(src, staged / item, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            else:
+                shutil.copy2(src, staged / item)
         cmd = [
             str(Path(sys.executable).parent / "torch-model-archiver"),
             "--model-name", name,
             "--version", version,
             "--serialized-file", str(bundle / "model.pt"),
-            "--handler", str(serve_dir / "handler.py"),
+            "--handler", str(HANDLER),
             "--extra-files", f"{bundle / 'model.json'},{tmp}",
             "--config-file", str(model_config),
             "--export-path", str(out),
@@ -74,7 +84,7 @@ def main() -> None:
     ap.add_argument("--bundle", default="runs/latest/bundle")
     ap.add_argument("--name", default="classifier")
     ap.add_argument("--out", default="model_store")
-    ap.add_argument("--model-config", default=None, help="TorchServe model config (default serve/model-config.yaml)")
+    ap.add_argument("--model-config", default="serve/model-config.yaml", help="TorchServe model config (YAML)")
     args = ap.parse_args()
     try:
         mar = build_archive(args.bundle, name=args.name, out=args.out, model_config=args.model_config)

@@ -1,6 +1,6 @@
 """Serving: our handler in process vs our TorchServe deployment vs TorchServe's stock handler, same weights.
 
-    python bench/serve_bench.py --mar model_store/classifier.mar --bundle runs/latest/bundle --image photo.png
+    python -m visionapp.bench.serve --mar model_store/classifier.mar --bundle runs/latest/bundle --image photo.png
 
 Contenders, alternated within each of --rounds rounds:
   inprocess  our handler exactly as TorchServe loads it (extracted from the .mar), called directly: one
@@ -25,6 +25,7 @@ the size of one /explanations answer.
 from __future__ import annotations
 
 import argparse
+import functools
 import http.client
 import importlib.util
 import json
@@ -38,19 +39,17 @@ import zipfile
 from collections.abc import Callable
 from contextlib import ExitStack, suppress
 from pathlib import Path
+from typing import Any
 
 import psutil
 import yaml
 
-ROOT = Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT / "serve"))
-from client import call  # noqa: E402
-from load import percentile, run_load  # noqa: E402
-from local import LocalServer  # noqa: E402
+from visionapp.serve.archive import build_archive
+from visionapp.serve.client import call
+from visionapp.serve.load import percentile, run_load
+from visionapp.serve.local import LocalServer
 
-from visionapp.archive import build_archive  # noqa: E402
-
-MODEL_CONFIG_FILE = ROOT / "serve" / "model-config.yaml"  # ours, also given to the stock archive
+MODEL_CONFIG_FILE = Path("serve/model-config.yaml")  # ours, also given to the stock archive
 MODEL_CONFIG = yaml.safe_load(MODEL_CONFIG_FILE.read_text())
 
 # The stock handler loads `--model-file`: one class whose no-argument constructor builds the architecture.
@@ -109,9 +108,10 @@ def in_process_handler(mar: Path, workdir: Path) -> Callable[[list[dict]], list]
     model_dir = workdir / "model"
     with zipfile.ZipFile(mar) as z:
         z.extractall(model_dir)
-    sys.path.insert(0, str(model_dir))
-    # Loaded from the extracted archive by its path: `import handler` would reuse the first one bench/run.py made.
+    # Loaded from the extracted archive by its path: `import handler` would reuse the first one made in this
+    # process. Its `visionapp` imports resolve to the installed package: the same code the .mar carries.
     spec = importlib.util.spec_from_file_location("handler", model_dir / "handler.py")
+    assert spec is not None and spec.loader is not None
     handler = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(handler)
 
@@ -130,7 +130,7 @@ def in_process_handler(mar: Path, workdir: Path) -> Callable[[list[dict]], list]
 
 
 class Server(LocalServer):
-    """A server from `make serve-bg` on free ports (serve/local.py), with what the bench measures it by."""
+    """A server from `make serve-bg` on free ports (visionapp.serve.local), with what the bench measures it by."""
 
     def __init__(self, mar: Path, serve_dir: Path, *extra_vars: str) -> None:
         super().__init__(mar.parent, serve_dir, mar.stem, *extra_vars)
@@ -211,7 +211,7 @@ def measure_round(handle, servers: dict[str, Server], body: bytes, args: argpars
             if name == "inprocess":
                 # The same statistic as the servers': images over the block's seconds, for as many images (a
                 # median batch time would leave out the slow moments that a server's block includes).
-                batched = timed(lambda n=n: handle([{"body": body}] * n), max(3, round(images / n)))
+                batched = timed(functools.partial(handle, [{"body": body}] * n), max(3, round(images / n)))
                 out[name][f"c{c}"] = {"images_per_s": n * len(batched) / sum(batched), "batch": n}
                 continue
             r = servers[name].load(body, requests=images, concurrency=c)
@@ -241,7 +241,7 @@ def leaves(d: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def nest(flat: dict[str, float]) -> dict:
+def nest(flat: dict[str, Any]) -> dict:
     out: dict = {}
     for k, v in flat.items():
         *path, last = k.split(".")

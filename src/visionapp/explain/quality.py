@@ -1,6 +1,6 @@
 """Measure the quality of each attribution method on a run's test split and draw sample heatmaps.
 
-    python explain/quality.py --run runs/latest [--samples 50] [--heatmaps 2]
+    python -m visionapp.explain --run runs/latest    (make explain) [--samples 50] [--heatmaps 2]
 
 Writes <run>/explanations/quality.json (one entry per method) and <run>/explanations/<method>/*.png,
 and prints the table. Metrics per method:
@@ -35,13 +35,12 @@ from rich.table import Table
 from scipy.stats import spearmanr
 from torch import nn
 
-from visionapp.attribution import METHODS, Explanation, attribute, check_method, equivalent_passes, to_original_size
 from visionapp.bundle import load_bundle
+from visionapp.explain.attribution import Explanation, attribute, equivalent_passes, to_original_size
+from visionapp.explain.heatmap import expand, save_figure
+from visionapp.explain.methods import METHODS, check_method
 from visionapp.shapes import mask_path
 from visionapp.transforms import load_image
-
-sys.path.insert(0, str(Path(__file__).parent))
-from heatmap import expand, save_figure  # the sibling script: one figure code path
 
 METRIC_KEYS = (
     "pointing_game",
@@ -71,8 +70,9 @@ def randomized_copy(model: nn.Module, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     rnd = copy.deepcopy(model)
     for m in rnd.modules():
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
+        reset = getattr(m, "reset_parameters", None)
+        if callable(reset):
+            reset()
     return rnd.eval()
 
 
@@ -122,7 +122,7 @@ def evaluate(
     *,
     samples: int = 50,
     metric_samples: int | None = None,
-    methods: tuple[str, ...] = METHODS,
+    methods: tuple[str, ...] = tuple(METHODS),
     heatmaps: int = 2,
     seed: int = 0,
     console: Console | None = None,
@@ -145,7 +145,8 @@ def evaluate(
     rng = np.random.default_rng(seed)
     files = [files[i] for i in sorted(rng.choice(len(files), size=min(samples, len(files)), replace=False))]
     k = metric_samples or default_metric_samples(bundle.transform.image_size)
-    have_masks = all(mask_path(f) is not None for f in files)
+    mask_files = [m for m in map(mask_path, files) if m is not None]
+    have_masks = len(mask_files) == len(files)
     if not have_masks:  # the maps of the whole sample only serve the mask metrics: keep the metric subset
         console.print(f"[yellow]{split_dir} has no ground-truth masks: pointing_game and mass_in_mask skipped")
         files = [files[i] for i in metric_subset(len(files), k)]
@@ -154,11 +155,11 @@ def evaluate(
     with torch.no_grad():
         target = model(x).argmax(1)
     if have_masks:
-        size = x.shape[-2:]
+        size = (int(x.shape[-2]), int(x.shape[-1]))
         masks = torch.stack(
             [
-                torch.from_numpy(np.asarray(Image.open(m).resize(size[::-1], Image.Resampling.NEAREST)) > 0)
-                for m in map(mask_path, files)
+                torch.from_numpy(np.asarray(Image.open(m).resize((size[1], size[0]), Image.Resampling.NEAREST)) > 0)
+                for m in mask_files
             ]
         )
     subset = metric_subset(len(x), k)

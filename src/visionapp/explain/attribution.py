@@ -1,4 +1,4 @@
-"""Captum attributions for a bundle's model: the code explain/heatmap.py, explain/quality.py and the
+"""Captum attributions for a bundle's model: the code the heatmap script, the quality measures and the
 TorchServe handler share, so a heatmap over HTTP is the one the script draws.
 
 Every method returns a per-pixel map (N, H, W) at the model's input size; `to_original_size` maps it
@@ -13,20 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from captum.attr import GradientShap, IntegratedGradients, LayerAttribution, LayerGradCam, NoiseTunnel, Occlusion
 from PIL import Image
 from torch import nn
 
 from visionapp.bundle import Bundle
-
-METHODS = ("integrated_gradients", "gradient_shap", "occlusion", "layer_gradcam")
-GRADIENT_SHAP_SAMPLES = 16
-
-
-def check_method(method: str) -> str:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    return method
+from visionapp.explain.methods import Options, check_method
 
 
 def target_index(class_names: Sequence[str], name: str) -> int:
@@ -51,37 +42,10 @@ def reference(x: torch.Tensor, kind: str = "median") -> torch.Tensor:
     return x.flatten(2).median(dim=2).values[..., None, None].expand_as(x).contiguous()
 
 
-def gradcam_layer(model: nn.Module) -> nn.Module:
-    """A late convolutional stage: resnet's layer4, or the last block of `features` (mobilenet, efficientnet,
-    convnext, densenet, vgg...)."""
-    if isinstance(getattr(model, "layer4", None), nn.Module):
-        return model.get_submodule("layer4")
-    features = getattr(model, "features", None)
-    if isinstance(features, nn.Sequential):
-        return features[-1]
-    raise ValueError(
-        f"layer_gradcam needs a convolutional stage; {type(model).__name__} has none we know of. "
-        "Use integrated_gradients, gradient_shap or occlusion"
-    )
-
-
-def occlusion_window(size: int) -> tuple[int, int]:
-    """Occlusion's square window and stride for an image side: an eighth of the image, half-window steps."""
-    return max(4, size // 8), max(2, size // 16)
-
-
 def equivalent_passes(method: str, h: int, w: int, *, ig_steps: int = 50) -> tuple[int, bool]:
     """How many model passes `attribute` makes for one image, and whether each has a backward pass: the
-    floor its cost is measured against (bench/run.py)."""
-    check_method(method)
-    if method == "integrated_gradients":
-        return ig_steps, True
-    if method == "gradient_shap":
-        return GRADIENT_SHAP_SAMPLES, True
-    if method == "occlusion":
-        win, stride = occlusion_window(h)
-        return 1 + ((h - win) // stride + 1) * ((w - win) // stride + 1), False  # + the unoccluded forward
-    return 1, True  # layer_gradcam: one forward and one backward
+    floor its cost is measured against (make bench)."""
+    return check_method(method).passes(h, w, Options(ig_steps=ig_steps))
 
 
 def attribute(
@@ -101,61 +65,12 @@ def attribute(
     Channels are summed, keeping the sign: positive is evidence for the target class. reduce=False keeps them,
     (N, 3, H, W), as captum.metrics wants; summing those over channels gives the reduced map. `baseline` picks
     the reference input (see `reference`). `internal_batch_size` bounds the memory of integrated gradients
-    (its steps run in chunks of this many images).
+    and occlusion (their model inputs run in chunks of this many images).
     """
-    check_method(method)
-    h, w = x.shape[-2:]
-    base = reference(x, baseline)
-    if method == "integrated_gradients":
-        ig = IntegratedGradients(model)
-        if nt_samples:
-            attr = NoiseTunnel(ig).attribute(
-                x,
-                baselines=base,
-                nt_type="smoothgrad",
-                nt_samples=nt_samples,
-                stdevs=0.15,
-                nt_samples_batch_size=1,
-                target=target,
-                n_steps=ig_steps,
-                internal_batch_size=internal_batch_size,
-            )
-        else:
-            attr = ig.attribute(
-                x, baselines=base, target=target, n_steps=ig_steps, internal_batch_size=internal_batch_size
-            )
-    elif method == "gradient_shap":
-        # Baselines drawn around each image's own reference, so one image at a time; seeded: reproducible maps.
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        noise = torch.randn((8, *x.shape[1:]), generator=gen).to(x) * 0.1
-        gs = GradientShap(model)
-        attr = torch.cat(
-            [
-                gs.attribute(
-                    x[i : i + 1],
-                    baselines=base[i : i + 1] + noise,
-                    n_samples=GRADIENT_SHAP_SAMPLES,
-                    stdevs=0.1,
-                    target=target[i : i + 1],
-                )
-                for i in range(len(x))
-            ]
-        )
-    elif method == "occlusion":
-        win, stride = occlusion_window(h)
-        attr = Occlusion(model).attribute(
-            x,
-            sliding_window_shapes=(3, win, win),
-            strides=(3, stride, stride),
-            baselines=base,
-            target=target,
-            perturbations_per_eval=internal_batch_size,
-        )
-    else:
-        cam = LayerGradCam(model, gradcam_layer(model)).attribute(x, target=target, relu_attributions=True)
-        attr = LayerAttribution.interpolate(cam, (h, w), interpolate_mode="bilinear")
-    attr = attr.detach()
-    if method == "layer_gradcam" and not reduce:  # one map for all channels: split it so channels sum to it
+    declared = check_method(method)
+    options = Options(ig_steps=ig_steps, nt_samples=nt_samples, internal_batch_size=internal_batch_size)
+    attr = declared.run(model, x, target, reference(x, baseline), options).detach()
+    if attr.shape[1] == 1 and not reduce:  # a layer method's one map for all channels: split it so they sum to it
         return (attr / x.shape[1]).expand_as(x).contiguous()
     return attr.sum(dim=1) if reduce else attr
 

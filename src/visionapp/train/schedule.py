@@ -5,7 +5,7 @@ Picked in YAML through LightningCLI's scheduler injection (`model.scheduler`), l
 
     model:
       scheduler:
-        class_path: visionapp.schedule.WarmupCosine
+        class_path: visionapp.train.schedule.WarmupCosine
         init_args: {warmup_fraction: 0.05}
 
 A scheduler with a `total_steps` parameter left unset (this one, torch's OneCycleLR) is given the run's number

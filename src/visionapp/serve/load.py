@@ -1,6 +1,6 @@
 """Load generator for the TorchServe deployment, on loopback, bounded in count and time.
 
-    python serve/load.py photo.jpg --port 8080 --requests 200 --concurrency 16 [--max-seconds 60]
+    python -m visionapp.serve.load photo.jpg --port 8080 --requests 200 --concurrency 16 [--max-seconds 60]
 
 Sends --requests POSTs of the image from --concurrency threads, stops early at --max-seconds, and prints
 a JSON summary: answered, ok, statuses, connection errors, latency p50/p90/p99 (ms) and requests/s.
@@ -20,8 +20,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from client import inference_key
+from visionapp.serve.client import inference_key
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -45,7 +44,7 @@ def run_load(
 
     def post(retry: bool = True) -> int:
         if getattr(local, "conn", None) is None:
-            local.conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=timeout)
+            local.conn = http.client.HTTPConnection(parsed.hostname or "127.0.0.1", parsed.port, timeout=timeout)
         try:
             local.conn.request("POST", parsed.path, body=body, headers=headers)
             response = local.conn.getresponse()

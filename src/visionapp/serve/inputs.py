@@ -1,4 +1,4 @@
-"""Request parsing and the worker's thread count for the TorchServe handler (serve/handler.py), kept in the
+"""Request parsing and the worker's thread count for the TorchServe handler (visionapp.serve.handler), kept in the
 package so they are unit-tested and shipped inside the .mar with the rest of the code the handler imports.
 
 A request row from TorchServe maps names to values: the raw body ("body" or "data": bytes), multipart

@@ -22,9 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets
 
 from visionapp import shapes
-from visionapp.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalPreset, TrainPreset, load_image
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+from visionapp.transforms import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, EvalPreset, TrainPreset, load_image
 
 
 class DataError(ValueError):

@@ -1,7 +1,7 @@
 """TorchServe handler for a visionapp bundle: batched top-k predictions and Captum explanations.
 
 Packed into the .mar by `make archive` together with the bundle (model.pt, model.json) and the
-visionapp package code it imports (bundle, transforms, attribution), so it runs in a TorchServe
+visionapp package code it imports (the base, visionapp.explain, visionapp.serve), so it runs in a TorchServe
 environment that has torch, torchvision, Pillow and captum but not this project.
 
 Inputs, per request: a raw image body (`curl -T photo.jpg`), a multipart form with one or more files,
@@ -21,9 +21,10 @@ import torch
 from PIL import Image
 from ts.torch_handler.base_handler import BaseHandler
 
-from visionapp.attribution import METHODS, explain, overlay_png, target_index
 from visionapp.bundle import load_bundle
-from visionapp.serving import MAX_PIXELS, BadInput, Request, parse_request, worker_threads
+from visionapp.explain.attribution import explain, overlay_png, target_index
+from visionapp.explain.methods import check_method
+from visionapp.serve.inputs import MAX_PIXELS, BadInput, Request, parse_request, worker_threads
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class ImageClassifierHandler(BaseHandler):
         self.requests = [parse_request(row, self.context.get_all_request_header(i)) for i, row in enumerate(data)]
         if self._is_explain():  # explain() transforms each image itself, on the way to its heatmap
             return torch.empty(0)
-        tensors = []
+        tensors: list[torch.Tensor] = []
         for req in self.requests:
             for img in req.images:
                 req.rows.append(len(tensors))
@@ -84,8 +85,10 @@ class ImageClassifierHandler(BaseHandler):
 
     def _explain(self, req: Request) -> list[dict[str, Any]]:
         method = req.options.get("method", "integrated_gradients")
-        if method not in METHODS:
-            raise BadInput(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        try:
+            check_method(method)
+        except ValueError as e:
+            raise BadInput(str(e)) from None
         target = req.options.get("target")
         if target is not None:
             try:
@@ -94,15 +97,15 @@ class ImageClassifierHandler(BaseHandler):
                 raise BadInput(str(e)) from None
         answers = []
         for img in req.images:
-            e = explain(self.bundle, img, method, target=target, device=self.device)
+            ex = explain(self.bundle, img, method, target=target, device=self.device)
             answers.append(
                 {
-                    "class": e.target,
-                    "probability": round(e.target_probability, 6),
-                    "predicted": e.predicted,
-                    "predicted_probability": round(e.probability, 6),
+                    "class": ex.target,
+                    "probability": round(ex.target_probability, 6),
+                    "predicted": ex.predicted,
+                    "predicted_probability": round(ex.probability, 6),
                     "method": method,
-                    "heatmap_png_base64": base64.b64encode(overlay_png(img, e.attr_map)).decode("ascii"),
+                    "heatmap_png_base64": base64.b64encode(overlay_png(img, ex.attr_map)).decode("ascii"),
                 }
             )
         return answers

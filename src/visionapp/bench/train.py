@@ -1,7 +1,7 @@
 """Training throughput: Lightning `fit` vs a plain PyTorch loop vs the compute ceiling, side by side.
 
-    python bench/train_bench.py [--steps 30] [--warmup 5] [--rounds 3] [--out bench/train_results.json]
-    python bench/train_bench.py --device cuda --image-size 224 --batch-size 128 --num-workers 12 [--compile]
+    python -m visionapp.bench.train [--steps 30] [--warmup 5] [--rounds 3] [--out bench/train_results.json]
+    python -m visionapp.bench.train --device cuda --image-size 224 --batch-size 128 --num-workers 12 [--compile]
 
 Same model (the default config's resnet18, 5 classes, random init), batch size, image size, data, threads
 and device for all three, alternated round by round; images/s counted after --warmup steps:
@@ -29,8 +29,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from visionapp.data import ShapesDataModule
-from visionapp.module import ImageClassifier
+from visionapp.train.data import ShapesDataModule
+from visionapp.train.module import ImageClassifier
 from visionapp.transforms import load_image
 
 
@@ -132,16 +132,16 @@ def input_pipeline(dm: ShapesDataModule, setup: Setup, steps: int, warmup: int) 
 
 class _Clock(L.Callback):
     def __init__(self, setup: Setup, warmup: int) -> None:
-        self.setup, self.warmup, self.images, self.start, self.end = setup, warmup, 0, 0.0, 0.0
+        self.device_setup, self.warmup, self.images, self.start, self.end = setup, warmup, 0, 0.0, 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.warmup:
-            self.setup.sync()
+            self.device_setup.sync()
             self.images, self.start = 0, time.perf_counter()
         self.images += len(batch[1])
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.setup.sync()
+        self.device_setup.sync()
         self.end = time.perf_counter()
 
 

@@ -1,8 +1,8 @@
 """A small client for the TorchServe deployment: finds the inference key itself.
 
-python serve/client.py predict photo.jpg [more.jpg ...] [--port 8080] [--dir logs/serve-8080]
-python serve/client.py explain photo.jpg [--target star] [--method occlusion] [--save heatmap.png]
-python serve/client.py wait [--timeout 120]        # until the model answers (used by make serve-bg)
+python -m visionapp.serve.client predict photo.jpg [more.jpg ...] [--port 8080] [--dir logs/serve-8080]
+python -m visionapp.serve.client explain photo.jpg [--target star] [--method occlusion] [--save heatmap.png]
+python -m visionapp.serve.client wait [--timeout 120]        # until the model answers (used by make serve-bg)
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 
 def inference_key(serve_dir: str | Path) -> str:
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     for img in args.images:
         status, body = call(url, key, Path(img).read_bytes(), headers=options)
-        answer = json.loads(body) if body.startswith((b"{", b"[")) else body.decode(errors="replace")
+        answer: Any = json.loads(body) if body.startswith((b"{", b"[")) else body.decode(errors="replace")
         if args.command == "explain" and status == 200 and args.save:
             Path(args.save).write_bytes(base64.b64decode(answer["heatmap_png_base64"]))
             answer["heatmap_png_base64"] = f"<written to {args.save}>"

@@ -12,11 +12,13 @@ import socket
 import subprocess
 from contextlib import suppress
 from pathlib import Path
+from typing import TypeVar
 
 import psutil
-from client import call, inference_key
 
-ROOT = Path(__file__).parents[1]
+from visionapp.serve.client import call, inference_key
+
+S = TypeVar("S", bound="LocalServer")
 PORTS = ("INFERENCE", "MANAGEMENT", "METRICS", "WORKER", "GRPC_INFERENCE", "GRPC_MANAGEMENT")  # make variables
 
 
@@ -32,9 +34,13 @@ def free_ports(n: int) -> list[int]:
 
 
 class LocalServer:
-    def __init__(self, store: Path, serve_dir: Path, model: str = "classifier", *extra_vars: str) -> None:
+    def __init__(
+        self, store: Path, serve_dir: Path, model: str = "classifier", *extra_vars: str, checkout: Path = Path()
+    ) -> None:
         """`store` holds `<model>.mar`; `serve_dir` gets the server's keys, logs and pid file; `extra_vars` are
-        more make variables (e.g. TORCHSERVE=... for another launcher)."""
+        more make variables (e.g. TORCHSERVE=... for another launcher); `checkout` is the project's folder, whose
+        Makefile starts and stops the server (default: the working directory, as for every make target)."""
+        self.checkout = Path(checkout)
         ports = free_ports(len(PORTS))
         self.port, self.worker_port = ports[PORTS.index("INFERENCE")], ports[PORTS.index("WORKER")]
         self.model, self.dir = model, Path(serve_dir)
@@ -42,16 +48,16 @@ class LocalServer:
         self.make_vars += [f"MODEL_STORE={store}", f"MODEL_NAME={model}", f"SERVE_DIR={self.dir}", *extra_vars]
         self.key = ""
 
-    def start(self) -> LocalServer:
+    def start(self: S) -> S:
         """Returns once the model's worker is ready (what make serve-bg waits for)."""
-        subprocess.run(["make", "-s", "serve-bg", *self.make_vars], cwd=ROOT, check=True, timeout=300)
+        subprocess.run(["make", "-s", "serve-bg", *self.make_vars], cwd=self.checkout, check=True, timeout=300)
         self.key = inference_key(self.dir)
         return self
 
     def stop(self, check: bool = True) -> None:
-        subprocess.run(["make", "-s", "stop", *self.make_vars], cwd=ROOT, check=check, timeout=120)
+        subprocess.run(["make", "-s", "stop", *self.make_vars], cwd=self.checkout, check=check, timeout=120)
 
-    def __enter__(self) -> LocalServer:
+    def __enter__(self: S) -> S:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -21,8 +21,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from visionapp.bundle import save_bundle, versions
-from visionapp.data import ImageDataModule
-from visionapp.module import ImageClassifier
+from visionapp.train.data import ImageDataModule
+from visionapp.train.module import ImageClassifier
 
 matplotlib.use("Agg")  # files only; no display on servers and CI
 log = logging.getLogger(__name__)

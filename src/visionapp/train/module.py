@@ -10,8 +10,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from visionapp.model import PretrainedInfo, backbone_modules, build_model
-from visionapp.schedule import WarmupCosine, run_length_kwargs
+from visionapp.train.model import PretrainedInfo, backbone_modules, build_model
+from visionapp.train.schedule import WarmupCosine, run_length_kwargs
 from visionapp.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 

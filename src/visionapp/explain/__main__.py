@@ -1,0 +1,8 @@
+"""python -m visionapp.explain --run runs/latest [--samples 50]   (make explain): see visionapp.explain.quality"""
+
+import sys
+
+from visionapp.explain.quality import main
+
+if __name__ == "__main__":
+    sys.exit(main())
