@@ -60,6 +60,7 @@ INFERENCE_PORT  ?= 8080
 MANAGEMENT_PORT ?= 8081
 METRICS_PORT    ?= 8082
 SERVE_DIR       ?= logs/serve-$(INFERENCE_PORT)
+WAIT_TIMEOUT    ?= 180
 WORKER_PORT     ?= $(shell expr $(INFERENCE_PORT) + 1000)
 GRPC_INFERENCE_PORT  ?= $(shell expr $(INFERENCE_PORT) - 1010)
 GRPC_MANAGEMENT_PORT ?= $(shell expr $(INFERENCE_PORT) - 1009)
@@ -85,8 +86,22 @@ archive: $(STAMP) ## pack RUN's bundle into $(MODEL_STORE)/$(MODEL_NAME).mar wit
 java-check:
 	@command -v java >/dev/null || { echo "TorchServe needs Java 17 or newer: sudo apt-get install openjdk-17-jre-headless (or brew install openjdk@17)"; exit 1; }
 
-$(MODEL_STORE)/$(MODEL_NAME).mar:
+# The archive is rebuilt whenever what it packs changed: the run's bundle (RUN moving to another run counts,
+# runs/latest after a new make train included), the model config, or the serving code. Its version is the run's
+# name: GET /models/$(MODEL_NAME) on the management API shows which run is served. (A store archived elsewhere,
+# with no RUN here, is served as it is.)
+SERVING_CODE := $(wildcard src/visionapp/*.py src/visionapp/serve/*.py src/visionapp/explain/*.py)
+RUN_BUNDLE = $(wildcard $(RUN)/bundle/model.pt $(RUN)/bundle/model.json)
+ARCHIVE_INPUTS = $(realpath $(RUN)) $(abspath $(MODEL_CONFIG))
+$(MODEL_STORE)/.$(MODEL_NAME).inputs: FORCE
+	@mkdir -p $(MODEL_STORE)
+	@echo "$(ARCHIVE_INPUTS)" | cmp -s - $@ || echo "$(ARCHIVE_INPUTS)" > $@
+
+$(MODEL_STORE)/$(MODEL_NAME).mar: $(if $(RUN_BUNDLE),$(MODEL_STORE)/.$(MODEL_NAME).inputs $(RUN_BUNDLE)) \
+                                  $(MODEL_CONFIG) $(SERVING_CODE)
 	$(MAKE) archive
+
+FORCE:
 
 serve: $(STAMP) java-check $(MODEL_STORE)/$(MODEL_NAME).mar ## TorchServe in the foreground (INFERENCE_PORT=8080 MANAGEMENT_PORT=8081 METRICS_PORT=8082)
 	@mkdir -p $(SERVE_DIR)
@@ -98,18 +113,20 @@ serve: $(STAMP) java-check $(MODEL_STORE)/$(MODEL_NAME).mar ## TorchServe in the
 serve-bg: $(STAMP) java-check $(MODEL_STORE)/$(MODEL_NAME).mar ## TorchServe in the background, returns once a worker is ready (management API)
 	@mkdir -p $(SERVE_DIR)
 	cd $(SERVE_DIR) && $(TS_ENV) $(TORCHSERVE) --start $(TS_ARGS) > torchserve.out 2>&1
-	$(PY) -m visionapp.serve.client wait --port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --dir $(SERVE_DIR) --model $(MODEL_NAME)
+	$(PY) -m visionapp.serve.client wait --port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --dir $(SERVE_DIR) \
+	  --model $(MODEL_NAME) --timeout $(WAIT_TIMEOUT) \
+	  || { cd $(SERVE_DIR) && TMPDIR=$(abspath $(SERVE_DIR)) $(TORCHSERVE) --stop; echo "TorchServe did not start; stopped it. See $(SERVE_DIR)/"; exit 1; }
 	@echo "key: $(SERVE_DIR)/key_file.json; stop with: make stop INFERENCE_PORT=$(INFERENCE_PORT)"
 
 stop: ## stop the background TorchServe started with make serve-bg (same INFERENCE_PORT)
 	cd $(SERVE_DIR) && TMPDIR=$(abspath $(SERVE_DIR)) $(TORCHSERVE) --stop
 
 IMG ?=
-predict: $(STAMP) ## send IMG=photo.jpg to the running server (finds the key itself); EXPLAIN=1 for a heatmap
+predict: $(STAMP) ## send IMG=photo.jpg to the running server (finds and renews the key); EXPLAIN=1 for a heatmap
 	@test -n "$(IMG)" || { echo "usage: make predict IMG=photo.jpg [EXPLAIN=1 TARGET=star]"; exit 2; }
-	$(PY) -m visionapp.serve.client $(if $(EXPLAIN),explain --save $(basename $(notdir $(IMG)))_heatmap.png $(if $(TARGET),--target $(TARGET)),predict) $(IMG) --port $(INFERENCE_PORT) --dir $(SERVE_DIR) --model $(MODEL_NAME)
+	$(PY) -m visionapp.serve.client $(if $(EXPLAIN),explain --save $(basename $(notdir $(IMG)))_heatmap.png $(if $(TARGET),--target $(TARGET)),predict) $(IMG) --port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --dir $(SERVE_DIR) --model $(MODEL_NAME)
 
-.PHONY: archive java-check serve serve-bg stop predict
+.PHONY: archive java-check serve serve-bg stop predict FORCE
 
 # ---- scale: TorchX ---------------------------------------------------------------------------------------------
 NPROC  ?= 2

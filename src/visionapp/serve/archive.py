@@ -33,9 +33,12 @@ def build_archive(
     model_config: str | Path,
     name: str = "classifier",
     out: str | Path = "model_store",
-    version: str = "1.0",
+    version: str | None = None,
 ) -> Path:
+    """The .mar of `bundle` in `out`; its version (shown by the management API's /models/<name>) is the run's
+    name unless given, so a running server tells which run it serves."""
     bundle, out = Path(bundle), Path(out)
+    version = version or bundle.resolve().parent.name
     for f in (bundle / "model.pt", bundle / "model.json"):
         if not f.is_file():
             raise FileNotFoundError(f"{f} is missing; train first (make train) or pass a run's bundle/ folder")

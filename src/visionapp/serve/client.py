@@ -18,12 +18,42 @@ from pathlib import Path
 from typing import Any
 
 
-def inference_key(serve_dir: str | Path) -> str:
-    """TorchServe writes its keys to key_file.json in the directory it was started from."""
+def keys(serve_dir: str | Path) -> dict[str, Any]:
+    """TorchServe writes its keys to key_file.json in the directory it was started from (and rewrites it when
+    a key is renewed): {"management": {"key": ...}, "inference": {"key": ...}, "API": {"key": ...}}."""
     path = Path(serve_dir) / "key_file.json"
     if not path.is_file():
         raise SystemExit(f"no {path}: is the server running (make serve / make serve-bg)?")
-    return json.loads(path.read_text())["inference"]["key"]
+    return json.loads(path.read_text())
+
+
+def inference_key(serve_dir: str | Path) -> str:
+    return keys(serve_dir)["inference"]["key"]
+
+
+def renew_inference_key(serve_dir: str | Path, management: str) -> str:
+    """A fresh inference key from TorchServe's token API (the management port, authorised by the API key, which
+    does not expire); TorchServe writes it to key_file.json. Inference and management keys expire after
+    token_expiration_min (serve/config.properties)."""
+    status, body = call(f"{management}/token?type=inference", keys(serve_dir)["API"]["key"], timeout=10)
+    if status != 200:
+        raise SystemExit(f"could not renew the inference key at {management} (HTTP {status}: {body[:200]!r})")
+    return inference_key(serve_dir)
+
+
+def expired(status: int, body: bytes) -> bool:
+    """TorchServe's answer to an expired (or wrong) key: 400/401 with InvalidKeyException / token error."""
+    return status in (400, 401) and (b"InvalidKeyException" in body or b"Token Authorization" in body)
+
+
+def call_with_key(
+    url: str, serve_dir: str | Path, management: str, body: bytes | None = None, **kwargs: Any
+) -> tuple[int, bytes]:
+    """`call` with the server's current inference key, renewed once if TorchServe refuses it as expired."""
+    status, answer = call(url, inference_key(serve_dir), body, **kwargs)
+    if expired(status, answer):
+        status, answer = call(url, renew_inference_key(serve_dir, management), body, **kwargs)
+    return status, answer
 
 
 # The server is on loopback: never route through an http_proxy from the environment (urlopen's global
@@ -70,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("command", choices=["predict", "explain", "wait"])
     ap.add_argument("images", nargs="*")
     ap.add_argument("--port", type=int, default=8080, help="inference port")
-    ap.add_argument("--management-port", type=int, default=None, help="wait: management port (default port + 1)")
+    ap.add_argument("--management-port", type=int, default=None, help="management port (default port + 1)")
     ap.add_argument("--dir", default=None, help="the server's directory with key_file.json (default logs/serve-PORT)")
     ap.add_argument("--model", default="classifier")
     ap.add_argument("--target", default=None, help="explain: class name to explain (default: the predicted one)")
@@ -87,13 +117,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.images:
         ap.error("give at least one image")
-    key = inference_key(serve_dir)
+    management = f"http://127.0.0.1:{args.management_port or args.port + 1}"
     options = {f"X-{k}": v for k, v in (("Target", args.target), ("Method", args.method)) if v}
     endpoint = "predictions" if args.command == "predict" else "explanations"
     url = f"{base}/{endpoint}/{args.model}"
     failed = 0
     for img in args.images:
-        status, body = call(url, key, Path(img).read_bytes(), headers=options)
+        status, body = call_with_key(url, serve_dir, management, Path(img).read_bytes(), headers=options)
         answer: Any = json.loads(body) if body.startswith((b"{", b"[")) else body.decode(errors="replace")
         if args.command == "explain" and status == 200 and args.save:
             Path(args.save).write_bytes(base64.b64decode(answer["heatmap_png_base64"]))

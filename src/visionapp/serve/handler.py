@@ -7,14 +7,19 @@ environment that has torch, torchvision, Pillow and captum but not this project.
 Inputs, per request: a raw image body (`curl -T photo.jpg`), a multipart form with one or more files,
 or JSON `{"data": "<base64>"}` / `{"images": ["<base64>", ...]}`. Options (X-Topk/X-Target/X-Method
 headers, form fields or JSON keys): `topk`; for /explanations also `target` (a class name) and `method`.
-A bad input gets a 4xx JSON error naming the problem; the worker carries on.
+
+TorchServe batches /predictions and /explanations requests together; each request is answered by its own
+kind (the frontend marks explanations per request), the predictions of a batch in one forward pass. Each
+request is answered on its own: a bad input gets a 4xx JSON error naming the problem, a fault a 500 JSON
+(its traceback in the worker log), and the rest of the batch is answered normally. Work per request is
+bounded by `Limits` (serve/model-config.yaml's `handler:` section).
 """
 
 from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Callable
+import time
 from typing import Any
 
 import torch
@@ -24,7 +29,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from visionapp.bundle import load_bundle
 from visionapp.explain.attribution import explain, overlay_png, target_index
 from visionapp.explain.methods import check_method
-from visionapp.serve.inputs import MAX_PIXELS, BadInput, Request, parse_request, worker_threads
+from visionapp.serve.inputs import MAX_PIXELS, BadInput, Limits, Request, parse_request, worker_threads
 
 log = logging.getLogger(__name__)
 
@@ -34,55 +39,84 @@ class ImageClassifierHandler(BaseHandler):
         props = context.system_properties
         gpu = props.get("gpu_id")
         self.device = torch.device(f"cuda:{gpu}" if torch.cuda.is_available() and gpu is not None else "cpu")
+        model_config = getattr(context, "model_yaml_config", None) or {}
         threads = ""
         if self.device.type == "cpu":
             # Share the cores between this model's workers instead of each worker taking all of them.
-            workers = int((getattr(context, "model_yaml_config", None) or {}).get("minWorkers", 1))
-            torch.set_num_threads(worker_threads(workers))
+            torch.set_num_threads(worker_threads(int(model_config.get("minWorkers", 1))))
             threads = f", torch threads: {torch.get_num_threads()}"
         Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+        self.limits = Limits.from_model_config(model_config)
         self.bundle = load_bundle(props["model_dir"], map_location=self.device)
         self.bundle.model.to(self.device)
         self.model = self.bundle.model
         self.class_names = self.bundle.class_names
         self.initialized = True
-        log.info("loaded %s with classes %s on %s%s", self.bundle.meta["arch"], self.class_names, self.device, threads)
+        log.info(
+            "loaded %s with classes %s on %s%s; %s", self.bundle.meta["arch"], self.class_names, self.device, threads,
+            self.limits,
+        )  # fmt: skip
 
-    # --- inference: preprocess → inference → postprocess, batched across requests ---------------------------
-    def preprocess(self, data: list[dict]) -> torch.Tensor:
-        self.requests = [parse_request(row, self.context.get_all_request_header(i)) for i, row in enumerate(data)]
-        if self._is_explain():  # explain() transforms each image itself, on the way to its heatmap
-            return torch.empty(0)
+    def handle(self, data: list[dict], context) -> list[Any]:
+        """One answer per request of the batch, each of its own kind, each failing alone."""
+        start = time.time()
+        self.context = context
+        if context.get_request_header(0, "describe") == "True":  # the management API's customized describe
+            return [self.describe_handle()]
+        out: list[Any] = [None] * len(data)
+        predictions: list[tuple[int, Request]] = []
+        explanations: list[tuple[int, Request]] = []
+        for idx, row in enumerate(data):
+            explain_it = context.get_request_header(idx, "explain") == "True"
+            try:
+                req = parse_request(row, context.get_all_request_header(idx), self.limits, explain=explain_it)
+                if req.error is not None:
+                    raise req.error
+                (explanations if explain_it else predictions).append((idx, req))
+            except Exception as e:
+                out[idx] = self._failure(idx, e)
+        if predictions and explanations:
+            log.info("mixed batch: %d predictions, %d explanations", len(predictions), len(explanations))
+        self._predict(predictions, out)
+        for idx, req in explanations:
+            try:
+                answers = self._explain(req)
+                out[idx] = answers if req.many else answers[0]
+            except Exception as e:
+                out[idx] = self._failure(idx, e)
+        context.metrics.add_time("HandlerTime", round((time.time() - start) * 1000, 2), None, "ms")
+        return out
+
+    # --- predictions: every prediction request of the batch in one forward pass --------------------------------
+    def _predict(self, requests: list[tuple[int, Request]], out: list[Any]) -> None:
+        ready: list[tuple[int, Request, int]] = []
         tensors: list[torch.Tensor] = []
-        for req in self.requests:
-            for img in req.images:
-                req.rows.append(len(tensors))
-                tensors.append(self.bundle.transform(img))
+        for idx, req in requests:
+            try:
+                k = self._topk(req)
+                for img in req.images:
+                    req.rows.append(len(tensors))
+                    tensors.append(self.bundle.transform(img))
+                ready.append((idx, req, k))
+            except Exception as e:
+                out[idx] = self._failure(idx, e)
         if not tensors:
-            return torch.empty(0)
-        return torch.stack(tensors).to(self.device)
-
-    def inference(self, data: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if data.numel() == 0:
-            return data
-        with torch.inference_mode():
-            return self.model(data).softmax(dim=1).cpu()
-
-    def postprocess(self, data: torch.Tensor) -> list[Any]:
-        def top_k(req: Request) -> list[dict[str, float]]:
-            k = self._topk(req)
+            return
+        try:
+            with torch.inference_mode():
+                probs = self.model(torch.stack(tensors).to(self.device)).softmax(dim=1).cpu()
+        except Exception as e:  # the forward itself failed: every request in it gets the fault
+            for idx, _, _ in ready:
+                out[idx] = self._failure(idx, e)
+            return
+        for idx, req, k in ready:
             answers = []
             for row in req.rows:
-                p, i = data[row].topk(k)
+                p, i = probs[row].topk(k)
                 answers.append({self.class_names[c]: round(float(v), 6) for v, c in zip(p, i, strict=True)})
-            return answers
-
-        return self._answer(top_k)
+            out[idx] = answers if req.many else answers[0]
 
     # --- explanations: POST /explanations/<model> -------------------------------------------------------------
-    def explain_handle(self, data_preprocess: torch.Tensor, raw_data: list[dict]) -> list[Any]:
-        return self._answer(self._explain)
-
     def _explain(self, req: Request) -> list[dict[str, Any]]:
         method = req.options.get("method", "integrated_gradients")
         try:
@@ -97,6 +131,7 @@ class ImageClassifierHandler(BaseHandler):
                 raise BadInput(str(e)) from None
         answers = []
         for img in req.images:
+            # Attributions at the model's input size whatever the image's (bounded cost); the map is resized back.
             ex = explain(self.bundle, img, method, target=target, device=self.device)
             answers.append(
                 {
@@ -111,19 +146,6 @@ class ImageClassifierHandler(BaseHandler):
         return answers
 
     # --- helpers ------------------------------------------------------------------------------------------------
-    def _answer(self, make: Callable[[Request], list]) -> list[Any]:
-        """One answer per request of the batch: a list for several images, one object for one, or the error."""
-        out: list[Any] = []
-        for idx, req in enumerate(self.requests):
-            try:
-                if req.error is not None:
-                    raise req.error
-                answers = make(req)
-                out.append(answers if req.many else answers[0])
-            except BadInput as e:
-                out.append(self._error(idx, e))
-        return out
-
     def _topk(self, req: Request) -> int:
         n = len(self.class_names)
         raw = req.options.get("topk", str(min(5, n)))
@@ -135,6 +157,12 @@ class ImageClassifierHandler(BaseHandler):
             raise BadInput(f"topk must be between 1 and {n} (the number of classes), got {k}")
         return k
 
-    def _error(self, idx: int, e: BadInput) -> dict[str, Any]:
-        self.context.set_response_status(code=e.status, phrase=str(e), idx=idx)
-        return {"code": e.status, "type": "BadInput", "message": str(e)}
+    def _failure(self, idx: int, e: Exception) -> dict[str, Any]:
+        """This request's error answer: 4xx naming the problem for input we cannot use, 500 for a fault."""
+        if isinstance(e, BadInput):
+            self.context.set_response_status(code=e.status, phrase=str(e), idx=idx)
+            return {"code": e.status, "type": "BadInput", "message": str(e)}
+        log.exception("request %d of the batch failed; the others are answered", idx)
+        message = f"internal error ({type(e).__name__}); the traceback is in the worker log (model_log.log)"
+        self.context.set_response_status(code=500, phrase=message, idx=idx)
+        return {"code": 500, "type": "InternalServerError", "message": message}

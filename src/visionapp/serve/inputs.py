@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import math
 import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from PIL import Image
 
@@ -23,6 +24,37 @@ from visionapp.transforms import load_image
 
 OPTION_KEYS = {"topk", "target", "method"}
 MAX_PIXELS = 40_000_000  # a decoded image above this is refused (decompression bombs): ~6300 x 6300
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounded work per request: read from the `handler:` section of serve/model-config.yaml (packed into the
+    .mar), these defaults where it says nothing. A request over a limit gets 413 naming it."""
+
+    max_images_prediction: int = 64
+    max_images_explanation: int = 4  # each explanation costs up to a few hundred model passes
+    max_pixels: int = 100_000_000  # decoded pixels over all of a request's images, checked before each decode
+
+    KEYS: ClassVar[dict[str, str]] = {  # model-config key → field
+        "maxImagesPerPrediction": "max_images_prediction",
+        "maxImagesPerExplanation": "max_images_explanation",
+        "maxPixelsPerRequest": "max_pixels",
+    }
+
+    @classmethod
+    def from_model_config(cls, config: dict[str, Any] | None) -> Limits:
+        section = (config or {}).get("handler") or {}
+        unknown = set(section) - set(cls.KEYS)
+        if unknown:
+            known = ", ".join(cls.KEYS)
+            raise ValueError(f"unknown keys {sorted(unknown)} in the model config's handler section; known: {known}")
+        return cls(**{cls.KEYS[k]: int(v) for k, v in section.items()})
+
+    def images(self, explain: bool) -> tuple[int, str]:
+        """The most images one request may carry, and the model-config key that sets it."""
+        if explain:
+            return self.max_images_explanation, "maxImagesPerExplanation"
+        return self.max_images_prediction, "maxImagesPerPrediction"
 
 
 CGROUP = (Path("/proc/self/cgroup"), Path("/sys/fs/cgroup"))  # this process's cgroup, and where cgroup v2 is mounted
@@ -81,13 +113,26 @@ def _text(v: Any) -> str:
     return v.decode("utf-8", "replace") if isinstance(v, bytes | bytearray) else str(v)
 
 
-def decode_image(raw: bytes) -> Image.Image:
+def decode_image(raw: bytes, budget: int | None = None) -> Image.Image:
+    """Decode one image; `budget` is the request's decoded pixels left, checked from the header before decoding."""
     if not raw:
         raise BadInput("empty body: send an image, e.g. curl -T photo.jpg <url>")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if budget is not None:
+                with Image.open(io.BytesIO(raw)) as probe:  # reads the header only
+                    pixels = probe.width * probe.height
+                if pixels > budget:
+                    raise BadInput(
+                        f"the request's images decode to more than its pixel budget ({pixels} pixels in this image, "
+                        f"{budget} left); send fewer or smaller images, or raise maxPixelsPerRequest in "
+                        "serve/model-config.yaml (then make archive)",
+                        413,
+                    )
             return load_image(raw)
+    except BadInput:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadInput(f"image too large when decoded ({e}); the limit is {MAX_PIXELS} pixels", 413) from None
     except Image.UnidentifiedImageError:
@@ -103,12 +148,27 @@ def _b64(s: Any) -> bytes:
         raise BadInput("JSON image data is not valid base64") from None
 
 
-def parse_request(row: dict[str, Any], headers: dict[str, Any] | None = None) -> Request:
+def parse_request(
+    row: dict[str, Any], headers: dict[str, Any] | None = None, limits: Limits = Limits(), explain: bool = False
+) -> Request:
     """One TorchServe request row (raw body, multipart fields, JSON) and its HTTP headers → images + options.
 
     Options come from X-Topk / X-Target / X-Method headers (TorchServe does not pass the query string to
-    handlers), multipart form fields or JSON keys of the same names.
+    handlers), multipart form fields or JSON keys of the same names. The number of images is checked before
+    any is decoded, their decoded size before each decode (`limits`; explanations have their own count).
+    Anything this cannot use is a BadInput in `error`, never an exception.
     """
+    max_images, limit_key = limits.images(explain)
+
+    def check_count(n: int) -> None:
+        if n > max_images:
+            kind = "an explanation" if explain else "a prediction"
+            raise BadInput(
+                f"{n} images in {kind} request; the limit is {max_images} ({limit_key} in serve/model-config.yaml, "
+                "then make archive); split them over several requests",
+                413,
+            )
+
     req = Request()
     for name, value in (headers or {}).items():
         key = str(name).lower().removeprefix("x-")
@@ -122,6 +182,7 @@ def parse_request(row: dict[str, Any], headers: dict[str, Any] | None = None) ->
             elif isinstance(value, dict):  # application/json body, decoded by TorchServe
                 req.options.update({k: _text(v) for k, v in value.items() if k in OPTION_KEYS})
                 if "images" in value and isinstance(value["images"], list):
+                    check_count(len(raws) + len(value["images"]))  # before any base64 is decoded
                     raws += [_b64(v) for v in value["images"]]
                     req.many = True
                 elif "data" in value:
@@ -132,12 +193,19 @@ def parse_request(row: dict[str, Any], headers: dict[str, Any] | None = None) ->
                 raise BadInput('JSON body must be an object: {"data": "<base64 image>"}')
             elif isinstance(value, str):  # a text/* body or form field that is not an option
                 raise BadInput(f"field {key!r} is text, not an image; send the image bytes (curl -T photo.jpg)")
-            else:
+            elif isinstance(value, bytes | bytearray):
                 raws.append(bytes(value))
+            else:  # a JSON body that is null, a number or a boolean
+                raise BadInput(f'JSON body must be an object: {{"data": "<base64 image>"}}, got {type(value).__name__}')
         if not raws:
             raise BadInput("empty body: send an image, e.g. curl -T photo.jpg <url>")
+        check_count(len(raws))
         req.many = req.many or len(raws) > 1
-        req.images = [decode_image(r) for r in raws]
+        budget = limits.max_pixels
+        for r in raws:
+            img = decode_image(r, budget)
+            budget -= img.width * img.height
+            req.images.append(img)
     except BadInput as e:
         req.error = e
     return req

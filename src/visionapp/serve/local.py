@@ -43,19 +43,32 @@ class LocalServer:
         self.checkout = Path(checkout)
         ports = free_ports(len(PORTS))
         self.port, self.worker_port = ports[PORTS.index("INFERENCE")], ports[PORTS.index("WORKER")]
+        self.management_port = ports[PORTS.index("MANAGEMENT")]
         self.model, self.dir = model, Path(serve_dir)
         self.make_vars = [f"{name}_PORT={p}" for name, p in zip(PORTS, ports, strict=True)]
         self.make_vars += [f"MODEL_STORE={store}", f"MODEL_NAME={model}", f"SERVE_DIR={self.dir}", *extra_vars]
         self.key = ""
 
     def start(self: S) -> S:
-        """Returns once the model's worker is ready (what make serve-bg waits for)."""
-        subprocess.run(["make", "-s", "serve-bg", *self.make_vars], cwd=self.checkout, check=True, timeout=300)
+        """Returns once the model's worker is ready (what make serve-bg waits for); a failed start leaves no
+        server behind."""
+        try:
+            subprocess.run(["make", "-s", "serve-bg", *self.make_vars], cwd=self.checkout, check=True, timeout=300)
+        except BaseException:
+            self.stop(check=False)
+            raise
         self.key = inference_key(self.dir)
         return self
 
     def stop(self, check: bool = True) -> None:
+        """`make stop`, then wait for the server's processes to end (TorchServe's stop returns before Java exits);
+        any still there after 30 s are killed: no server is left behind."""
+        running = self.processes()
         subprocess.run(["make", "-s", "stop", *self.make_vars], cwd=self.checkout, check=check, timeout=120)
+        _, alive = psutil.wait_procs(running, timeout=30)
+        for p in alive:
+            with suppress(psutil.Error):
+                p.kill()
 
     def __enter__(self: S) -> S:
         return self.start()
@@ -63,8 +76,8 @@ class LocalServer:
     def __exit__(self, *exc: object) -> None:
         self.stop(check=False)
 
-    def url(self, endpoint: str = "predictions") -> str:
-        return f"http://127.0.0.1:{self.port}/{endpoint}/{self.model}"
+    def url(self, endpoint: str = "predictions", management: bool = False) -> str:
+        return f"http://127.0.0.1:{self.management_port if management else self.port}/{endpoint}/{self.model}"
 
     def post(
         self,

@@ -47,7 +47,7 @@ class WarmupCosine(LRScheduler):
         if not 0 <= warmup_fraction < 1:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
         self.total_steps, self.warmup_fraction = total_steps, warmup_fraction
-        self.warmup_steps = max(1, round(warmup_fraction * total_steps))
+        self.warmup_steps = max(1, int(warmup_fraction * total_steps))
         super().__init__(optimizer, last_epoch)
         # Before every optimizer step: adopt new groups and (re)apply the schedule, so the step uses it.
         self._hook = optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.apply())

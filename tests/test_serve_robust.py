@@ -1,0 +1,162 @@
+"""Serving that holds up, against the real TorchServe: mixed batches answered by kind, bounded work per request,
+each request failing alone, keys renewed after they expire, never a stale model, no server left behind."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import ROOT, fit
+from PIL import Image
+
+from visionapp.serve.archive import build_archive
+from visionapp.serve.client import call, keys
+from visionapp.serve.local import LocalServer
+
+pytestmark = pytest.mark.slow
+
+# Requests gather for up to 1.5 s, so those sent together share a batch; and small limits, to test each.
+GATHERING_CONFIG = """minWorkers: 1
+maxWorkers: 1
+batchSize: 8
+maxBatchDelay: 1500
+responseTimeout: 120
+handler:
+  maxImagesPerPrediction: 3
+  maxImagesPerExplanation: 1
+  maxPixelsPerRequest: 20000
+"""
+
+
+def _png(trained_run: Path, cls: str = "star") -> bytes:
+    root = Path(json.loads((trained_run / "metrics.json").read_text())["data_root"]) / "test" / cls
+    return sorted(root.glob("*.png"))[0].read_bytes()  # 64 x 64 px: 4096 pixels
+
+
+@pytest.fixture(scope="module")
+def gathering(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+    tmp = tmp_path_factory.mktemp("gathering")
+    (tmp / "model-config.yaml").write_text(GATHERING_CONFIG)
+    build_archive(trained_run / "bundle", out=tmp / "store", model_config=tmp / "model-config.yaml")
+    with LocalServer(tmp / "store", tmp / "serve") as server:
+        yield server
+
+
+def _together(server: LocalServer, requests: list[tuple[str, bytes, str, dict[str, str]]]) -> list[tuple[int, object]]:
+    """Send all at once (they share a batch: the server gathers for 1.5 s); answers in the same order."""
+    with ThreadPoolExecutor(len(requests)) as pool:
+        futures = [
+            pool.submit(server.post, body, endpoint, ctype, headers) for endpoint, body, ctype, headers in requests
+        ]
+        return [f.result() for f in futures]
+
+
+def test_a_mixed_batch_answers_each_request_by_its_kind(gathering: LocalServer, trained_run: Path) -> None:
+    image = _png(trained_run)
+    explanation = ("explanations", image, "application/octet-stream", {"X-Method": "layer_gradcam"})
+    prediction = ("predictions", image, "application/octet-stream", {})
+    answers = _together(gathering, [prediction, prediction, explanation, prediction, prediction, prediction])
+    assert all(status == 200 for status, _ in answers), answers
+    for i, (_, answer) in enumerate(answers):
+        assert isinstance(answer, dict)
+        if i == 2:
+            assert "heatmap_png_base64" in answer and answer["method"] == "layer_gradcam"
+        else:
+            assert "heatmap_png_base64" not in answer and set(answer) <= {
+                "circle",
+                "cross",
+                "square",
+                "star",
+                "triangle",
+            }
+    assert "mixed batch: 5 predictions, 1 explanations" in (gathering.dir / "model_log.log").read_text()
+
+
+def test_odd_requests_fail_alone_in_their_batch(gathering: LocalServer, trained_run: Path) -> None:
+    image = _png(trained_run)
+    good = ("predictions", image, "application/octet-stream", {})
+    odd = [
+        ("predictions", body.encode(), "application/json", {}) for body in ("null", "1.5", "[1, 2]", '{"images": 5}')
+    ]
+    odd.append(("predictions", b"not an image", "application/octet-stream", {}))
+    answers = _together(gathering, [good, *odd, good])
+    assert answers[0][0] == 200 and answers[-1][0] == 200, answers
+    for status, answer in answers[1:-1]:
+        assert status == 400 and answer["type"] == "BadInput", (status, answer)  # type: ignore[index]
+
+
+def test_limits_per_request_are_413_naming_the_limit(gathering: LocalServer, trained_run: Path) -> None:
+    image = base64.b64encode(_png(trained_run)).decode()
+    four = json.dumps({"images": [image] * 4}).encode()
+    status, answer = gathering.post(four, content_type="application/json")
+    assert status == 413 and "maxImagesPerPrediction" in answer["message"], answer  # type: ignore[index]
+    two = json.dumps({"images": [image] * 2}).encode()
+    status, answer = gathering.post(two, "explanations", content_type="application/json")
+    assert status == 413 and "maxImagesPerExplanation" in answer["message"], answer  # type: ignore[index]
+    big = json.dumps({"images": [image] * 3}).encode()  # 3 x 4096 pixels fit the 20,000 budget ...
+    assert gathering.post(big, content_type="application/json")[0] == 200
+    buf = io.BytesIO()
+    Image.new("RGB", (200, 120)).save(buf, format="PNG")  # ... 24,000 pixels do not: refused before decoding
+    status, answer = gathering.post(buf.getvalue())
+    assert status == 413 and "maxPixelsPerRequest" in answer["message"], answer  # type: ignore[index]
+    assert gathering.post(_png(trained_run))[0] == 200  # and the next request is served
+
+
+def test_expired_keys_are_renewed_by_the_client(trained_run: Path, tmp_path: Path) -> None:
+    config = tmp_path / "config.properties"
+    text = (ROOT / "serve" / "config.properties").read_text()
+    config.write_text(text.replace("token_expiration_min=60", "token_expiration_min=0.2"))  # 12 s
+    build_archive(trained_run / "bundle", out=tmp_path / "store", model_config=ROOT / "serve" / "model-config.yaml")
+    image = tmp_path / "star.png"
+    image.write_bytes(_png(trained_run))
+    with LocalServer(tmp_path / "store", tmp_path / "serve", "classifier", f"TS_CONFIG={config}") as server:
+        predict = ["make", "-s", "predict", f"IMG={image}", *server.make_vars]
+        first = subprocess.run(predict, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert first.returncode == 0 and "HTTP 200" in first.stdout, first.stdout + first.stderr
+        old_key = server.key
+        time.sleep(15)
+        status, body = call(server.url(), old_key, image.read_bytes())
+        assert 400 <= status < 500 and b"InvalidKey" in body, (status, body)  # the old key is refused
+        again = subprocess.run(predict, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0 and "HTTP 200" in again.stdout, again.stdout + again.stderr
+        assert keys(server.dir)["inference"]["key"] != old_key
+
+
+def _served_version(server: LocalServer) -> str:
+    status, body = call(server.url("models", management=True), keys(server.dir)["management"]["key"])
+    assert status == 200, body
+    return json.loads(body)[0]["modelVersion"]
+
+
+def test_a_new_run_is_served_not_the_old_archive(shapes_root: Path, tmp_path: Path) -> None:
+    runs, store = tmp_path / "runs", tmp_path / "store"
+    tiny = ["--config=configs/train.yaml", f"--data.init_args.root={shapes_root}", "--data.init_args.image_size=64",
+            "--data.init_args.num_train=1500", "--data.init_args.num_val=100", "--data.init_args.num_test=100",
+            "--data.init_args.num_workers=0", "--trainer.fast_dev_run=true"]  # fmt: skip
+    first = fit(runs, *tiny, "--run_name=first")
+    with LocalServer(store, tmp_path / "serve1", "classifier", f"RUN={runs / 'latest'}") as server:
+        assert _served_version(server) == first.name
+    second = fit(runs, *tiny, "--run_name=second")
+    with LocalServer(store, tmp_path / "serve2", "classifier", f"RUN={runs / 'latest'}") as server:
+        assert _served_version(server) == second.name  # make serve-bg rebuilt the archive: runs/latest moved
+
+
+def test_a_failed_start_leaves_no_server_behind(trained_run: Path, tmp_path: Path) -> None:
+    config = tmp_path / "model-config.yaml"
+    config.write_text("minWorkers: 1\nmaxWorkers: 1\nhandler:\n  maxImagesPerPredicton: 3\n")  # a typo: no worker
+    build_archive(trained_run / "bundle", out=tmp_path / "store", model_config=config)
+    server = LocalServer(tmp_path / "store", tmp_path / "serve", "classifier", "WAIT_TIMEOUT=20")
+    with pytest.raises(subprocess.CalledProcessError):
+        server.start()
+    time.sleep(2)
+    assert not server.processes(), server.processes()
+    assert "maxImagesPerPredicton" in (tmp_path / "serve" / "model_log.log").read_text()  # the reason, logged
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
