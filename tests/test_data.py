@@ -44,8 +44,8 @@ def test_train_val_layout(tmp_path: Path) -> None:
     _folder(tmp_path / "d" / "val", n=2)
     dm = FolderDataModule(tmp_path / "d", image_size=32)
     dm.setup("fit")
-    assert len(dm.splits["train"]) == 12 and len(dm.splits["val"]) == 4
-    assert dm.splits["test"] is dm.splits["val"]  # no test/: evaluated on val, recorded in metrics.json
+    # no test/: 15% of train (2 of 12) held out as the test split, never the validation split that picked the model
+    assert len(dm.splits["train"]) == 10 and len(dm.splits["val"]) == 4 and len(dm.splits["test"]) == 2
 
 
 def test_corrupt_image_is_named(tmp_path: Path) -> None:
@@ -111,7 +111,7 @@ def test_shapes_module_generates_once(tmp_path: Path) -> None:
 def test_eval_batches_equal_the_bundles_preprocessing(tmp_path: Path) -> None:
     """Loader (uint8) + on-device normalisation gives exactly what EvalPreset, used by explain/ and serve/,
     gives for the same files: one preprocessing, split between the loader workers and the device."""
-    dm = FolderDataModule(_folder(tmp_path / "d", n=6), val_fraction=0.5, test_fraction=0.0, image_size=24,
+    dm = FolderDataModule(_folder(tmp_path / "d", n=6), val_fraction=0.5, test_fraction=0.2, image_size=24,
                           num_workers=0, batch_size=4)  # fmt: skip
     dm.setup("fit")
     x, _ = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())))
@@ -119,3 +119,36 @@ def test_eval_batches_equal_the_bundles_preprocessing(tmp_path: Path) -> None:
     files = [val.dataset.samples[i][0] for i in val.indices[:4]]  # type: ignore[attr-defined]
     preset = EvalPreset(image_size=24)
     torch.testing.assert_close(x, torch.stack([preset(load_image(f)) for f in files]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "fractions, message",
+    [((0.6, 0.6), "sum must be below 1"), ((-0.1, 0.2), "must be in"), ((0.2, 1.0), "must be in")],
+)
+def test_split_fractions_that_overlap_are_refused(tmp_path: Path, fractions: tuple[float, float], message: str) -> None:
+    with pytest.raises(DataError, match=message):
+        FolderDataModule(_folder(tmp_path / "pets"), val_fraction=fractions[0], test_fraction=fractions[1])
+
+
+def test_a_split_left_empty_is_named(tmp_path: Path) -> None:
+    dm = FolderDataModule(_folder(tmp_path / "pets", n=2), val_fraction=0.1, test_fraction=0.1, image_size=32)
+    with pytest.raises(DataError, match=r"split of .* is empty"):
+        dm.setup("fit")
+
+
+@pytest.mark.parametrize("layout", ["one folder", "train and val folders"])
+def test_no_image_is_in_two_splits(tmp_path: Path, layout: str) -> None:
+    root = tmp_path / "pets"
+    if layout == "one folder":
+        _folder(root, n=20)
+    else:
+        _folder(root / "train", n=20)
+        _folder(root / "val", n=5)
+    dm = FolderDataModule(root, val_fraction=0.2, test_fraction=0.2, image_size=32, num_workers=0)
+    dm.setup("fit")
+    files = {split: dm.split_files(split) for split in ("train", "val", "test")}
+    assert all(files.values())
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        assert not set(files[a]) & set(files[b]), (a, b)
+    if layout != "one folder":  # no root/test: the test split is held out of train, not the validation split
+        assert all("/train/" in f for f in files["test"]) and len(files["test"]) == 8

@@ -135,9 +135,8 @@ def test_quality_without_masks_skips_the_mask_metrics(trained_run: Path, tmp_pat
         (tmp_path / "plain" / "test" / cls_dir.name).mkdir(parents=True)
         for f in sorted(cls_dir.glob("*.png"))[:2]:
             shutil.copy(f, tmp_path / "plain" / "test" / cls_dir.name / f.name)
-    metrics = json.loads((run / "metrics.json").read_text())
-    metrics["data_root"] = str(tmp_path / "plain")
-    (run / "metrics.json").write_text(json.dumps(metrics))
+    plain = sorted(str(f) for f in (tmp_path / "plain" / "test").rglob("*.png"))
+    (run / "test_files.txt").write_text("\n".join(plain) + "\n")  # the run's test split, as fit records it
     report = quality.evaluate(run, samples=4, metric_samples=2, methods=("layer_gradcam",), heatmaps=0)
     assert report["methods"]["layer_gradcam"]["pointing_game"] is None
     assert report["methods"]["layer_gradcam"]["infidelity"] is not None

@@ -35,7 +35,9 @@ def test_photos_train_explain_archive_and_serve(photos_root: Path, tmp_path: Pat
     run = (runs / "latest").resolve()
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["epochs"] == 2 and metrics["class_names"] == ["circle", "star"]
-    assert metrics["test_split"] == "val"  # root/train + root/val, no root/test: reported on val, and said so
+    assert metrics["test_split"].startswith("test: 15% of")  # no root/test: held out of train, and said so
+    test_files = (run / "test_files.txt").read_text().split()
+    assert test_files and all("/train/" in f for f in test_files)
 
     heatmaps = tmp_path / "heatmaps"
     proc = subprocess.run(
@@ -60,6 +62,6 @@ def test_photos_train_explain_archive_and_serve(photos_root: Path, tmp_path: Pat
             status, answer = server.post(photo.read_bytes())
             assert status == 200 and isinstance(answer, dict) and set(answer) == {"circle", "star"}, answer
             with torch.no_grad():
-                probs = bundle.model(bundle.transform(load_image(photo))[None]).softmax(1)[0]
+                probs = bundle.probabilities(bundle.transform(load_image(photo))[None])[0]
             for name, p in answer.items():
                 assert p == pytest.approx(float(probs[bundle.class_names.index(name)]), abs=1e-4)

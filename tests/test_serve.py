@@ -116,7 +116,7 @@ def test_served_probabilities_equal_in_process(server: Server, sample: dict[str,
         status, answer = server.post(raw, headers={"X-Topk": "5"})
         assert status == 200
         with torch.no_grad():
-            probs = bundle.model(bundle.transform(load_image(raw))[None]).softmax(1)[0]
+            probs = bundle.probabilities(bundle.transform(load_image(raw))[None])[0]
         expected = dict(zip(bundle.class_names, probs.tolist(), strict=True))
         for name, p in answer.items():  # type: ignore[union-attr]
             assert p == pytest.approx(expected[name], abs=1e-4)

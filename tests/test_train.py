@@ -31,6 +31,11 @@ def test_fit_fast_dev_run_writes_a_run_directory(tmp_path: Path, shapes_root: Pa
     assert metrics["pretrained"] is False and "weights=null" in metrics["pretrained_reason"]
     assert (run / "confusion_matrix.png").stat().st_size > 1000
     assert (run / "bundle" / "model.pt").is_file()
+    assert metrics["calibration"].keys() >= {"temperature", "ece_before", "ece_after", "nll_before", "nll_after"}
+    assert (run / "reliability.png").is_file()
+    assert (
+        json.loads((run / "bundle" / "model.json").read_text())["temperature"] == metrics["calibration"]["temperature"]
+    )
 
 
 @pytest.mark.slow

@@ -25,6 +25,8 @@ from torchvision.models import get_model
 from visionapp.transforms import EvalPreset
 
 WEIGHTS_FILE, META_FILE = "model.pt", "model.json"
+# Beside the bundle in a run directory: the test split's image files, one per line (what explain/ measures on).
+TEST_FILES = "test_files.txt"
 
 
 @dataclass
@@ -36,6 +38,15 @@ class Bundle:
     @property
     def class_names(self) -> list[str]:
         return list(self.meta["class_names"])
+
+    @property
+    def temperature(self) -> float:
+        """Divides the logits before the softmax: fitted on the validation split after training (1.0: none)."""
+        return float(self.meta.get("temperature", 1.0))
+
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """Calibrated class probabilities (N, classes) of a normalised batch; `model(x)` stays the raw logits."""
+        return (self.model(x) / self.temperature).softmax(dim=1)
 
 
 def versions() -> dict[str, str]:
@@ -57,6 +68,7 @@ def save_bundle(
     std: tuple[float, ...],
     pretrained: dict[str, Any],
     metrics: dict[str, Any],
+    temperature: float = 1.0,
 ) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -72,6 +84,7 @@ def save_bundle(
         "std": list(std),
         "pretrained": pretrained,
         "metrics": metrics,
+        "temperature": temperature,
         "versions": versions(),
     }
     if arch.startswith("vit_"):

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def first_test_image(run_dir: Path) -> Path:
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    split = Path(metrics["data_root"]) / metrics.get("test_split", "test")
+    split = Path(metrics["data_root"]) / "test"
     found = sorted(p for p in split.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
     if not found:
         raise SystemExit(f"no test images under {split}; pass --image")

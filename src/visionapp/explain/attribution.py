@@ -119,7 +119,7 @@ def explain(
 ) -> Explanation:
     x = bundle.transform(image)[None].to(device)
     with torch.no_grad():
-        probs = bundle.model(x).softmax(1)[0]
+        probs = bundle.probabilities(x)[0]  # calibrated
     pred = int(probs.argmax())
     tgt = pred if target is None else target_index(bundle.class_names, target)
     amap = attribute(

@@ -35,7 +35,7 @@ from rich.table import Table
 from scipy.stats import spearmanr
 from torch import nn
 
-from visionapp.bundle import load_bundle
+from visionapp.bundle import TEST_FILES, load_bundle
 from visionapp.explain.attribution import Explanation, attribute, equivalent_passes, to_original_size
 from visionapp.explain.heatmap import expand, save_figure
 from visionapp.explain.methods import METHODS, check_method
@@ -138,8 +138,12 @@ def evaluate(
     for p in model.parameters():
         p.requires_grad_(False)  # attributions need input gradients only
     metrics = json.loads((run / "metrics.json").read_text())
-    split_dir = Path(metrics.get("data_root") or "") / metrics.get("test_split", "test")
-    files = expand([str(split_dir)]) if split_dir.is_dir() else []
+    listed = run / TEST_FILES  # written by fit for folder data; other runs: the data root's test/ folder
+    split_dir = Path(metrics.get("data_root") or "") / "test"
+    if listed.is_file():
+        files = sorted((Path(f) for f in listed.read_text().split("\n") if f), key=lambda f: (f.parent.name, f.name))
+    else:
+        files = expand([str(split_dir)]) if split_dir.is_dir() else []
     if not files:
         raise SystemExit(f"no test images at {split_dir} (from {run}/metrics.json); run `make train` first")
     rng = np.random.default_rng(seed)
@@ -219,16 +223,16 @@ def evaluate(
         results[method] = entry
         (out_dir / method).mkdir(parents=True, exist_ok=True)
         with torch.no_grad():
-            probs = model(x).softmax(1)
+            probs = bundle.probabilities(x)  # calibrated, as the heatmap titles say
         for i in metric_subset(len(files), heatmaps) if heatmaps else []:  # from the maps already computed
-            names, p = bundle.class_names, probs[i]
+            names, prob = bundle.class_names, probs[i]
             e = Explanation(
                 images[i],
                 to_original_size(amaps[i], images[i].size),
                 names[int(target[i])],
-                float(p.max()),
+                float(prob.max()),
                 names[int(target[i])],
-                float(p.max()),
+                float(prob.max()),
             )
             save_figure(e, method, out_dir / method / f"{files[i].parent.name}_{files[i].stem}.png")
         say(f"{method}: done")

@@ -104,7 +104,7 @@ class ImageClassifierHandler(BaseHandler):
             return
         try:
             with torch.inference_mode():
-                probs = self.model(torch.stack(tensors).to(self.device)).softmax(dim=1).cpu()
+                probs = self.bundle.probabilities(torch.stack(tensors).to(self.device)).cpu()  # calibrated
         except Exception as e:  # the forward itself failed: every request in it gets the fault
             for idx, _, _ in ready:
                 out[idx] = self._failure(idx, e)

@@ -20,8 +20,9 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from visionapp.bundle import save_bundle, versions
-from visionapp.train.data import ImageDataModule
+from visionapp.bundle import TEST_FILES, save_bundle, versions
+from visionapp.train import calibration
+from visionapp.train.data import FolderDataModule, ImageDataModule
 from visionapp.train.module import ImageClassifier
 
 matplotlib.use("Agg")  # files only; no display on servers and CI
@@ -112,6 +113,13 @@ class CLI(LightningCLI):
             )
 
 
+def test_split(data: ImageDataModule) -> str:
+    """Where the test figures come from, said plainly."""
+    if isinstance(data, FolderDataModule) and (data.root / "train").is_dir() and not (data.root / "test").is_dir():
+        return f"test: {data.test_fraction:.0%} of {data.root / 'train'} held out (seeded), no {data.root / 'test'}"
+    return "test"
+
+
 def write_run(
     run_dir: Path,
     module: ImageClassifier,
@@ -126,6 +134,13 @@ def write_run(
     """metrics.json, confusion_matrix.png and bundle/ of a finished fit; then point runs/latest here."""
     run_dir.mkdir(parents=True, exist_ok=True)
     arch = module.hparams["arch"]
+    # Calibration: a temperature fitted on val (the best checkpoint's logits), measured on test.
+    val, test = (
+        calibration.collect_logits(module.model, loader, data.on_after_batch_transfer, module.device)
+        for loader in (data.val_dataloader(), data.test_dataloader())
+    )
+    calibrated = calibration.calibrate(val, test)
+    calibration.reliability_diagram(*test, calibrated["temperature"], run_dir / "reliability.png")
     metrics = {
         "arch": arch,
         "dataset": data.name,
@@ -138,7 +153,7 @@ def write_run(
         "val_acc": val_acc,
         "test_acc": test_results.get("test/acc"),
         "test_acc_per_class": {c: test_results.get(f"test/acc_{c}") for c in module.class_names},
-        "test_split": "test" if "test" in data.splits and data.splits["test"] is not data.splits.get("val") else "val",
+        "test_split": test_split(data),
         "epochs": trainer.current_epoch,
         "global_steps": trainer.global_step,
         "wall_seconds": round(throughput.wall_seconds, 2),
@@ -147,9 +162,12 @@ def write_run(
         "precision": str(trainer.precision),
         "world_size": trainer.world_size,
         "best_checkpoint": getattr(trainer.checkpoint_callback, "best_model_path", "") or None,
+        "calibration": calibrated,
         "versions": versions(),
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if isinstance(data, FolderDataModule):  # the held-out images, for the explain stage (no data module there)
+        (run_dir / TEST_FILES).write_text("\n".join(data.split_files("test")) + "\n")
 
     fig, ax = module.test_confusion.plot(val=confusion, labels=module.class_names)
     assert isinstance(ax, Axes) and isinstance(fig, Figure)
@@ -168,6 +186,7 @@ def write_run(
         std=data.std,
         pretrained=module.pretrained_info.to_dict(),
         metrics={k: metrics[k] for k in ("dataset", "val_acc", "test_acc", "epochs")},
+        temperature=calibrated["temperature"],
     )
     latest = run_dir.parent / "latest"
     tmp = run_dir.parent / f".latest-{os.getpid()}"
@@ -175,7 +194,10 @@ def write_run(
     tmp.symlink_to(run_dir.name)  # relative, so the runs folder can move
     os.replace(tmp, latest)
     log.info("run written to %s (runs/latest points here)", run_dir)
-    print(f"\nRun: {run_dir}  test_acc={metrics['test_acc']:.4f}  wall_seconds={metrics['wall_seconds']}")
+    print(
+        f"\nRun: {run_dir}  test_acc={metrics['test_acc']:.4f}  wall_seconds={metrics['wall_seconds']}  "
+        f"ECE {calibrated['ece_before']:.3f} → {calibrated['ece_after']:.3f} (temperature {calibrated['temperature']})"
+    )
 
 
 def cli_main(args: list[str] | None = None) -> CLI:

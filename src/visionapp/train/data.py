@@ -130,6 +130,16 @@ def scan_class_folders(split_dir: Path, *, verify: bool = True) -> list[str]:
     return classes
 
 
+def check_fractions(**fractions: float) -> None:
+    """Split fractions must leave room for every split: each in [0, 1), their sum below 1."""
+    for name, f in fractions.items():
+        if not 0 <= f < 1:
+            raise DataError(f"{name}={f} must be in [0, 1): the share of the images that go to that split")
+    if sum(fractions.values()) >= 1:
+        given = ", ".join(f"{k}={v}" for k, v in fractions.items())
+        raise DataError(f"{given} leave nothing to train on (their sum must be below 1); lower them")
+
+
 def _split_indices(n: int, fractions: Sequence[float], seed: int) -> list[list[int]]:
     """Seeded random partition of range(n): the first part takes what the fractions leave."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
@@ -173,6 +183,7 @@ class FolderDataModule(ImageDataModule):
         )
         self.root = Path(root)
         self.name = self.root.name  # the folder's name stands for the data set in metrics.json
+        check_fractions(val_fraction=val_fraction, test_fraction=test_fraction)
         self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
         self.verify_images = verify_images
 
@@ -201,6 +212,7 @@ class FolderDataModule(ImageDataModule):
             )
             tr, va, te = _split_indices(len(train), [self.val_fraction, self.test_fraction], self.split_seed)
             self.splits = {"train": Subset(train, tr), "val": Subset(evaluation, va), "test": Subset(evaluation, te)}
+            self._check_not_empty()
             return
         if not (self.root / "val").is_dir():
             raise DataError(
@@ -220,7 +232,27 @@ class FolderDataModule(ImageDataModule):
                 )
             t = self.train_transform if split == "train" else self.eval_transform
             self.splits[split] = datasets.ImageFolder(d, t, loader=load_image)
-        self.splits.setdefault("test", self.splits["val"])  # no test/: report on val, said in metrics.json
+        if "test" not in self.splits:  # no test/: carve a seeded test_fraction out of train, never reuse val
+            train = self.splits["train"]
+            tr, te = _split_indices(len(train), [self.test_fraction], self.split_seed)  # type: ignore[arg-type]
+            held_out = datasets.ImageFolder(self.root / "train", self.eval_transform, loader=load_image)
+            self.splits["train"], self.splits["test"] = Subset(train, tr), Subset(held_out, te)
+        self._check_not_empty()
+
+    def _check_not_empty(self) -> None:
+        for split, ds in self.splits.items():
+            if len(ds) == 0:  # type: ignore[arg-type]
+                raise DataError(
+                    f"the {split} split of {self.root} is empty ({ {k: len(v) for k, v in self.splits.items()} } "  # type: ignore[arg-type]
+                    f"images); add images, or raise val_fraction/test_fraction so that each split gets some"
+                )
+
+    def split_files(self, split: str) -> list[str]:
+        """The image files of a split, in the split's order (the run records the test split's for explain/)."""
+        ds = self.splits[split]
+        indices = ds.indices if isinstance(ds, Subset) else range(len(ds))  # type: ignore[arg-type]
+        base = ds.dataset if isinstance(ds, Subset) else ds
+        return [str(base.samples[i][0]) for i in indices]  # type: ignore[attr-defined]
 
 
 class ShapesDataModule(FolderDataModule):
@@ -328,6 +360,7 @@ class TorchvisionDataModule(ImageDataModule):
             std=std,
             crop_scale=crop_scale,
         )
+        check_fractions(val_fraction=val_fraction)
         self.set_name = self.name = name
         self.dataset = TORCHVISION_SETS[name]
         self.root = Path(root)
