@@ -49,7 +49,10 @@ SAMPLES ?= 50
 explain: $(STAMP) ## Captum heatmaps for a sample of RUN's test split + quality table (RUN=runs/latest SAMPLES=50)
 	$(PY) -m visionapp.explain --run $(RUN) --samples $(SAMPLES)
 	@echo "heatmaps: $(RUN)/explanations/<method>/*.png; your own images: python explain/heatmap.py --help"
-.PHONY: explain
+report: $(STAMP) ## rebuild RUN's report.html (metrics, calibration, mistakes, quality) and print where it is
+	$(PY) -m visionapp.explain.report --run $(RUN)
+	@echo "open file://$(realpath $(RUN))/report.html"
+.PHONY: explain report
 
 # ---- archive and serve ---------------------------------------------------------------------------------------
 MODEL_NAME      ?= classifier
@@ -82,23 +85,26 @@ TS_ARGS = --ts-config $(abspath $(TS_CONFIG)) $(if $(TS_LOG_CONFIG),--log-config
 
 archive: $(STAMP) ## pack RUN's bundle into $(MODEL_STORE)/$(MODEL_NAME).mar with torch-model-archiver (MODEL_CONFIG=serve/model-config.yaml)
 	$(PY) -m visionapp.serve.archive --bundle $(RUN)/bundle --name $(MODEL_NAME) --out $(MODEL_STORE) --model-config $(MODEL_CONFIG)
+	@echo "$(ARCHIVE_INPUTS)" > $(ARCHIVE_STAMP)
 
 java-check:
 	@command -v java >/dev/null || { echo "TorchServe needs Java 17 or newer: sudo apt-get install openjdk-17-jre-headless (or brew install openjdk@17)"; exit 1; }
 
 # The archive is rebuilt whenever what it packs changed: the run's bundle (RUN moving to another run counts,
 # runs/latest after a new make train included), the model config, or the serving code. Its version is the run's
-# name: GET /models/$(MODEL_NAME) on the management API shows which run is served. (A store archived elsewhere,
-# with no RUN here, is served as it is.)
+# name: GET /models/$(MODEL_NAME) on the management API shows which run is served. Only an archive make made (its
+# stamp beside it) or a missing one is managed so; a store archived elsewhere (the bench's, a test's) is served
+# as it is.
 SERVING_CODE := $(wildcard src/visionapp/*.py src/visionapp/serve/*.py src/visionapp/explain/*.py)
 RUN_BUNDLE = $(wildcard $(RUN)/bundle/model.pt $(RUN)/bundle/model.json)
 ARCHIVE_INPUTS = $(realpath $(RUN)) $(abspath $(MODEL_CONFIG))
-$(MODEL_STORE)/.$(MODEL_NAME).inputs: FORCE
+ARCHIVE_STAMP = $(MODEL_STORE)/.$(MODEL_NAME).inputs
+MANAGED = $(or $(wildcard $(ARCHIVE_STAMP)),$(if $(wildcard $(MODEL_STORE)/$(MODEL_NAME).mar),,missing))
+$(ARCHIVE_STAMP): FORCE
 	@mkdir -p $(MODEL_STORE)
 	@echo "$(ARCHIVE_INPUTS)" | cmp -s - $@ || echo "$(ARCHIVE_INPUTS)" > $@
 
-$(MODEL_STORE)/$(MODEL_NAME).mar: $(if $(RUN_BUNDLE),$(MODEL_STORE)/.$(MODEL_NAME).inputs $(RUN_BUNDLE)) \
-                                  $(MODEL_CONFIG) $(SERVING_CODE)
+$(MODEL_STORE)/$(MODEL_NAME).mar: $(if $(MANAGED),$(ARCHIVE_STAMP) $(RUN_BUNDLE) $(MODEL_CONFIG) $(SERVING_CODE))
 	$(MAKE) archive
 
 FORCE:

@@ -65,8 +65,12 @@ def test_randomisation_check_separates_trained_from_random(trained_run: Path) ->
 
     trained = attribute(bundle.model, x, target, "layer_gradcam")
     random = attribute(quality.randomized_copy(bundle.model), x, target, "layer_gradcam")
-    assert quality.spearman(trained, trained) == pytest.approx(1.0)
-    assert quality.spearman(trained, random) < 0.5
+    assert quality.spearman(trained, trained) == (pytest.approx(1.0), 0)
+    rho, undefined = quality.spearman(trained, random)
+    assert rho < 0.5 and undefined == 0
+    flat = trained.clone()
+    flat[0] = 0.0  # a constant map: no ranking; counted against the check, not taken as a correlation of 0
+    assert quality.spearman(flat, random)[1] == 1
 
 
 def test_unknown_method_and_missing_bundle_are_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -121,7 +125,11 @@ def test_quality_report_has_every_key(trained_run: Path, tmp_path: Path) -> None
     saved = json.loads((run / "explanations" / "quality.json").read_text())
     assert saved["methods"].keys() == set(METHODS)
     for entry in saved["methods"].values():
-        assert entry.keys() == keys and all(np.isfinite(v) for v in entry.values())
+        assert entry.keys() == keys | {"randomization_passed"}
+        assert all(np.isfinite(entry[k]) for k in keys if k != "randomization_spearman")
+        assert entry["randomization_passed"] == (
+            entry["randomization_spearman"] < 0.5 and not entry["randomization_undefined"]
+        )
     assert report["ig50_vs_passes"]["ratio"] > 0
     assert len(list((run / "explanations" / "layer_gradcam").glob("*.png"))) == 1
 
@@ -140,3 +148,41 @@ def test_quality_without_masks_skips_the_mask_metrics(trained_run: Path, tmp_pat
     report = quality.evaluate(run, samples=4, metric_samples=2, methods=("layer_gradcam",), heatmaps=0)
     assert report["methods"]["layer_gradcam"]["pointing_game"] is None
     assert report["methods"]["layer_gradcam"]["infidelity"] is not None
+
+
+@pytest.mark.slow
+def test_make_explain_gives_the_same_table_twice(trained_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("checkpoints"))
+    tables = []
+    for _ in range(2):
+        report = quality.evaluate(run, samples=6, metric_samples=2, heatmaps=0, methods=("gradient_shap", "occlusion"))
+        tables.append(
+            {m: {k: v for k, v in e.items() if k != "seconds_per_image"} for m, e in report["methods"].items()}
+        )
+    assert json.dumps(tables[0]) == json.dumps(tables[1])  # gradient SHAP's random baselines included: seeded per call
+
+
+@pytest.mark.slow
+def test_the_run_report_shows_mistakes_and_renders_in_a_browser(trained_run: Path, tmp_path: Path) -> None:
+    from visionapp.explain import report
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("checkpoints"))
+    page = report.build(run).read_text()
+    mistakes = report.confident_mistakes(run)
+    assert mistakes and all(m["truth"] != m["predicted"] for m in mistakes)  # a 5-epoch model makes some
+    assert [m["probability"] for m in mistakes] == sorted((m["probability"] for m in mistakes), reverse=True)
+    assert f"is {mistakes[0]['truth']}, predicted {mistakes[0]['predicted']}" in page
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no Chromium here to render the page (apt-get install chromium)")
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+         f"--screenshot={shot}", "--window-size=1100,2400", (run / "report.html").as_uri()],
+        capture_output=True, timeout=120, check=True,
+    )  # fmt: skip
+    rendered = Image.open(shot).convert("L")
+    assert rendered.size == (1100, 2400) and len(set(rendered.getdata())) > 50  # drawn, not a blank page

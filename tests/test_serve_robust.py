@@ -46,7 +46,8 @@ def gathering(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     tmp = tmp_path_factory.mktemp("gathering")
     (tmp / "model-config.yaml").write_text(GATHERING_CONFIG)
     build_archive(trained_run / "bundle", out=tmp / "store", model_config=tmp / "model-config.yaml")
-    with LocalServer(tmp / "store", tmp / "serve") as server:
+    # RUN names a valid run: an archive made elsewhere is still served as it is, not rebuilt from that run.
+    with LocalServer(tmp / "store", tmp / "serve", "classifier", f"RUN={trained_run}") as server:
         yield server
 
 
@@ -113,7 +114,7 @@ def test_limits_per_request_are_413_naming_the_limit(gathering: LocalServer, tra
 def test_expired_keys_are_renewed_by_the_client(trained_run: Path, tmp_path: Path) -> None:
     config = tmp_path / "config.properties"
     text = (ROOT / "serve" / "config.properties").read_text()
-    config.write_text(text.replace("token_expiration_min=60", "token_expiration_min=0.2"))  # 12 s
+    config.write_text(text.replace("token_expiration_min=60", "token_expiration_min=0.1"))  # 6 s
     build_archive(trained_run / "bundle", out=tmp_path / "store", model_config=ROOT / "serve" / "model-config.yaml")
     image = tmp_path / "star.png"
     image.write_bytes(_png(trained_run))
@@ -122,7 +123,7 @@ def test_expired_keys_are_renewed_by_the_client(trained_run: Path, tmp_path: Pat
         first = subprocess.run(predict, cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert first.returncode == 0 and "HTTP 200" in first.stdout, first.stdout + first.stderr
         old_key = server.key
-        time.sleep(15)
+        time.sleep(8)
         status, body = call(server.url(), old_key, image.read_bytes())
         assert 400 <= status < 500 and b"InvalidKey" in body, (status, body)  # the old key is refused
         again = subprocess.run(predict, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -153,7 +154,7 @@ def test_a_failed_start_leaves_no_server_behind(trained_run: Path, tmp_path: Pat
     config = tmp_path / "model-config.yaml"
     config.write_text("minWorkers: 1\nmaxWorkers: 1\nhandler:\n  maxImagesPerPredicton: 3\n")  # a typo: no worker
     build_archive(trained_run / "bundle", out=tmp_path / "store", model_config=config)
-    server = LocalServer(tmp_path / "store", tmp_path / "serve", "classifier", "WAIT_TIMEOUT=20")
+    server = LocalServer(tmp_path / "store", tmp_path / "serve", "classifier", "WAIT_TIMEOUT=10")
     with pytest.raises(subprocess.CalledProcessError):
         server.start()
     time.sleep(2)

@@ -73,23 +73,25 @@ def _integrated_gradients(model, x, target, base, o: Options) -> torch.Tensor:
 
 
 def _gradient_shap(model, x, target, base, o: Options) -> torch.Tensor:
-    # Baselines drawn around each image's own reference, one image at a time, from a seeded generator of its
-    # own: the same image gives the same map, whatever ran before.
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    noise = torch.randn((8, *x.shape[1:]), generator=gen).to(x) * 0.1
+    # Baselines drawn around each image's own reference, one image at a time; GradientShap draws its samples from
+    # the global generator, so the call runs on a forked, seeded one: the same image gives the same map, whatever
+    # ran before, and the caller's random stream is left as it was.
     gs = GradientShap(model)
-    return torch.cat(
-        [
-            gs.attribute(
-                x[i : i + 1],
-                baselines=base[i : i + 1] + noise,
-                n_samples=GRADIENT_SHAP_SAMPLES,
-                stdevs=0.1,
-                target=target[i : i + 1],
-            )
-            for i in range(len(x))
-        ]
-    )
+    with torch.random.fork_rng(devices=[x.device.index or 0] if x.is_cuda else []):
+        torch.manual_seed(0)
+        noise = torch.randn((8, *x.shape[1:])).to(x) * 0.1
+        return torch.cat(
+            [
+                gs.attribute(
+                    x[i : i + 1],
+                    baselines=base[i : i + 1] + noise,
+                    n_samples=GRADIENT_SHAP_SAMPLES,
+                    stdevs=0.1,
+                    target=target[i : i + 1],
+                )
+                for i in range(len(x))
+            ]
+        )
 
 
 def _occlusion(model, x, target, base, o: Options) -> torch.Tensor:

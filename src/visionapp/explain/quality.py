@@ -11,6 +11,7 @@ and prints the table. Metrics per method:
   randomization_spearman  mean Spearman correlation between the trained model's maps and those of the same
                           architecture re-initialised (Adebayo et al. 2018); < 0.5 means the map depends on
                           what the model learned
+  randomization_undefined maps (of either model) that are constant, so have no ranking: each fails the check
   seconds_per_image       wall time of the attribution alone
 Mask metrics need the shapes data set's masks; for other data they are skipped with a message.
 """
@@ -23,6 +24,7 @@ import json
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +34,11 @@ from PIL import Image
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
-from scipy.stats import spearmanr
+from scipy.stats import ConstantInputWarning, spearmanr
 from torch import nn
 
 from visionapp.bundle import TEST_FILES, load_bundle
+from visionapp.explain import report as run_report
 from visionapp.explain.attribution import Explanation, attribute, equivalent_passes, to_original_size
 from visionapp.explain.heatmap import expand, save_figure
 from visionapp.explain.methods import METHODS, check_method
@@ -48,6 +51,7 @@ METRIC_KEYS = (
     "infidelity",
     "sensitivity_max",
     "randomization_spearman",
+    "randomization_undefined",
     "seconds_per_image",
 )
 
@@ -76,10 +80,17 @@ def randomized_copy(model: nn.Module, seed: int = 0) -> nn.Module:
     return rnd.eval()
 
 
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean per-image Spearman rank correlation between two sets of maps (a constant map counts as 0)."""
-    rs = [spearmanr(x.flatten().numpy(), y.flatten().numpy()).statistic for x, y in zip(a, b, strict=True)]
-    return float(np.mean([0.0 if np.isnan(r) else r for r in rs]))
+def spearman(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
+    """Mean per-image Spearman rank correlation between two sets of maps, over the images where it is defined,
+    and how many it is not: a constant map has no ranking. Those count against the randomisation check (a
+    method that gives a flat map has shown nothing), reported beside the mean instead of being taken as 0."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConstantInputWarning)  # counted below
+        rs = np.array(
+            [spearmanr(x.flatten().numpy(), y.flatten().numpy()).statistic for x, y in zip(a, b, strict=True)]
+        )
+    defined = rs[~np.isnan(rs)]
+    return (float(defined.mean()) if len(defined) else float("nan")), int(np.isnan(rs).sum())
 
 
 def method_vs_passes(model: nn.Module, x: torch.Tensor, method: str, repeats: int = 5) -> dict[str, float]:
@@ -219,7 +230,9 @@ def evaluate(
             .item()
         )
         say(f"{method}: infidelity and sensitivity done")
-        entry["randomization_spearman"] = spearman(amaps[subset], attribute(randomized, xs, ts, method))
+        rho, undefined = spearman(amaps[subset], attribute(randomized, xs, ts, method))
+        entry["randomization_spearman"], entry["randomization_undefined"] = rho, undefined
+        entry["randomization_passed"] = bool(rho < 0.5 and undefined == 0)
         results[method] = entry
         (out_dir / method).mkdir(parents=True, exist_ok=True)
         with torch.no_grad():
@@ -247,7 +260,7 @@ def evaluate(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "quality.json").write_text(json.dumps(report, indent=2))
     print_table(report, console)
-    say(f"wrote {out_dir / 'quality.json'} and sample heatmaps under {out_dir}")
+    say(f"wrote {out_dir / 'quality.json'} and sample heatmaps under {out_dir}; {run_report.build(run)} updated")
     return report
 
 

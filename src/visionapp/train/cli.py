@@ -21,6 +21,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from visionapp.bundle import TEST_FILES, save_bundle, versions
+from visionapp.explain import report
 from visionapp.train import calibration
 from visionapp.train.data import FolderDataModule, ImageDataModule
 from visionapp.train.module import ImageClassifier
@@ -188,6 +189,7 @@ def write_run(
         metrics={k: metrics[k] for k in ("dataset", "val_acc", "test_acc", "epochs")},
         temperature=calibrated["temperature"],
     )
+    report.build(run_dir)  # report.html: the run at a glance (make explain adds its quality table)
     latest = run_dir.parent / "latest"
     tmp = run_dir.parent / f".latest-{os.getpid()}"
     tmp.unlink(missing_ok=True)

@@ -1,0 +1,155 @@
+"""The run report: one self-contained HTML page to look at a run (images inlined, no other files needed).
+
+    python -m visionapp.explain.report --run runs/latest      (make report; written by fit, refreshed by make explain)
+
+Metrics, calibration (the reliability diagram before/after), the confusion matrix and per-class accuracy, the
+most confident mistakes of the test split with their Grad-CAM heatmaps, the data, the versions and the config
+that ran; the explanation quality table when `make explain` has measured it. Built from the run directory and
+its bundle only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+from pathlib import Path
+
+import torch
+
+from visionapp.bundle import TEST_FILES, load_bundle
+from visionapp.explain.attribution import explain, overlay_png
+from visionapp.explain.methods import METHODS
+from visionapp.transforms import load_image
+
+MISTAKES = 6
+
+
+def _img(data: bytes, alt: str, width: int | None = None) -> str:
+    size = f' width="{width}"' if width else ""
+    return f'<img alt="{html.escape(alt)}"{size} src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    return "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in rows) + "</table>"
+
+
+def confident_mistakes(run: Path, n: int = MISTAKES) -> list[dict]:
+    """The test images the model got wrong with the highest (calibrated) confidence, with a heatmap of why."""
+    listed = run / TEST_FILES
+    if not listed.is_file():
+        return []
+    bundle = load_bundle(run / "bundle")
+    files = [Path(f) for f in listed.read_text().split("\n") if f]
+    labels = [bundle.class_names.index(f.parent.name) for f in files]
+    probs = []
+    with torch.no_grad():
+        for i in range(0, len(files), 64):
+            x = torch.stack([bundle.transform(load_image(f)) for f in files[i : i + 64]])
+            probs.append(bundle.probabilities(x))
+    p = torch.cat(probs)
+    conf, pred = p.max(1)
+    wrong = [i for i in conf.argsort(descending=True).tolist() if pred[i] != labels[i]][:n]
+    method = "layer_gradcam" if "layer_gradcam" in METHODS else next(iter(METHODS))
+    out = []
+    for i in wrong:
+        image = load_image(files[i])
+        e = explain(bundle, image, method)
+        out.append({"file": str(files[i]), "truth": bundle.class_names[labels[i]], "predicted": e.predicted,
+                    "probability": e.probability, "heatmap": overlay_png(image, e.attr_map)})  # fmt: skip
+    return out
+
+
+def _png(path: Path) -> bytes | None:
+    return path.read_bytes() if path.is_file() else None
+
+
+def build(run: Path) -> Path:
+    run = Path(run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    meta = json.loads((run / "bundle" / "model.json").read_text())
+    parts = [f"<h1>Run {html.escape(run.resolve().name)}</h1>"]
+    cal = metrics.get("calibration") or {}
+    parts.append("<h2>Metrics</h2>" + _table([
+        ("architecture", html.escape(metrics["arch"])),
+        ("data", html.escape(f"{metrics['dataset']} ({metrics.get('data_root')})")),
+        ("test split", html.escape(str(metrics.get("test_split")))),
+        ("test accuracy", f"<b>{metrics['test_acc']:.4f}</b>"),
+        ("validation accuracy", f"{metrics['val_acc']:.4f}" if metrics.get("val_acc") is not None else "—"),
+        ("pretrained", html.escape(f"{metrics['pretrained']} ({metrics.get('pretrained_reason') or ''})")),
+        ("epochs, wall time", f"{metrics['epochs']}, {metrics['wall_seconds']} s on {html.escape(metrics['device'])}"),
+        ("image size", f"{meta['image_size']} px"),
+    ]))  # fmt: skip
+    if cal:
+        parts.append(
+            "<h2>Calibration</h2>"
+            + _table(
+                [
+                    ("temperature (fitted on val)", f"{cal['temperature']}"),
+                    (
+                        "expected calibration error (test, 15 bins)",
+                        f"{cal['ece_before']:.4f} → <b>{cal['ece_after']:.4f}</b>",
+                    ),
+                    ("negative log-likelihood (test)", f"{cal['nll_before']:.4f} → {cal['nll_after']:.4f}"),
+                ]
+            )
+        )
+        if reliability := _png(run / "reliability.png"):
+            parts.append(_img(reliability, "reliability diagram before and after temperature scaling", 900))
+    per_class = metrics.get("test_acc_per_class") or {}
+    parts.append(
+        "<h2>Per class</h2>" + _table([(c, f"{a:.3f}" if a is not None else "—") for c, a in per_class.items()])
+    )
+    if confusion := _png(run / "confusion_matrix.png"):
+        parts.append(_img(confusion, "confusion matrix of the test split", 600))
+    mistakes = confident_mistakes(run)
+    parts.append("<h2>Most confident mistakes (test split, Grad-CAM)</h2>")
+    if not mistakes:
+        parts.append("<p>None: every test image is right, or the run lists no test files (a torchvision set).</p>")
+    for m in mistakes:
+        caption = f"{Path(m['file']).name}: is {m['truth']}, predicted {m['predicted']} ({m['probability']:.1%})"
+        parts.append(
+            f"<figure>{_img(m['heatmap'], caption, 220)}<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
+    quality = run / "explanations" / "quality.json"
+    if quality.is_file():
+        q = json.loads(quality.read_text())
+        keys = list(next(iter(q["methods"].values())))
+
+        def cell(v: object) -> str:
+            return "—" if v is None else html.escape(f"{v:.3g}" if isinstance(v, float) else str(v))
+
+        rows = "".join(
+            f"<tr><th>{m}</th>" + "".join(f"<td>{cell(e[k])}</td>" for k in keys) + "</tr>"
+            for m, e in q["methods"].items()
+        )
+        parts.append(f"<h2>Explanation quality ({q['samples']} test images)</h2><table><tr><th></th>"
+                     + "".join(f"<th>{k}</th>" for k in keys) + f"</tr>{rows}</table>")  # fmt: skip
+    parts.append("<h2>Versions</h2>" + _table([(k, html.escape(v)) for k, v in metrics.get("versions", {}).items()]))
+    config = run / "config.yaml"
+    if config.is_file():
+        parts.append(f"<h2>Config that ran</h2><pre>{html.escape(config.read_text())}</pre>")
+    style = (
+        "body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222} "
+        "table{border-collapse:collapse;margin:.5em 0} th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left} "
+        "figure{display:inline-block;margin:.4em;width:220px;vertical-align:top} figcaption{font-size:.8em} "
+        "pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:.8em}"
+    )
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(run.resolve().name)}</title>"
+    page += f"<style>{style}</style></head><body>{''.join(parts)}</body></html>"
+    out = run / "report.html"
+    out.write_text(page)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", default="runs/latest")
+    args = ap.parse_args(argv)
+    print(f"written: {build(Path(args.run))}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
