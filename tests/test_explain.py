@@ -63,8 +63,8 @@ def test_randomisation_check_separates_trained_from_random(trained_run: Path) ->
     target = bundle.model(x).argmax(1)
     from visionapp.explain.attribution import attribute
 
-    trained = attribute(bundle.model, x, target, "layer_gradcam")
-    random = attribute(quality.randomized_copy(bundle.model), x, target, "layer_gradcam")
+    trained = attribute(bundle.model, x, target, "integrated_gradients", ig_steps=16)
+    random = attribute(quality.randomized_copy(bundle.model), x, target, "integrated_gradients", ig_steps=16)
     assert quality.spearman(trained, trained) == (pytest.approx(1.0), 0)
     rho, undefined = quality.spearman(trained, random)
     assert rho < 0.5 and undefined == 0
@@ -157,8 +157,11 @@ def test_make_explain_gives_the_same_table_twice(trained_run: Path, tmp_path: Pa
     tables = []
     for _ in range(2):
         report = quality.evaluate(run, samples=6, metric_samples=2, heatmaps=0, methods=("gradient_shap", "occlusion"))
-        tables.append(
-            {m: {k: v for k, v in e.items() if k != "seconds_per_image"} for m, e in report["methods"].items()}
+        tables.append(  # rounded: the float sums of a multithreaded backward may differ in the last digits
+            {
+                m: {k: round(v, 5) for k, v in e.items() if k != "seconds_per_image"}
+                for m, e in report["methods"].items()
+            }
         )
     assert json.dumps(tables[0]) == json.dumps(tables[1])  # gradient SHAP's random baselines included: seeded per call
 

@@ -57,7 +57,7 @@ def test_photos_train_explain_archive_and_serve(photos_root: Path, tmp_path: Pat
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     bundle = load_bundle(run / "bundle")
-    with LocalServer(store, tmp_path / "serve") as server:
+    with LocalServer(store, tmp_path / "serve", "classifier", f"RUN={run}") as server:
         for photo in (cmyk, sideways, photos_root / "val" / "circle" / "IMG_0001.jpg"):  # CMYK, EXIF, grayscale
             status, answer = server.post(photo.read_bytes())
             assert status == 200 and isinstance(answer, dict) and set(answer) == {"circle", "star"}, answer

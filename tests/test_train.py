@@ -34,7 +34,7 @@ def test_fit_fast_dev_run_writes_a_run_directory(tmp_path: Path, shapes_root: Pa
     assert metrics["calibration"].keys() >= {"temperature", "ece_before", "ece_after", "nll_before", "nll_after"}
     assert (run / "reliability.png").is_file()
     page = (run / "report.html").read_text()  # one self-contained page: images inlined
-    for section in ("Metrics", "Calibration", "Per class", "Most confident mistakes", "Versions", "Config that ran"):
+    for section in ("Metrics", "Calibration", "Per class", "Most confident mistakes", "Versions"):
         assert f"<h2>{section}" in page, section
     assert page.count("data:image/png;base64,") >= 2 and 'src="http' not in page
     assert (

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from captum.attr import GradientShap, IntegratedGradients, LayerAttribution, LayerGradCam, NoiseTunnel, Occlusion
 from torch import nn
@@ -73,25 +74,31 @@ def _integrated_gradients(model, x, target, base, o: Options) -> torch.Tensor:
 
 
 def _gradient_shap(model, x, target, base, o: Options) -> torch.Tensor:
-    # Baselines drawn around each image's own reference, one image at a time; GradientShap draws its samples from
-    # the global generator, so the call runs on a forked, seeded one: the same image gives the same map, whatever
-    # ran before, and the caller's random stream is left as it was.
+    # Baselines drawn around each image's own reference, one image at a time. GradientShap draws from torch's and
+    # numpy's global generators (its noise, its points between baseline and input), so the call runs on forked,
+    # seeded ones: the same image gives the same map whatever ran before, and the caller's streams are left as
+    # they were.
     gs = GradientShap(model)
-    with torch.random.fork_rng(devices=[x.device.index or 0] if x.is_cuda else []):
-        torch.manual_seed(0)
-        noise = torch.randn((8, *x.shape[1:])).to(x) * 0.1
-        return torch.cat(
-            [
-                gs.attribute(
-                    x[i : i + 1],
-                    baselines=base[i : i + 1] + noise,
-                    n_samples=GRADIENT_SHAP_SAMPLES,
-                    stdevs=0.1,
-                    target=target[i : i + 1],
-                )
-                for i in range(len(x))
-            ]
-        )
+    numpy_state = np.random.get_state()
+    np.random.seed(0)
+    try:
+        with torch.random.fork_rng(devices=[x.device.index or 0] if x.is_cuda else []):
+            torch.manual_seed(0)
+            noise = torch.randn((8, *x.shape[1:])).to(x) * 0.1
+            return torch.cat(
+                [
+                    gs.attribute(
+                        x[i : i + 1],
+                        baselines=base[i : i + 1] + noise,
+                        n_samples=GRADIENT_SHAP_SAMPLES,
+                        stdevs=0.1,
+                        target=target[i : i + 1],
+                    )
+                    for i in range(len(x))
+                ]
+            )
+    finally:
+        np.random.set_state(numpy_state)
 
 
 def _occlusion(model, x, target, base, o: Options) -> torch.Tensor:
