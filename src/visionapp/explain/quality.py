@@ -168,7 +168,8 @@ def evaluate(
     images = [load_image(f) for f in files]
     x = torch.stack([bundle.transform(im) for im in images])
     with torch.no_grad():
-        target = model(x).argmax(1)
+        probs = bundle.probabilities(x)  # calibrated, as the heatmap titles say
+    target = probs.argmax(1)
     if have_masks:
         size = (int(x.shape[-2]), int(x.shape[-1]))
         masks = torch.stack(
@@ -235,8 +236,6 @@ def evaluate(
         entry["randomization_passed"] = bool(rho < 0.5 and undefined == 0)
         results[method] = entry
         (out_dir / method).mkdir(parents=True, exist_ok=True)
-        with torch.no_grad():
-            probs = bundle.probabilities(x)  # calibrated, as the heatmap titles say
         for i in metric_subset(len(files), heatmaps) if heatmaps else []:  # from the maps already computed
             names, prob = bundle.class_names, probs[i]
             e = Explanation(
