@@ -112,6 +112,9 @@ class CLI(LightningCLI):
                 val_acc=float(val_acc) if val_acc is not None else None,
                 test_results=results,
             )
+        # Every rank waits for rank 0's run directory (calibration, report): a rank that exits first tears down
+        # the process group under rank 0, which then aborts.
+        trainer.strategy.barrier("run written")
 
 
 def test_split(data: ImageDataModule) -> str:
