@@ -71,6 +71,8 @@ TORCHSERVE      ?= $(abspath $(VENV))/bin/torchserve
 # TorchServe's server config and log config (TS_LOG_CONFIG= empty: TorchServe's built-in logging)
 TS_CONFIG       ?= serve/config.properties
 TS_LOG_CONFIG   ?= serve/log4j2.xml
+# The metrics /metrics exposes (TorchServe's and the handler's)
+TS_METRICS_CONFIG ?= serve/metrics.yaml
 # TorchServe reads these over serve/config.properties (enable_envvars_config=true). TMPDIR holds its pid file,
 # one per server, and workers talk over /tmp/.ts.sock.$(WORKER_PORT): so servers on other ports run side by side
 # and `make stop` stops only this one.
@@ -79,6 +81,7 @@ TS_ENV = TS_INFERENCE_ADDRESS=http://127.0.0.1:$(INFERENCE_PORT) \
          TS_METRICS_ADDRESS=http://127.0.0.1:$(METRICS_PORT) TS_INITIAL_WORKER_PORT=$(WORKER_PORT) \
          TS_GRPC_INFERENCE_PORT=$(GRPC_INFERENCE_PORT) TS_GRPC_MANAGEMENT_PORT=$(GRPC_MANAGEMENT_PORT) \
          TS_ALLOWED_URLS='file://$(abspath $(MODEL_STORE))/.*\.mar' \
+         TS_METRICS_CONFIG=$(abspath $(TS_METRICS_CONFIG)) \
          TMPDIR=$(abspath $(SERVE_DIR)) LOG_LOCATION=$(abspath $(SERVE_DIR)) METRICS_LOCATION=$(abspath $(SERVE_DIR))
 TS_ARGS = --ts-config $(abspath $(TS_CONFIG)) $(if $(TS_LOG_CONFIG),--log-config $(abspath $(TS_LOG_CONFIG))) --model-store $(abspath $(MODEL_STORE)) \
           --models $(MODEL_NAME)=$(MODEL_NAME).mar --ncs
@@ -153,6 +156,71 @@ launch-k8s: $(STAMP) ## the same job on Kubernetes/Volcano (IMAGE=registry/app:t
 	  --nnodes $(NNODES) --nproc $(NPROC) --cpu $(CPUS) --gpu $(GPUS) --memMB $(MEM_MB) $(if $(ARGS),-- $(ARGS))
 
 .PHONY: launch launch-k8s
+
+# ---- deploy: the serving image, Kubernetes and KServe manifests ---------------------------------------------
+# A container engine: podman or docker, whichever is found (ENGINE=docker to choose). ENGINE_FLAGS go before the
+# subcommand (podman's --runtime runc --cgroup-manager=cgroupfs), BUILD_FLAGS/RUN_FLAGS after it (--ulimit, -v).
+ENGINE       ?= $(firstword $(shell command -v podman docker 2>/dev/null))
+ENGINE_FLAGS ?=
+BUILD_FLAGS  ?=
+RUN_FLAGS    ?=
+# The base of the serving image; offline, make base-image builds one with mmdebstrap (BASE_IMAGE=$(LOCAL_BASE))
+BASE_IMAGE   ?= docker.io/library/debian:bookworm-slim
+LOCAL_BASE   := localhost/visionapp-base:bookworm
+CONTAINER    ?= visionapp-serve-$(INFERENCE_PORT)
+ENGINE_CHECK = @test -n "$(ENGINE)" || { echo "no container engine found: install podman (apt-get install podman) or docker, or set ENGINE=..."; exit 1; }
+
+base-image: ## a Debian bookworm base image made locally with mmdebstrap, for machines without a registry
+	$(ENGINE_CHECK)
+	@command -v mmdebstrap >/dev/null || { echo "needs mmdebstrap: apt-get install mmdebstrap"; exit 1; }
+	mmdebstrap --variant=minbase --include=ca-certificates bookworm - | $(ENGINE) $(ENGINE_FLAGS) import - $(LOCAL_BASE)
+	@echo "now: make image-serve IMAGE=... BASE_IMAGE=$(LOCAL_BASE)"
+
+image-serve: $(MODEL_STORE)/$(MODEL_NAME).mar ## the serving image with RUN's .mar baked in (IMAGE=visionapp-serve:1 [BASE_IMAGE=...])
+	@test -n "$(IMAGE)" || { echo "usage: make image-serve IMAGE=visionapp-serve:1 [ENGINE=podman BASE_IMAGE=... BUILD_FLAGS=...]"; exit 2; }
+	$(ENGINE_CHECK)
+	$(ENGINE) $(ENGINE_FLAGS) build -f serve/Dockerfile -t $(IMAGE) --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+	  --build-arg MAR=$(MODEL_STORE)/$(MODEL_NAME).mar --build-arg MODEL_NAME=$(MODEL_NAME) $(BUILD_FLAGS) .
+
+# The image run as a user would, on loopback: host networking with TorchServe bound to 127.0.0.1 on this
+# Makefile's ports, token authorisation on (the key is read from the container into SERVE_DIR for the client).
+CONTAINER_ENV = -e TS_INFERENCE_ADDRESS=http://127.0.0.1:$(INFERENCE_PORT) -e TS_MANAGEMENT_ADDRESS=http://127.0.0.1:$(MANAGEMENT_PORT) \
+  -e TS_METRICS_ADDRESS=http://127.0.0.1:$(METRICS_PORT) -e TS_GRPC_INFERENCE_PORT=$(GRPC_INFERENCE_PORT) \
+  -e TS_GRPC_MANAGEMENT_PORT=$(GRPC_MANAGEMENT_PORT)
+image-run: $(STAMP) ## start IMAGE in a container on loopback (INFERENCE_PORT...), return once the model is ready
+	@test -n "$(IMAGE)" || { echo "usage: make image-run IMAGE=visionapp-serve:1"; exit 2; }
+	$(ENGINE_CHECK)
+	@mkdir -p $(SERVE_DIR)
+	$(ENGINE) $(ENGINE_FLAGS) run -d --rm --name $(CONTAINER) --network host $(CONTAINER_ENV) $(RUN_FLAGS) $(IMAGE)
+	@for i in $$(seq $(WAIT_TIMEOUT)); do $(ENGINE) $(ENGINE_FLAGS) exec $(CONTAINER) cat key_file.json > $(SERVE_DIR)/key_file.json 2>/dev/null && break; sleep 1; done
+	$(PY) -m visionapp.serve.client wait --port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --dir $(SERVE_DIR) \
+	  --model $(MODEL_NAME) --timeout $(WAIT_TIMEOUT) \
+	  || { $(ENGINE) $(ENGINE_FLAGS) logs $(CONTAINER) | tail -30; $(ENGINE) $(ENGINE_FLAGS) stop $(CONTAINER); exit 1; }
+	@echo "container $(CONTAINER) is serving; make predict IMG=... INFERENCE_PORT=$(INFERENCE_PORT); make image-stop"
+
+image-stop: ## stop the container make image-run started (same INFERENCE_PORT)
+	$(ENGINE) $(ENGINE_FLAGS) stop $(CONTAINER)
+
+image-check: ## the image answers one real prediction from a container: image-run, predict IMG, image-stop
+	@test -n "$(IMG)" || { echo "usage: make image-check IMAGE=visionapp-serve:1 IMG=photo.png"; exit 2; }
+	$(MAKE) image-run
+	$(MAKE) predict; status=$$?; $(MAKE) image-stop; exit $$status
+
+.PHONY: base-image image-serve image-run image-stop image-check
+
+# Kubernetes (Deployment, Service, NetworkPolicy, HPA) and KServe (ServingRuntime, InferenceService) for IMAGE,
+# rendered from RUN and validated (Kubernetes' schemas, KServe's SDK models) before they are written.
+REPLICAS     ?= 2
+MAX_REPLICAS ?=
+STORAGE_URI  ?=
+DEPLOY_DIR   ?= deploy
+k8s: $(STAMP) $(MODEL_STORE)/$(MODEL_NAME).mar ## manifests for IMAGE into deploy/ (REPLICAS=2 [CPUS=2 MEM_MB=8192 GPUS=0 STORAGE_URI=... DRYRUN=1])
+	@test -n "$(IMAGE)" || { echo "usage: make k8s IMAGE=registry.example/visionapp-serve:1 REPLICAS=2 [CPUS=2 MEM_MB=8192 GPUS=0 DRYRUN=1]"; exit 2; }
+	$(PY) -m visionapp.serve.deploy --bundle $(RUN)/bundle --mar $(MODEL_STORE)/$(MODEL_NAME).mar --image $(IMAGE) \
+	  --replicas $(REPLICAS) --cpus $(CPUS) --mem-mb $(MEM_MB) --gpus $(GPUS) --out $(DEPLOY_DIR) \
+	  $(if $(MAX_REPLICAS),--max-replicas $(MAX_REPLICAS)) $(if $(STORAGE_URI),--storage-uri $(STORAGE_URI)) $(if $(DRYRUN),--dry-run)
+
+.PHONY: k8s
 
 # ---- benchmarks (not part of make test: these machines are noisy, ratios come from one run) ----------------
 BENCH_ARGS ?=

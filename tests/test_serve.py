@@ -13,6 +13,7 @@ import site
 import subprocess
 import sys
 import time
+import urllib.request
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from visionapp.bundle import load_bundle
 from visionapp.serve.archive import build_archive
@@ -247,6 +249,63 @@ def test_logs_keep_access_and_metrics_without_per_request_chatter(server: Server
     assert "with classes" in console and "Backend received inference" not in console
     assert f"on cpu, torch threads: {worker_threads(1)}" in console  # one worker: every core it may use
     assert "Backend received inference" in (server.dir / "model_log.log").read_text()
+
+
+# --- Prometheus metrics ----------------------------------------------------------------------------------------
+def scrape(server: Server) -> dict[tuple[str, frozenset], float]:
+    """Every sample of the metrics port's /metrics (Prometheus text format, no token), keyed by name and labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as r:
+        assert r.status == 200
+        text = r.read().decode()
+    return {
+        (s.name, frozenset((k, v) for k, v in s.labels.items() if k not in ("Hostname", "hostname"))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_prometheus_metrics_count_what_was_served(server: Server, sample: dict[str, bytes]) -> None:
+    """TorchServe's own queue and request counters (the autoscaling signal) and the handler's metrics
+    (serve/metrics.yaml) move by exactly what this test sends."""
+    model = {("ModelName", "classifier"), ("Level", "Model")}
+
+    def m(name: str, labels: tuple[tuple[str, str], ...]) -> float:
+        return scrape(server).get((name, frozenset(model | set(labels))), 0.0)
+
+    predictions, explained = (("Endpoint", "predictions"),), (("Method", "layer_gradcam"),)
+    series = [("ImagesPerRequest_count", predictions), ("ImagesPerRequest_sum", predictions),
+              ("ExplanationSeconds_count", explained), ("ExplanationSeconds_sum", explained),
+              ("BadInputs_total", (("Kind", "not_an_image"),)), ("BadInputs_total", (("Kind", "bad_option"),)),
+              *[("Predictions_total", (("Class", c),)) for c in sample]]  # fmt: skip
+    before = {k: m(*k) for k in series}
+    requests_before = sum(v for (n, _), v in scrape(server).items() if n == "ts_inference_requests_total")
+
+    top1 = []
+    images = [base64.b64encode(sample[c]).decode() for c in ("star", "cross")]
+    for body, content_type in ((sample["star"], "application/octet-stream"),
+                               (json.dumps({"images": images}).encode(), "application/json")):  # fmt: skip
+        status, answer = server.post(body, content_type=content_type)
+        assert status == 200, answer
+        top1 += [next(iter(a)) for a in (answer if isinstance(answer, list) else [answer])]  # answers sort by p
+    assert server.post(sample["star"], headers={"X-Topk": "99"})[0] == 400  # parsed (1 image), then refused
+    assert server.post(b"not an image")[0] == 400
+    status, _ = server.post(sample["circle"], endpoint="explanations", headers={"X-Method": "layer_gradcam"})
+    assert status == 200
+
+    expected = dict(zip(series, [3, 4, 1, None, 1, 1, *(top1.count(c) for c in sample)], strict=True))
+    deadline = time.monotonic() + 20  # the worker's metric lines reach the frontend through its stdout reader
+    while True:
+        got = {k: m(*k) - before[k] for k in series}
+        counted = {k: v for k, v in got.items() if expected[k] is not None}
+        if counted == {k: v for k, v in expected.items() if v is not None} or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert counted == {k: v for k, v in expected.items() if v is not None}
+    assert got[("ExplanationSeconds_sum", explained)] > 0  # seconds spent explaining
+    samples = scrape(server)
+    requests = sum(v for (n, _), v in samples.items() if n == "ts_inference_requests_total")
+    assert requests - requests_before == 5  # every request the frontend answered, 4xx included
+    assert any(n.startswith("ts_queue_latency_microseconds") for n, _ in samples)  # the HPA signal
 
 
 # --- load and faults -------------------------------------------------------------------------------------------

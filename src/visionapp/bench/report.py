@@ -7,7 +7,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
+
+# The capacity plan's assumptions: a p99 latency target, and replicas planned to run at most at this share of
+# their measured throughput (headroom for bursts and for one replica lost or restarting).
+P99_TARGET_MS = 250
+UTILISATION = 0.7
+RATES = (100, 1_000, 10_000)  # images/s
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -35,6 +42,34 @@ def serve_table(part: dict) -> list[str]:
     rows += [[f"mean batch formed at concurrency {k[1:]}",
               *(_cell(med[c], spread[c], k, "batch") for c in contenders)] for k in levels]  # fmt: skip
     return _table(["figure", *contenders], rows)
+
+
+def replica_capacity(part: dict, contender: str, p99_ms: float = P99_TARGET_MS) -> tuple[float, str] | None:
+    """One replica's throughput (images/s) at the highest measured concurrency whose p99 stays within the
+    target, and that concurrency; None where no level meets it (or results.json has no p99 per level)."""
+    levels = [(k, v) for k, v in part["median"].get(contender, {}).items() if k.startswith("c") and k[1:].isdigit()]
+    within = [(v["images_per_s"], k) for k, v in levels if v.get("p99_ms", math.inf) <= p99_ms]
+    return max(within) if within else None
+
+
+def capacity_table(result: dict, p99_ms: float = P99_TARGET_MS) -> list[str]:
+    """Replicas (and cores) needed for 100, 1,000 and 10,000 images/s, from the served contenders' figures."""
+    cores = result["machine"]["cores"]
+    rows = []
+    for part, size in (("serve", "own size"), ("serve_224px", "224 px")):
+        for contender in (c for c in result.get(part, {}).get("median", {}) if c not in ("inprocess", "stock")):
+            cap = replica_capacity(result[part], contender, p99_ms)
+            if cap is None:
+                rows.append([f"{contender}, {size}", "—", "—", *("—" for _ in RATES)])
+                continue
+            per_replica, level = cap
+            need = [math.ceil(rate / (UTILISATION * per_replica)) for rate in RATES]
+            rows.append([f"{contender}, {size}", f"{per_replica:.1f} at concurrency {level[1:]}",
+                         f"{per_replica / cores:.1f}",
+                         *(f"{n:,} replicas ({n * cores:,} cores)" for n in need)])  # fmt: skip
+    header = ["server", f"one replica ({cores} cores), images/s with p99 ≤ {p99_ms:g} ms", "per core",
+              *(f"{r:,} images/s" for r in RATES)]  # fmt: skip
+    return _table(header, rows)
 
 
 def markdown(result: dict, source: str = "bench/results.json") -> str:
@@ -70,6 +105,15 @@ def markdown(result: dict, source: str = "bench/results.json") -> str:
         if part in result:
             lines += ["", f"## Serving at the {title}", "", *serve_table(result[part])]
             lines += ["", f"One `/explanations` answer (bytes): {result[part].get('explanation_response_bytes')}"]
+    gpu_note = (f"on {result['machine']['gpu']}" if "gpu" in result["machine"]
+                else "no GPU was measured in this run, so there are no GPU rows")  # fmt: skip
+    lines += ["", "## Capacity plan", "",
+              f"Replicas of {result['machine']['cores']} cores each (this machine: {result['machine']['cpu']}), "
+              f"each planned at ≤ {UTILISATION:.0%} of the throughput it sustained with p99 ≤ {P99_TARGET_MS} ms "
+              f"in the table above (the highest concurrency measured within that p99), one worker per replica "
+              f"(serve/model-config.yaml); {gpu_note}. Assumes the load spreads evenly over the replicas (a "
+              "Service does) and images like the one benchmarked; explanations cost seconds each and are not "
+              "in these figures.", "", *capacity_table(result)]  # fmt: skip
     lines += ["", "## Explain: each method against the model passes it makes (one image)", ""]
     rows = []
     for m, e in result["explain"]["methods"].items():

@@ -16,8 +16,8 @@ Contenders, alternated within each of --rounds rounds:
                                  make archive MODEL_CONFIG=window3.yaml MODEL_STORE=/tmp/store3)
 Each server first answers --warmup requests (default 1000): the JVM compiles TorchServe's frontend over the
 first thousands of requests, and a cold frontend is not what a running service has.
-Latency p50/p90/p99 at concurrency 1 (request by request, contenders in turn), throughput at each
---concurrency (blocks of requests, contenders in turn); CPU seconds of the server's
+Latency p50/p90/p99 at concurrency 1 (request by request, contenders in turn), throughput and p50/p99 latency
+at each --concurrency (blocks of requests, contenders in turn); CPU seconds of the server's
 frontend, worker and the client during each served measurement, and the mean batch TorchServe formed;
 the size of one /explanations answer.
 """
@@ -130,10 +130,12 @@ def in_process_handler(mar: Path, workdir: Path) -> Callable[[list[dict]], list]
 
 
 class _Uncounted:
-    """Where the handler reports its time: the server's metrics cache, which is TorchServe's cost, not ours."""
+    """Where the handler reports its metrics: the server's metrics cache, which is TorchServe's cost, not ours."""
 
     def add_time(self, *args: object, **kwargs: object) -> None:
         pass
+
+    add_metric = add_time
 
 
 class Server(LocalServer):
@@ -223,7 +225,8 @@ def measure_round(handle, servers: dict[str, Server], body: bytes, args: argpars
                 continue
             r = servers[name].load(body, requests=images, concurrency=c)
             out[name][f"c{c}"] = {"images_per_s": r["requests_per_second"], "p50_ms": r["p50_ms"],
-                                  "cores_busy": r["cores_busy"], "batch": r["batch"]}  # fmt: skip
+                                  "p99_ms": r["p99_ms"], "cores_busy": r["cores_busy"],
+                                  "batch": r["batch"]}  # fmt: skip
     return out
 
 

@@ -13,6 +13,10 @@ kind (the frontend marks explanations per request), the predictions of a batch i
 request is answered on its own: a bad input gets a 4xx JSON error naming the problem, a fault a 500 JSON
 (its traceback in the worker log), and the rest of the batch is answered normally. Work per request is
 bounded by `Limits` (serve/model-config.yaml's `handler:` section).
+
+Metrics, through TorchServe's metrics API (declared in serve/metrics.yaml, scraped from the metrics port's
+/metrics in Prometheus mode): ImagesPerRequest{Endpoint} (histogram), Predictions{Class} (top-1 class of each
+predicted image), ExplanationSeconds{Method} (histogram, per explained image), BadInputs{Kind} (4xx answers).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from typing import Any
 
 import torch
 from PIL import Image
+from ts.metrics.dimension import Dimension
+from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from visionapp.bundle import load_bundle
@@ -72,6 +78,8 @@ class ImageClassifierHandler(BaseHandler):
                 req = parse_request(row, context.get_all_request_header(idx), self.limits, explain=explain_it)
                 if req.error is not None:
                     raise req.error
+                self._metric("ImagesPerRequest", len(req.images), "count", MetricTypes.HISTOGRAM,
+                             Endpoint="explanations" if explain_it else "predictions")  # fmt: skip
                 (explanations if explain_it else predictions).append((idx, req))
             except Exception as e:
                 out[idx] = self._failure(idx, e)
@@ -113,6 +121,7 @@ class ImageClassifierHandler(BaseHandler):
             answers = []
             for row in req.rows:
                 p, i = probs[row].topk(k)
+                self._metric("Predictions", 1, "count", MetricTypes.COUNTER, Class=self.class_names[int(i[0])])
                 answers.append({self.class_names[c]: round(float(v), 6) for v, c in zip(p, i, strict=True)})
             out[idx] = answers if req.many else answers[0]
 
@@ -122,17 +131,19 @@ class ImageClassifierHandler(BaseHandler):
         try:
             check_method(method)
         except ValueError as e:
-            raise BadInput(str(e)) from None
+            raise BadInput(str(e), kind="bad_option") from None
         target = req.options.get("target")
         if target is not None:
             try:
                 target_index(self.class_names, target)
             except ValueError as e:
-                raise BadInput(str(e)) from None
+                raise BadInput(str(e), kind="bad_option") from None
         answers = []
         for img in req.images:
             # Attributions at the model's input size whatever the image's (bounded cost); the map is resized back.
+            start = time.perf_counter()
             ex = explain(self.bundle, img, method, target=target, device=self.device)
+            self._metric("ExplanationSeconds", time.perf_counter() - start, "s", MetricTypes.HISTOGRAM, Method=method)
             answers.append(
                 {
                     "class": ex.target,
@@ -152,14 +163,20 @@ class ImageClassifierHandler(BaseHandler):
         try:
             k = int(raw)
         except ValueError:
-            raise BadInput(f"topk must be an integer, got {raw!r}") from None
+            raise BadInput(f"topk must be an integer, got {raw!r}", kind="bad_option") from None
         if not 1 <= k <= n:
-            raise BadInput(f"topk must be between 1 and {n} (the number of classes), got {k}")
+            raise BadInput(f"topk must be between 1 and {n} (the number of classes), got {k}", kind="bad_option")
         return k
+
+    def _metric(self, name: str, value: float, unit: str, kind: MetricTypes, **dimensions: str) -> None:
+        """Add to one of serve/metrics.yaml's model metrics; TorchServe adds the ModelName and Level dimensions."""
+        dims = [Dimension(k, v) for k, v in dimensions.items()]
+        self.context.metrics.add_metric(name, value, unit, None, dims, kind)
 
     def _failure(self, idx: int, e: Exception) -> dict[str, Any]:
         """This request's error answer: 4xx naming the problem for input we cannot use, 500 for a fault."""
         if isinstance(e, BadInput):
+            self._metric("BadInputs", 1, "count", MetricTypes.COUNTER, Kind=e.kind)
             self.context.set_response_status(code=e.status, phrase=str(e), idx=idx)
             return {"code": e.status, "type": "BadInput", "message": str(e)}
         log.exception("request %d of the batch failed; the others are answered", idx)

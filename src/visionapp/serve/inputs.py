@@ -93,11 +93,17 @@ def cgroup_cpu_quota(proc_cgroup: Path, root: Path) -> float | None:
 
 
 class BadInput(ValueError):
-    """A request the handler refuses with a 4xx status and this message."""
+    """A request the handler refuses with a 4xx status and this message; `kind` labels it in the metrics."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    KINDS = ("empty_body", "bad_body", "not_an_image", "corrupt_image", "too_many_images", "too_many_pixels",
+             "bad_option")  # fmt: skip
+
+    def __init__(self, message: str, status: int = 400, kind: str = "bad_body") -> None:
         super().__init__(message)
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown BadInput kind {kind!r}; known: {self.KINDS}")
         self.status = status
+        self.kind = kind
 
 
 @dataclass
@@ -116,7 +122,7 @@ def _text(v: Any) -> str:
 def decode_image(raw: bytes, budget: int | None = None) -> Image.Image:
     """Decode one image; `budget` is the request's decoded pixels left, checked from the header before decoding."""
     if not raw:
-        raise BadInput("empty body: send an image, e.g. curl -T photo.jpg <url>")
+        raise BadInput("empty body: send an image, e.g. curl -T photo.jpg <url>", kind="empty_body")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -129,16 +135,21 @@ def decode_image(raw: bytes, budget: int | None = None) -> Image.Image:
                         f"{budget} left); send fewer or smaller images, or raise maxPixelsPerRequest in "
                         "serve/model-config.yaml (then make archive)",
                         413,
+                        "too_many_pixels",
                     )
             return load_image(raw)
     except BadInput:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadInput(f"image too large when decoded ({e}); the limit is {MAX_PIXELS} pixels", 413) from None
+        raise BadInput(
+            f"image too large when decoded ({e}); the limit is {MAX_PIXELS} pixels", 413, "too_many_pixels"
+        ) from None
     except Image.UnidentifiedImageError:
-        raise BadInput("not an image Pillow can read (JPEG, PNG, GIF, WebP, BMP, TIFF, ...)") from None
+        raise BadInput(
+            "not an image Pillow can read (JPEG, PNG, GIF, WebP, BMP, TIFF, ...)", kind="not_an_image"
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise BadInput(f"truncated or corrupt image: {e}") from None
+        raise BadInput(f"truncated or corrupt image: {e}", kind="corrupt_image") from None
 
 
 def _b64(s: Any) -> bytes:
@@ -167,6 +178,7 @@ def parse_request(
                 f"{n} images in {kind} request; the limit is {max_images} ({limit_key} in serve/model-config.yaml, "
                 "then make archive); split them over several requests",
                 413,
+                "too_many_images",
             )
 
     req = Request()
@@ -198,7 +210,7 @@ def parse_request(
             else:  # a JSON body that is null, a number or a boolean
                 raise BadInput(f'JSON body must be an object: {{"data": "<base64 image>"}}, got {type(value).__name__}')
         if not raws:
-            raise BadInput("empty body: send an image, e.g. curl -T photo.jpg <url>")
+            raise BadInput("empty body: send an image, e.g. curl -T photo.jpg <url>", kind="empty_body")
         check_count(len(raws))
         req.many = req.many or len(raws) > 1
         budget = limits.max_pixels

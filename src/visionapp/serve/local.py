@@ -44,6 +44,7 @@ class LocalServer:
         ports = free_ports(len(PORTS))
         self.port, self.worker_port = ports[PORTS.index("INFERENCE")], ports[PORTS.index("WORKER")]
         self.management_port = ports[PORTS.index("MANAGEMENT")]
+        self.metrics_port = ports[PORTS.index("METRICS")]
         self.model, self.dir = model, Path(serve_dir)
         self.make_vars = [f"{name}_PORT={p}" for name, p in zip(PORTS, ports, strict=True)]
         self.make_vars += [f"MODEL_STORE={store}", f"MODEL_NAME={model}", f"SERVE_DIR={self.dir}", *extra_vars]

@@ -1,0 +1,189 @@
+"""Kubernetes and KServe manifests for the serving image, rendered from a run (`make k8s`).
+
+    python -m visionapp.serve.deploy --bundle runs/latest/bundle --mar model_store/classifier.mar \
+        --image registry.example/visionapp-serve:1 --replicas 2 [--cpus 2 --mem-mb 4096 --gpus 0] [--out deploy]
+
+Fills the templates in serve/k8s/ and writes, under --out (default deploy/, not committed):
+  k8s/        deployment.yaml service.yaml networkpolicy.yaml hpa.yaml      kubectl apply -f deploy/k8s/
+  kserve/     runtime.yaml inferenceservice.yaml                          kubectl apply -f deploy/kserve/
+  kserve/storage/config/config.properties, kserve/storage/model-store/<model>.mar   (upload to STORAGE_URI)
+  prometheus-adapter-rule.yaml   the rule that makes the HPA's queue-latency metric (not a Kubernetes object)
+Every manifest is validated before anything is written: the built-in kinds against Kubernetes' schemas
+(kubernetes-validate, strict: unknown fields are errors), KServe's kinds against the models of KServe's own
+SDK (unknown fields, wrong types, missing required fields). --dry-run prints them instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import string
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TEMPLATES = Path("serve/k8s")
+SERVER_CONFIG = Path("serve/config.properties")
+KUBERNETES_VERSION = "1.30"  # the schemas the built-in kinds are checked against (a version clusters still run)
+# template file -> where its rendering goes under --out
+MANIFESTS = {
+    "deployment.yaml": "k8s/deployment.yaml",
+    "service.yaml": "k8s/service.yaml",
+    "networkpolicy.yaml": "k8s/networkpolicy.yaml",
+    "hpa.yaml": "k8s/hpa.yaml",
+    "kserve-runtime.yaml": "kserve/runtime.yaml",
+    "kserve-inferenceservice.yaml": "kserve/inferenceservice.yaml",
+}
+ADAPTER_RULE = ("prometheus-adapter-rule.yaml", "prometheus-adapter-rule.yaml")
+KSERVE_MODELS = {"InferenceService": "V1beta1InferenceService", "ServingRuntime": "V1alpha1ServingRuntime"}
+DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def render(values: dict[str, Any], templates: Path = TEMPLATES) -> dict[str, str]:
+    """Each manifest's text: its template with `values` filled in (comments kept, for whoever reads deploy/)."""
+    if not DNS_LABEL.fullmatch(values["name"]):
+        raise ValueError(f"name {values['name']!r}: Kubernetes names are lower-case letters, digits and '-' (≤ 63)")
+    out = {}
+    for template, target in (*MANIFESTS.items(), ADAPTER_RULE):
+        try:
+            out[target] = string.Template((templates / template).read_text()).substitute(values)
+        except KeyError as e:
+            raise ValueError(f"{templates / template}: no value for ${{{e.args[0]}}}") from None
+    return out
+
+
+def documents(text: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(text) if d is not None]
+
+
+def validate(doc: dict) -> None:
+    """Raise ValueError naming what is wrong with one manifest document."""
+    kind = doc.get("kind")
+    if kind in KSERVE_MODELS:
+        _check_model(doc, KSERVE_MODELS[kind], kind)
+        return
+    import kubernetes_validate  # Kubernetes' OpenAPI schemas, shipped with the package: no cluster needed
+
+    try:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        where = ".".join(str(p) for p in e.path)
+        raise ValueError(f"{kind} {doc.get('metadata', {}).get('name')}: {where}: {e.message}") from None
+
+
+def _check_model(value: Any, type_name: str, path: str) -> None:
+    """`value` against the OpenAPI model `type_name` of KServe's SDK (its Kubernetes parts from the Kubernetes
+    client's models): no unknown fields, the right types, required fields present (the models' own checks)."""
+    import kserve.models  # KServe's SDK: models generated from its CRDs' OpenAPI schemas
+    import kubernetes.client.models
+
+    if m := re.fullmatch(r"list\[(.*)\]", type_name):
+        if not isinstance(value, list):
+            raise ValueError(f"{path}: expected a list, got {value!r}")
+        for i, v in enumerate(value):
+            _check_model(v, m[1], f"{path}[{i}]")
+        return
+    if m := re.fullmatch(r"dict[(\[](\w+), (.*)[)\]]", type_name):  # dict(str, str) in KServe's, dict[str, str] in K8s'
+        if not isinstance(value, dict):
+            raise ValueError(f"{path}: expected a mapping, got {value!r}")
+        for k, v in value.items():
+            _check_model(v, m[2], f"{path}.{k}")
+        return
+    primitives: dict[str, Any] = {"str": str, "int": int, "bool": bool, "float": (int, float), "object": object,
+                                  "datetime": str, "date": str}  # fmt: skip
+    if type_name in primitives:
+        if not isinstance(value, primitives[type_name]) or (type_name == "int" and isinstance(value, bool)):
+            raise ValueError(f"{path}: expected {type_name}, got {value!r}")
+        return
+    cls = getattr(kserve.models, type_name, None) or getattr(kubernetes.client.models, type_name)
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a {type_name} mapping, got {value!r}")
+    attrs = {key: attr for attr, key in cls.attribute_map.items()}
+    unknown = sorted(set(value) - set(attrs))
+    if unknown:
+        raise ValueError(f"{path}: unknown field(s) {unknown} for {type_name}; known: {sorted(attrs)}")
+    for key, v in value.items():
+        _check_model(v, cls.openapi_types[attrs[key]], f"{path}.{key}")
+    try:  # the generated constructor checks required fields and enumerations
+        cls(**{attrs[k]: v for k, v in value.items()})
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def storage_config(server_config: Path = SERVER_CONFIG) -> str:
+    """config/config.properties for KServe's storage layout: the project's server config as it is. The image's
+    TS_* variables and the ServingRuntime's env bind it to all interfaces and to /mnt/models/model-store."""
+    return server_config.read_text()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", default="runs/latest/bundle")
+    ap.add_argument("--mar", default="model_store/classifier.mar", help="the archive the image serves")
+    ap.add_argument("--image", required=True, help="the serving image (make image-serve IMAGE=...), pushed")
+    ap.add_argument("--name", default=None, help="Kubernetes name (default: the .mar's model name)")
+    ap.add_argument("--replicas", type=int, default=2)
+    ap.add_argument("--max-replicas", type=int, default=None, help="the autoscalers' ceiling (default 4 × replicas)")
+    ap.add_argument("--cpus", type=float, default=2)
+    ap.add_argument("--mem-mb", type=int, default=4096)
+    ap.add_argument("--gpus", type=int, default=0)
+    ap.add_argument("--queue-ms", type=float, default=100, help="the HPA's target queue latency per request")
+    ap.add_argument("--storage-uri", default=None, help="where the KServe storage layout is uploaded")
+    ap.add_argument("--monitoring-namespace", default="monitoring", help="where Prometheus runs")
+    ap.add_argument("--out", default="deploy")
+    ap.add_argument("--dry-run", action="store_true", help="print the manifests, write nothing")
+    args = ap.parse_args(argv)
+
+    bundle, mar = Path(args.bundle), Path(args.mar)
+    for f in (bundle / "model.json", mar):
+        if not f.is_file():
+            raise SystemExit(f"{f} is missing: make train, then make archive (RUN=... for another run)")
+    if args.replicas < 1 or (args.max_replicas is not None and args.max_replicas < args.replicas):
+        raise SystemExit("REPLICAS must be ≥ 1 and MAX_REPLICAS ≥ REPLICAS")
+    model = mar.stem
+    run_name = bundle.resolve().parent.name
+    values = {
+        "name": args.name or model, "model": model, "image": args.image, "version": run_name[:63],
+        "replicas": args.replicas, "max_replicas": args.max_replicas or 4 * args.replicas,
+        "cpus": f"{args.cpus:g}", "mem_mb": args.mem_mb, "queue_ms": f"{args.queue_ms:g}",
+        "storage_uri": args.storage_uri or f"pvc://visionapp-models/{run_name}",
+        "monitoring_namespace": args.monitoring_namespace,
+        "gpu": f', nvidia.com/gpu: "{args.gpus}"' if args.gpus else "",  # in the resources' requests and limits
+    }  # fmt: skip
+    try:
+        manifests = render(values)
+        for target, text in manifests.items():
+            if target != ADAPTER_RULE[1]:
+                for doc in documents(text):
+                    validate(doc)
+    except ValueError as e:
+        raise SystemExit(f"not rendered: {e}") from None
+
+    if args.dry_run:
+        for target, text in manifests.items():
+            print(f"---\n# ---- {args.out}/{target}\n{text}")  # one YAML stream
+        return 0
+    out = Path(args.out)
+    for target, text in manifests.items():
+        path = out / target
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    storage = out / "kserve" / "storage"
+    (storage / "config").mkdir(parents=True, exist_ok=True)
+    (storage / "model-store").mkdir(parents=True, exist_ok=True)
+    (storage / "config" / "config.properties").write_text(storage_config())
+    shutil.copy2(mar, storage / "model-store" / mar.name)
+    print(json.dumps({"image": args.image, "replicas": args.replicas, "run": run_name}))
+    for target in manifests:
+        print(f"  {out / target}")
+    print(f"  {storage}/  (upload to {values['storage_uri']})")
+    print(f"apply: kubectl apply -f {out}/k8s/   or, with KServe: kubectl apply -f {out}/kserve/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""Serving past one machine without a cluster or a container engine: the serving image's inputs, and every
+manifest `make k8s` renders, validated against Kubernetes' schemas and KServe's own models."""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata as md
+import json
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+from visionapp.serve.archive import build_archive
+from visionapp.serve.deploy import documents, validate
+
+ROOT = Path(__file__).parents[1]
+DOCKERFILE = ROOT / "serve" / "Dockerfile"
+IMAGE = "registry.example/visionapp-serve:1"
+
+
+@pytest.fixture(scope="module")
+def store(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("store")
+    build_archive(trained_run / "bundle", name="classifier", out=out, model_config=ROOT / "serve" / "model-config.yaml")
+    return out
+
+
+def make_k8s(run: Path, store: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = ["make", "-s", "k8s", f"IMAGE={IMAGE}", f"RUN={run}", f"MODEL_STORE={store}", f"DEPLOY_DIR={out}", *extra]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def manifests(out: Path) -> dict[str, dict]:
+    """kind -> the one document of that kind, from what kubectl apply -f deploy/k8s/ and deploy/kserve/ read."""
+    docs = [
+        d
+        for folder in ("k8s", "kserve")
+        for f in sorted((out / folder).glob("*.yaml"))
+        for d in documents(f.read_text())
+    ]
+    kinds = {d["kind"]: d for d in docs}
+    assert len(kinds) == len(docs), [d["kind"] for d in docs]
+    return kinds
+
+
+# --- make k8s --------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_make_k8s_renders_valid_manifests_from_the_run(trained_run: Path, store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "deploy"
+    r = make_k8s(trained_run, store, out, "REPLICAS=3", "CPUS=4", "MEM_MB=6144")
+    assert r.returncode == 0, r.stderr
+    kinds = manifests(out)
+    assert set(kinds) == {"Deployment", "Service", "NetworkPolicy", "HorizontalPodAutoscaler", "ServingRuntime",
+                          "InferenceService"}  # fmt: skip
+    for doc in kinds.values():
+        validate(doc)  # as make k8s did before writing; here on what was written
+
+    deployment = kinds["Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == IMAGE and deployment["spec"]["replicas"] == 3
+    assert container["resources"]["limits"] == {"cpu": "4", "memory": "6144Mi"}
+    assert deployment["metadata"]["labels"]["app.kubernetes.io/version"] == trained_run.resolve().name
+    env = {e["name"]: e["value"] for e in container["env"]}
+    # Probes without a token: TorchServe's keys are per process, so the cluster turns them off ...
+    assert env["TS_DISABLE_TOKEN_AUTHORIZATION"] == "true"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ping" and "tcpSocket" in container["livenessProbe"]
+    # ... and the NetworkPolicy admits predictions and metrics only, never the management port.
+    allowed = {p["port"] for rule in kinds["NetworkPolicy"]["spec"]["ingress"] for p in rule["ports"]}
+    assert allowed == {8080, 8082} and {p["containerPort"] for p in container["ports"]} == allowed
+    assert pod["securityContext"]["runAsNonRoot"] and not pod["automountServiceAccountToken"]
+    assert {p["port"] for p in kinds["Service"]["spec"]["ports"]} == allowed
+
+    hpa = kinds["HorizontalPodAutoscaler"]["spec"]
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (3, 12)
+    (rule,) = yaml.safe_load((out / "prometheus-adapter-rule.yaml").read_text())
+    assert hpa["metrics"][0]["pods"]["metric"]["name"] == rule["name"]["as"]
+    for series in ("ts_queue_latency_microseconds", "ts_inference_requests_total"):  # as serve/metrics.yaml declares
+        assert series in rule["metricsQuery"] and series in (ROOT / "serve" / "metrics.yaml").read_text()
+
+    runtime, isvc = kinds["ServingRuntime"], kinds["InferenceService"]
+    assert runtime["spec"]["containers"][0]["image"] == IMAGE
+    assert isvc["spec"]["predictor"]["model"]["runtime"] == runtime["metadata"]["name"]
+    assert isvc["spec"]["predictor"]["model"]["modelFormat"]["name"] == "pytorch"
+    args = " ".join(runtime["spec"]["containers"][0]["args"])
+    assert "/mnt/models/model-store" in args and "/mnt/models/config/config.properties" in args
+    # KServe's storage layout, next to the manifests: config/config.properties + model-store/<name>.mar
+    storage = out / "kserve" / "storage"
+    assert (storage / "model-store" / "classifier.mar").read_bytes() == (store / "classifier.mar").read_bytes()
+    assert (storage / "config" / "config.properties").read_text() == (ROOT / "serve" / "config.properties").read_text()
+
+
+@pytest.mark.slow
+def test_make_k8s_gpus_and_dry_run(trained_run: Path, store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "deploy"
+    r = make_k8s(trained_run, store, out, "GPUS=1", "DRYRUN=1")
+    assert r.returncode == 0, r.stderr
+    assert not out.exists(), "a dry run writes nothing"
+    printed = [d for d in documents(r.stdout) if isinstance(d, dict)]
+    assert {d["kind"] for d in printed} >= {"Deployment", "ServingRuntime", "InferenceService"}
+    for d in printed:
+        validate(d)
+        for container in d["spec"].get("template", {}).get("spec", {}).get("containers", []):
+            assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    r = make_k8s(trained_run, store, out, "REPLICAS=0")
+    assert r.returncode != 0 and "REPLICAS must be ≥ 1" in r.stderr
+    r = subprocess.run(["make", "-s", "k8s"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "usage: make k8s IMAGE=" in r.stdout
+
+
+# --- the validators can fail ----------------------------------------------------------------------------------
+def _rendered(name: str) -> dict:
+    from visionapp.serve.deploy import render
+
+    values = {"name": "classifier", "model": "classifier", "image": IMAGE, "version": "run", "replicas": 1,
+              "max_replicas": 2, "cpus": "2", "mem_mb": 4096, "queue_ms": "100", "storage_uri": "pvc://m/run",
+              "monitoring_namespace": "monitoring", "gpu": ""}  # fmt: skip
+    return documents(render(values, templates=ROOT / "serve" / "k8s")[name])[0]
+
+
+def _set(doc: dict, path: str, value: object) -> dict:
+    doc = copy.deepcopy(doc)
+    *parents, last = path.split(".")
+    node = doc
+    for p in parents:
+        node = node[int(p)] if p.isdigit() else node[p]
+    node[last] = value
+    return doc
+
+
+@pytest.mark.parametrize(
+    ("manifest", "path", "value", "words"),
+    [
+        ("k8s/deployment.yaml", "spec.replicass", 2, "replicass"),
+        ("k8s/deployment.yaml", "spec.template.spec.containers.0.ports.0.containerPort", "8080", "integer"),
+        ("k8s/hpa.yaml", "spec.maxReplicas", None, "maxReplicas"),
+        ("kserve/inferenceservice.yaml", "spec.predictor.model.storageURI", "s3://x", "storageURI"),
+        ("kserve/inferenceservice.yaml", "spec", {}, "predictor"),  # required
+        ("kserve/runtime.yaml", "spec.containers.0.ports.0.containerPort", "8080", "expected int"),
+        ("kserve/runtime.yaml", "spec.supportedModelFormats", {"name": "pytorch"}, "expected a list"),
+    ],
+)
+def test_a_broken_manifest_is_refused_with_the_field_named(manifest: str, path: str, value: object, words: str) -> None:
+    good = _rendered(manifest)
+    validate(good)
+    with pytest.raises(ValueError, match=re.escape(words)):
+        validate(_set(good, path, value))
+
+
+# --- the serving image's inputs (no engine needed) -------------------------------------------------------------
+def dockerfile_copies() -> list[str]:
+    """The sources of serve/Dockerfile's COPY lines, with its ARG defaults filled in."""
+    text = DOCKERFILE.read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)", text, re.M))
+    sources = []
+    for line in re.findall(r"^COPY (.+)$", text, re.M):
+        *src, _dest = line.split()
+        sources += [re.sub(r"\$\{(\w+)\}", lambda m: args[m[1]], s) for s in src]
+    return sources
+
+
+def test_what_the_image_copies_exists(tmp_path: Path) -> None:
+    copies = dockerfile_copies()
+    assert "model_store/classifier.mar" in copies  # make archive's default output
+    for src in copies:
+        if src != "model_store/classifier.mar":
+            assert (ROOT / src).is_file(), src
+    ignored = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln and not ln.startswith("#")]
+    for src in copies:  # nothing the build needs is left out of its context
+        assert not any(src == i or src.startswith(i.rstrip("/") + "/") for i in ignored), src
+    # make image-serve passes the archive make archive wrote, from the same MODEL_STORE/MODEL_NAME
+    r = subprocess.run(["make", "-n", "image-serve", "IMAGE=x", "ENGINE=docker", "MODEL_STORE=model_store"], cwd=ROOT,
+                       capture_output=True, text=True)  # fmt: skip
+    assert "--build-arg MAR=model_store/classifier.mar" in r.stdout and "-f serve/Dockerfile" in r.stdout, r.stdout
+    r = subprocess.run(["make", "-s", "image-serve", "IMAGE=x", "ENGINE=", f"MODEL_STORE={tmp_path}"], cwd=ROOT,
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode != 0 and "no container engine found" in r.stdout
+
+
+def test_the_image_configures_torchserve_as_make_serve_does() -> None:
+    """The TS_* variables the image sets name real settings of config.properties, bind all interfaces, and
+    point at the files it copies; TorchServe's metrics config is the one make serve passes."""
+    text = DOCKERFILE.read_text()
+    env = dict(re.findall(r"^(?:ENV)?\s*(TS_\w+)=(\S+?)\s*\\?$", text, re.M))  # the ENV block's lines
+    assert len(env) >= 5, env
+    properties = {ln.split("=", 1)[0] for ln in (ROOT / "serve" / "config.properties").read_text().splitlines()
+                  if "=" in ln and not ln.startswith("#")}  # fmt: skip
+    properties.add("metrics_config")  # passed by make serve as TS_METRICS_CONFIG
+    for name in env:
+        assert name.removeprefix("TS_").lower() in properties, name
+    for port, name in ((8080, "INFERENCE"), (8081, "MANAGEMENT"), (8082, "METRICS")):
+        assert env[f"TS_{name}_ADDRESS"] == f"http://0.0.0.0:{port}" and "EXPOSE 8080 8081 8082" in text
+    assert env["TS_METRICS_CONFIG"] == "/home/model-server/config/metrics.yaml" and "serve/metrics.yaml" in text
+    assert "TS_METRICS_CONFIG ?= serve/metrics.yaml" in (ROOT / "Makefile").read_text()
+    assert "USER model-server" in text and "--foreground" in text
+
+
+def test_the_image_installs_what_the_mar_imports(store: Path, tmp_path: Path) -> None:
+    """serve/requirements.txt holds every distribution the handler loads from the .mar (directly or through
+    another requirement), with the lower bounds of pyproject.toml."""
+    with zipfile.ZipFile(store / "classifier.mar") as z:
+        z.extractall(tmp_path)
+    probe = ("import sys, json, importlib.metadata as md; before = set(sys.modules); import handler; "
+             "dists = md.packages_distributions(); "
+             "new = {m.split('.')[0] for m in set(sys.modules) - before}; "
+             "print(json.dumps(sorted({d for m in new for d in dists.get(m, [])})))")  # fmt: skip
+    loaded = set(json.loads(subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
+                                           text=True, check=True).stdout.splitlines()[-1]))  # fmt: skip
+    reqs = [Requirement(ln) for ln in (ROOT / "serve" / "requirements.txt").read_text().splitlines()
+            if ln.strip() and not ln.startswith("#")]  # fmt: skip
+
+    def closure(names: list[str]) -> set[str]:
+        seen: set[str] = set()
+        todo = list(names)
+        while todo:
+            name = todo.pop().lower().replace("_", "-")
+            if name in seen:
+                continue
+            seen.add(name)
+            for r in md.requires(name) or []:
+                req = Requirement(r)
+                if req.marker is None or req.marker.evaluate({"extra": ""}):
+                    todo.append(req.name)
+        return seen
+
+    installed = closure([r.name for r in reqs])
+    missing = {d for d in loaded if d.lower().replace("_", "-") not in installed and d != "visionapp"}
+    assert not missing, f"the handler loads {sorted(missing)}: add them to serve/requirements.txt"
+    tomllib = pytest.importorskip("tomllib")  # Python ≥ 3.11
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    bounds = {Requirement(d).name.lower(): str(Requirement(d).specifier) for d in pyproject}
+    for r in reqs:
+        assert bounds[r.name.lower()] == str(r.specifier), r
