@@ -90,6 +90,10 @@ archive: $(STAMP) ## pack RUN's bundle into $(MODEL_STORE)/$(MODEL_NAME).mar wit
 	$(PY) -m visionapp.serve.archive --bundle $(RUN)/bundle --name $(MODEL_NAME) --out $(MODEL_STORE) --model-config $(MODEL_CONFIG)
 	@echo "$(ARCHIVE_INPUTS)" > $(ARCHIVE_STAMP)
 
+EXPORT_ARGS ?=
+export: $(STAMP) ## compile RUN's model ahead of time into its bundle (torch.export + AOTInductor); make archive packs it
+	$(PY) -m visionapp.serve.export --bundle $(RUN)/bundle $(EXPORT_ARGS)
+
 java-check:
 	@command -v java >/dev/null || { echo "TorchServe needs Java 17 or newer: sudo apt-get install openjdk-17-jre-headless (or brew install openjdk@17)"; exit 1; }
 
@@ -99,7 +103,7 @@ java-check:
 # stamp beside it) or a missing one is managed so; a store archived elsewhere (the bench's, a test's) is served
 # as it is.
 SERVING_CODE := $(wildcard src/visionapp/*.py src/visionapp/serve/*.py src/visionapp/explain/*.py)
-RUN_BUNDLE = $(wildcard $(RUN)/bundle/model.pt $(RUN)/bundle/model.json)
+RUN_BUNDLE = $(wildcard $(RUN)/bundle/model.pt $(RUN)/bundle/model.json $(RUN)/bundle/model.*.pt2)
 ARCHIVE_INPUTS = $(realpath $(RUN)) $(abspath $(MODEL_CONFIG))
 ARCHIVE_STAMP = $(MODEL_STORE)/.$(MODEL_NAME).inputs
 MANAGED = $(or $(wildcard $(ARCHIVE_STAMP)),$(if $(wildcard $(MODEL_STORE)/$(MODEL_NAME).mar),,missing))
@@ -135,7 +139,7 @@ predict: $(STAMP) ## send IMG=photo.jpg to the running server (finds and renews 
 	@test -n "$(IMG)" || { echo "usage: make predict IMG=photo.jpg [EXPLAIN=1 TARGET=star]"; exit 2; }
 	$(PY) -m visionapp.serve.client $(if $(EXPLAIN),explain --save $(basename $(notdir $(IMG)))_heatmap.png $(if $(TARGET),--target $(TARGET)),predict) $(IMG) --port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --dir $(SERVE_DIR) --model $(MODEL_NAME)
 
-.PHONY: archive java-check serve serve-bg stop predict FORCE
+.PHONY: archive export java-check serve serve-bg stop predict FORCE
 
 # ---- scale: TorchX ---------------------------------------------------------------------------------------------
 NPROC  ?= 2

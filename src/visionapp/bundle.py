@@ -2,8 +2,9 @@
 
     bundle/model.pt    the plain nn.Module's state_dict (torch.load(..., weights_only=True))
     bundle/model.json  arch, class names, input size, mean/std, pretrained origin, metrics, versions
+    bundle/model.<device>.pt2   optional: the model compiled ahead of time (make export), recorded in model.json
 
-From these two files alone, with torch and torchvision, `load_bundle` rebuilds the model and its exact
+From the first two files alone, with torch and torchvision, `load_bundle` rebuilds the model and its exact
 eval preprocessing. explain/ and serve/ use nothing else from training.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import platform
 from contextlib import suppress
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -29,11 +31,32 @@ WEIGHTS_FILE, META_FILE = "model.pt", "model.json"
 TEST_FILES = "test_files.txt"
 
 
+def compiled_file(device: str) -> str:
+    return f"model.{device}.pt2"
+
+
+def cpu_isa() -> str:
+    """The vector instruction set AOTInductor compiles CPU kernels for on this machine (e.g. avx512, avx2)."""
+    from torch._inductor import cpu_vec_isa
+
+    return str(cpu_vec_isa.pick_vec_isa())
+
+
 @dataclass
 class Bundle:
-    model: nn.Module  # in eval mode
+    model: nn.Module  # in eval mode: the eager model (Captum explains it)
     transform: EvalPreset
     meta: dict[str, Any]
+    compiled: Callable[[torch.Tensor], torch.Tensor] | None = None  # the AOTInductor package, when loaded
+    compiled_note: str = "eager: not asked for"  # which model forward() runs, and why
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw logits of a normalised batch: the compiled model's where one is loaded (in chunks of the batch
+        sizes it was exported for), else the eager model's."""
+        if self.compiled is None:
+            return self.model(x)
+        largest = self.meta["compiled"][x.device.type]["batch"][1]
+        return torch.cat([self.compiled(chunk) for chunk in x.split(largest)])
 
     @property
     def class_names(self) -> list[str]:
@@ -46,7 +69,7 @@ class Bundle:
 
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """Calibrated class probabilities (N, classes) of a normalised batch; `model(x)` stays the raw logits."""
-        return (self.model(x) / self.temperature).softmax(dim=1)
+        return (self.forward(x) / self.temperature).softmax(dim=1)
 
 
 def versions() -> dict[str, str]:
@@ -93,7 +116,12 @@ def save_bundle(
     return directory
 
 
-def load_bundle(directory: str | Path, map_location: str | torch.device = "cpu") -> Bundle:
+def load_bundle(
+    directory: str | Path, map_location: str | torch.device = "cpu", compiled: bool | str = False
+) -> Bundle:
+    """The bundle's model, preprocessing and metadata. compiled=True also loads the compiled model (make export)
+    for map_location's device, or raises saying why it cannot; "auto" loads it where it fits and otherwise
+    keeps to the eager model; `compiled_note` says which and why."""
     directory = Path(directory)
     if not (directory / META_FILE).is_file():
         raise FileNotFoundError(
@@ -104,4 +132,35 @@ def load_bundle(directory: str | Path, map_location: str | torch.device = "cpu")
     model = get_model(meta["arch"], weights=None, num_classes=meta["num_classes"], **meta.get("model_kwargs", {}))
     model.load_state_dict(torch.load(directory / WEIGHTS_FILE, map_location=map_location, weights_only=True))
     transform = EvalPreset(image_size=meta["image_size"], mean=meta["mean"], std=meta["std"])
-    return Bundle(model.eval(), transform, meta)
+    bundle = Bundle(model.eval(), transform, meta)
+    if compiled:
+        device = torch.device(map_location).type
+        reason = _unfit(directory, meta.get("compiled", {}).get(device), device)
+        if reason is None:
+            from torch._inductor import aoti_load_package
+
+            bundle.compiled = aoti_load_package(str(directory / meta["compiled"][device]["file"]))
+            bundle.compiled_note = f"compiled: {meta['compiled'][device]['file']} (AOTInductor)"
+        elif compiled == "auto":
+            bundle.compiled_note = f"eager: {reason}"
+        else:
+            raise ValueError(f"{directory}: no compiled model to load: {reason}")
+    return bundle
+
+
+def _unfit(directory: Path, record: dict[str, Any] | None, device: str) -> str | None:
+    """Why the compiled package cannot run here (None: it can). AOTInductor's output is tied to its torch
+    version, its device and, on the CPU, the instruction set it was compiled for."""
+    if record is None:
+        return f"the bundle has no compiled model for {device} (make export on a {device} machine)"
+    if not (directory / record["file"]).is_file():
+        return f"{record['file']} is missing from {directory}"
+    if record["torch"] != torch.__version__:
+        return f"compiled with torch {record['torch']}, this is torch {torch.__version__}: export again"
+    if device == "cpu":
+        from torch._inductor import cpu_vec_isa
+
+        here = {str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()}
+        if record.get("cpu_isa") not in here | {"None", None}:
+            return f"compiled for {record['cpu_isa']} instructions, this CPU has {sorted(here) or 'none'}"
+    return None

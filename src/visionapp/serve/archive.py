@@ -3,7 +3,8 @@
     python -m visionapp.serve.archive --bundle runs/latest/bundle --name classifier --out model_store \
         --model-config serve/model-config.yaml
 
-The .mar holds the bundle (model.pt, model.json), the handler (visionapp/serve/handler.py, as the archive's
+The .mar holds the bundle (model.pt, model.json, and the compiled model.<device>.pt2 packages model.json
+records, from make export), the handler (visionapp/serve/handler.py, as the archive's
 handler.py), the model config (batching, workers, timeouts) and the package code serving imports: the base
 (bundle, transforms), visionapp.explain and visionapp.serve, not the training stack. So TorchServe needs torch,
 torchvision, Pillow and captum but not visionapp installed. Everything is found from the installed package
@@ -13,6 +14,7 @@ torchvision, Pillow and captum but not visionapp installed. Everything is found 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -60,13 +62,23 @@ def build_archive(
             "--version", version,
             "--serialized-file", str(bundle / "model.pt"),
             "--handler", str(HANDLER),
-            "--extra-files", f"{bundle / 'model.json'},{tmp}",
+            "--extra-files", ",".join([str(bundle / "model.json"), *map(str, compiled_packages(bundle)), tmp]),
             "--config-file", str(model_config),
             "--export-path", str(out),
             "--force",
         ]  # fmt: skip
         subprocess.run(cmd, check=True)
     return out / f"{name}.mar"
+
+
+def compiled_packages(bundle: Path) -> list[Path]:
+    """The compiled models (make export) model.json records: packed too, the handler picks the one that fits."""
+    meta = json.loads((bundle / "model.json").read_text())
+    packages = [bundle / record["file"] for record in meta.get("compiled", {}).values()]
+    for p in packages:
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} is recorded in {bundle / 'model.json'} but missing; make export again")
+    return packages
 
 
 def check_model_config(path: Path) -> Path:

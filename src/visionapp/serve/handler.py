@@ -53,14 +53,16 @@ class ImageClassifierHandler(BaseHandler):
             threads = f", torch threads: {torch.get_num_threads()}"
         Image.MAX_IMAGE_PIXELS = MAX_PIXELS
         self.limits = Limits.from_model_config(model_config)
-        self.bundle = load_bundle(props["model_dir"], map_location=self.device)
+        # Predictions run the compiled model (make export) where it fits this worker's device, torch and CPU;
+        # explanations always run the eager one (Captum needs its gradients).
+        self.bundle = load_bundle(props["model_dir"], map_location=self.device, compiled="auto")
         self.bundle.model.to(self.device)
         self.model = self.bundle.model
         self.class_names = self.bundle.class_names
         self.initialized = True
         log.info(
-            "loaded %s with classes %s on %s%s; %s", self.bundle.meta["arch"], self.class_names, self.device, threads,
-            self.limits,
+            "loaded %s with classes %s on %s%s; predictions: %s; %s", self.bundle.meta["arch"], self.class_names,
+            self.device, threads, self.bundle.compiled_note, self.limits,
         )  # fmt: skip
 
     def handle(self, data: list[dict], context) -> list[Any]:

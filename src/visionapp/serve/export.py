@@ -1,0 +1,126 @@
+"""Compile the bundle's model ahead of time for serving: torch.export + AOTInductor (`make export`).
+
+    python -m visionapp.serve.export --bundle runs/latest/bundle [--max-batch 8] [--device cpu|cuda]
+
+Exports the plain model with a dynamic batch dimension (1 .. --max-batch; the spatial size is the bundle's),
+compiles it with AOTInductor into a self-contained package, bundle/model.<device>.pt2, that Python loads
+without the model's code (`load_bundle(..., compiled=True)`), and checks it right away: its logits on a batch
+of the run's real test images must equal the eager model's within --tolerance (1e-4), else the package is
+deleted and the export refused with the difference printed. model.json's "compiled" section records the file,
+device, torch version, CPU instruction set, batch range, options and times. The eager state_dict stays: it is
+what Captum explains and what serves wherever the package does not fit (another device, torch or CPU).
+
+Options (AOTInductor's own levers): freezing (on: weights become constants, so BatchNorm folds into the
+convolutions and oneDNN prepacks the weights), --max-autotune (benchmarks kernel choices: slower to compile),
+--channels-last (exports with NHWC inputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from visionapp.bundle import META_FILE, TEST_FILES, compiled_file, cpu_isa, load_bundle
+from visionapp.transforms import load_image
+
+TOLERANCE = 1e-4
+
+
+def check_batch(bundle_dir: Path, n: int) -> torch.Tensor:
+    """Up to n of the run's test images, preprocessed as served (random inputs where the run lists none)."""
+    bundle = load_bundle(bundle_dir)
+    listed = bundle_dir.parent / TEST_FILES
+    files = [Path(f) for f in listed.read_text().split("\n") if f.strip()][:n] if listed.is_file() else []
+    files = [f for f in files if f.is_file()]
+    if not files:
+        print(f"  no test images listed in {listed}: checking on random inputs", flush=True)
+        size = bundle.meta["image_size"]
+        return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return torch.stack([bundle.transform(load_image(f)) for f in files])
+
+
+def export_bundle(
+    bundle_dir: str | Path,
+    *,
+    device: str = "cpu",
+    max_batch: int = 8,
+    freezing: bool = True,
+    max_autotune: bool = False,
+    channels_last: bool = False,
+    tolerance: float = TOLERANCE,
+) -> dict[str, Any]:
+    """Write bundle/model.<device>.pt2 and record it in model.json; the record, or ValueError if refused."""
+    bundle_dir = Path(bundle_dir)
+    bundle = load_bundle(bundle_dir, map_location=device)
+    model = bundle.model.to(device)
+    size = bundle.meta["image_size"]
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if channels_last:
+        model = model.to(memory_format=memory_format)
+    # An example batch of 2: a batch of 1 would be specialised to the constant 1 (0/1 specialisation).
+    example = torch.randn(2, 3, size, size, device=device).contiguous(memory_format=memory_format)
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    options = {"freezing": freezing, "max_autotune": max_autotune}
+    package = bundle_dir / compiled_file(device)
+    print(f"exporting {bundle.meta['arch']} at {size} px, batch 1..{max_batch}, on {device}, {options}", flush=True)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    t1 = time.perf_counter()
+    print(f"  exported in {t1 - t0:.1f} s; compiling with AOTInductor (a minute or two on a CPU)", flush=True)
+    torch._inductor.aoti_compile_and_package(program, package_path=str(package), inductor_configs=dict(options))
+    t2 = time.perf_counter()
+    print(f"  compiled in {t2 - t1:.1f} s: {package} ({package.stat().st_size / 1e6:.1f} MB)", flush=True)
+
+    compiled = torch._inductor.aoti_load_package(str(package))
+    x = check_batch(bundle_dir, max_batch).to(device).contiguous(memory_format=memory_format)
+    with torch.inference_mode():
+        diff = max((compiled(xs) - model(xs)).abs().max().item() for xs in (x, x[:1]))
+    if not diff <= tolerance:
+        package.unlink()
+        raise ValueError(
+            f"refused: the compiled model's logits differ from the eager model's by {diff:.3g} on {len(x)} test "
+            f"images (tolerance {tolerance:g}); {package.name} was deleted, the eager model serves"
+        )
+    record = {
+        "file": package.name, "device": device, "torch": torch.__version__,
+        "cpu_isa": cpu_isa() if device == "cpu" else None, "batch": [1, max_batch], "image_size": size,
+        "channels_last": channels_last, "options": options, "max_abs_diff": diff, "checked_images": len(x),
+        "seconds": {"export": round(t1 - t0, 1), "compile": round(t2 - t1, 1)},
+    }  # fmt: skip
+    meta_path = bundle_dir / META_FILE
+    meta = json.loads(meta_path.read_text())
+    meta.setdefault("compiled", {})[device] = record
+    meta_path.write_text(json.dumps(meta, indent=2))
+    print(f"  checked on {len(x)} test images: max |compiled - eager| = {diff:.2g} (≤ {tolerance:g}); "
+          f"recorded in {meta_path}", flush=True)  # fmt: skip
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", default="runs/latest/bundle")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--max-batch", type=int, default=8, help="the largest batch (serve/model-config.yaml batchSize)")
+    ap.add_argument("--no-freezing", dest="freezing", action="store_false")
+    ap.add_argument("--max-autotune", action="store_true")
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--tolerance", type=float, default=TOLERANCE)
+    args = ap.parse_args(argv)
+    try:
+        export_bundle(args.bundle, device=args.device, max_batch=args.max_batch, freezing=args.freezing,
+                      max_autotune=args.max_autotune, channels_last=args.channels_last,
+                      tolerance=args.tolerance)  # fmt: skip
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
