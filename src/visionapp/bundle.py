@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import platform
-from contextlib import suppress
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
