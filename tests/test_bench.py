@@ -47,11 +47,17 @@ def test_make_bench_writes_every_key(trained_run: Path, tmp_path: Path) -> None:
     assert result["serve"]["settings"]["image_size"] == own_size
     assert result["serve_224px"]["settings"]["image_size"] == 224  # the same weights, served at 224 px
     serve = result["serve"]["median"]
-    assert set(serve) == {"inprocess", "ours", "stock"}
+    assert set(serve) == {"inprocess", "ours", "compiled", "stock"}
+    for part in ("serve", "serve_224px"):  # the compiled model: exported for each size, its forward timed alone
+        assert result[part]["export"]["max_abs_diff"] <= 1e-4 and set(result[part]["forward_speedup"]) == {"b1", "b8"}
     for contender in serve.values():
         assert set(contender["latency_ms"]) == {"p50", "p90", "p99"}
         assert contender["c1"]["images_per_s"] > 0 and contender["c8"]["images_per_s"] > 0
-    for server in ("ours", "stock"):  # each server's CPU is found and told apart: its frontend and its worker
+    for server in (
+        "ours",
+        "compiled",
+        "stock",
+    ):  # each server's CPU is found and told apart: its frontend and its worker
         busy = serve[server]["c8"]["cores_busy"]
         assert busy["frontend"] > 0 and busy["worker"] > 0, busy
     assert set(result["explain"]["methods"]) == {"integrated_gradients", "gradient_shap", "occlusion", "layer_gradcam"}
@@ -59,6 +65,7 @@ def test_make_bench_writes_every_key(trained_run: Path, tmp_path: Path) -> None:
     for key in bench_run.GOALS:
         assert f"| `{key}` | **{result[key]:.3f}** |" in report
     assert "## Serving at the 224 px" in report and "throughput at concurrency 8" in report
+    assert "## Capacity plan" in report and "| compiled, 224 px |" in report
 
 
 @pytest.mark.slow
@@ -74,7 +81,7 @@ def test_serve_bench_variant_is_one_more_contender(trained_run: Path, tmp_path: 
     out = tmp_path / "serve.json"
     args = ["--mar", str(mar), "--bundle", str(trained_run / "bundle"), "--image", str(image), "--rounds", "1",
             "--requests", "4", "--warmup", "8", "--concurrency", "8", "--variant", "builtin-logs:TS_LOG_CONFIG=",
-            "--variant", f"batch2:MODEL_STORE={tmp_path / 'store2'}", "--out", str(out)]  # fmt: skip
+            "--variant", f"batch2:MODEL_STORE={tmp_path / 'store2'}", "--no-compiled", "--out", str(out)]  # fmt: skip
     assert serve_bench.main(args) == 0
     result = json.loads(out.read_text())
     assert list(result["median"]) == ["inprocess", "ours", "stock", "builtin-logs", "batch2"]

@@ -105,6 +105,19 @@ def markdown(result: dict, source: str = "bench/results.json") -> str:
         if part in result:
             lines += ["", f"## Serving at the {title}", "", *serve_table(result[part])]
             lines += ["", f"One `/explanations` answer (bytes): {result[part].get('explanation_response_bytes')}"]
+    parts = [(p, t) for p, t in (("serve", "own size"), ("serve_224px", "224 px")) if "forward_ms" in result.get(p, {})]
+    if parts:
+        lines += ["", "## The compiled model (make export) against eager, the forward pass alone in process", ""]
+        rows = []
+        for part, title in parts:
+            f, e = result[part]["forward_ms"], result[part]["export"]
+            rows += [[f"{title}, batch {b[1:]}", f"{f['eager'][b]:.1f}", f"{f['compiled'][b]:.1f}",
+                      f"{result[part]['forward_speedup'][b]:.2f}×",
+                      f"{e['seconds']['export']:.1f} + {e['seconds']['compile']:.1f}", f"{e['max_abs_diff']:.1g}"]
+                     for b in f["eager"]]  # fmt: skip
+        lines += _table(["input", "eager ms", "compiled ms", "speed-up", "export + compile s", "max |Δ logit|"], rows)
+        lines += ["", f"Compiled for: {result[parts[0][0]]['export']['cpu_isa']} "
+                  f"(options {result[parts[0][0]]['export']['options']})."]  # fmt: skip
     gpu_note = (f"on {result['machine']['gpu']}" if "gpu" in result["machine"]
                 else "no GPU was measured in this run, so there are no GPU rows")  # fmt: skip
     lines += ["", "## Capacity plan", "",

@@ -6,6 +6,7 @@ Contenders, alternated within each of --rounds rounds:
   inprocess  our handler exactly as TorchServe loads it (extracted from the .mar), called directly: one
              request for latency; a batch of min(c, batchSize) requests for throughput at concurrency c
   ours       our .mar in TorchServe (make serve-bg), HTTP from a keep-alive load generator on loopback
+  compiled   the same with the model compiled ahead of time (make export: AOTInductor) in the .mar
   stock      TorchServe's built-in `image_classifier` handler serving the same state_dict (a model file
              for the architecture, index_to_name.json; its own Resize(256)/CenterCrop(224) preprocessing),
              with the same model-config.yaml and server config: the peer users would start from
@@ -19,7 +20,8 @@ first thousands of requests, and a cold frontend is not what a running service h
 Latency p50/p90/p99 at concurrency 1 (request by request, contenders in turn), throughput and p50/p99 latency
 at each --concurrency (blocks of requests, contenders in turn); CPU seconds of the server's
 frontend, worker and the client during each served measurement, and the mean batch TorchServe formed;
-the size of one /explanations answer.
+the size of one /explanations answer; the forward pass alone in process, eager vs compiled, at batch 1 and
+the serving batch size, and the export's seconds.
 """
 
 from __future__ import annotations
@@ -42,10 +44,13 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import torch
 import yaml
 
+from visionapp.bundle import TEST_FILES, load_bundle
 from visionapp.serve.archive import build_archive
 from visionapp.serve.client import call
+from visionapp.serve.export import export_bundle
 from visionapp.serve.load import percentile, run_load
 from visionapp.serve.local import LocalServer
 
@@ -99,6 +104,38 @@ def resized_archive(bundle: Path, image_size: int, out: Path) -> tuple[Path, Pat
     (staging / "model.json").write_text(json.dumps({**meta, "image_size": image_size}, indent=2))
     mar = build_archive(staging, name="classifier", out=out / f"store-{image_size}px", model_config=MODEL_CONFIG_FILE)
     return mar, staging
+
+
+def compiled_archive(bundle: Path, out: Path) -> tuple[Path, dict]:
+    """Our .mar of a copy of `bundle` exported by make export's code (AOTInductor, up to the serving batch size),
+    and the export's record."""
+    staging = out / "compiled" / "bundle"
+    staging.mkdir(parents=True)
+    (staging / "model.pt").symlink_to((bundle / "model.pt").resolve())
+    meta = json.loads((bundle / "model.json").read_text())
+    meta.pop("compiled", None)  # exported here, with this machine's torch and CPU
+    (staging / "model.json").write_text(json.dumps(meta, indent=2))
+    if (bundle.parent / TEST_FILES).is_file():  # the export checks itself on real test images
+        (staging.parent / TEST_FILES).symlink_to((bundle.parent / TEST_FILES).resolve())
+    record = export_bundle(staging, max_batch=MODEL_CONFIG["batchSize"])
+    mar = build_archive(staging, name="classifier", out=out / "store-compiled", model_config=MODEL_CONFIG_FILE)
+    return mar, record
+
+
+def forward_times(bundle_dir: Path, batch_sizes: tuple[int, ...], rounds: int, repeats: int = 10) -> dict:
+    """Milliseconds of the forward pass alone, eager vs compiled, alternated within each round (median)."""
+    eager, compiled = load_bundle(bundle_dir), load_bundle(bundle_dir, compiled=True)
+    size = eager.meta["image_size"]
+    out: dict[str, dict[str, list[float]]] = {"eager": {}, "compiled": {}}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for n in batch_sizes:
+                x = torch.randn(n, 3, size, size)
+                for name, fn in (("eager", eager.model), ("compiled", compiled.forward)):
+                    fn(x)  # warm
+                    times = timed(functools.partial(fn, x), repeats)
+                    out[name].setdefault(f"b{n}", []).append(statistics.median(times))
+    return {name: {b: statistics.median(v) * 1e3 for b, v in per.items()} for name, per in out.items()}
 
 
 def in_process_handler(mar: Path, workdir: Path) -> Callable[[list[dict]], list]:
@@ -271,10 +308,13 @@ def run(args: argparse.Namespace) -> dict:
             mar, bundle = resized_archive(bundle, args.image_size, tmpdir)
         image_size = json.loads((bundle / "model.json").read_text())["image_size"]
         stock_mar = stock_archive(bundle, tmpdir / "stock_store")
+        compiled_mar, export_record = compiled_archive(bundle, tmpdir) if args.compiled else (None, None)
         handle = in_process_handler(mar, tmpdir)
         with ExitStack() as stack:
-            servers = {"ours": stack.enter_context(Server(mar, tmpdir / "ours")),
-                       "stock": stack.enter_context(Server(stock_mar, tmpdir / "stock"))}  # fmt: skip
+            servers = {"ours": stack.enter_context(Server(mar, tmpdir / "ours"))}
+            if compiled_mar is not None:
+                servers["compiled"] = stack.enter_context(Server(compiled_mar, tmpdir / "compiled"))
+            servers["stock"] = stack.enter_context(Server(stock_mar, tmpdir / "stock"))
             for name, make_vars in args.variant:
                 if name in servers:
                     raise SystemExit(f"--variant {name}: the name is given twice")
@@ -284,9 +324,12 @@ def run(args: argparse.Namespace) -> dict:
             handle([{"body": body}] * 8)
             rounds = [leaves(measure_round(handle, servers, body, args, seed=i)) for i in range(args.rounds)]
             explain_bytes = response_bytes(servers, body)
+        # the forward alone, with the servers stopped: eager vs the package the compiled server ran
+        forward_ms = (forward_times(tmpdir / "compiled" / "bundle", (1, MODEL_CONFIG["batchSize"]), args.rounds)
+                      if args.compiled else None)  # fmt: skip
     median = nest({k: statistics.median(r[k] for r in rounds) for k in rounds[0]})
     spread = nest({k: [min(r[k] for r in rounds), max(r[k] for r in rounds)] for k in rounds[0]})
-    return {
+    result = {
         "median": median,
         "spread": spread,
         "explanation_response_bytes": explain_bytes,
@@ -299,9 +342,23 @@ def run(args: argparse.Namespace) -> dict:
         "settings": {"image": args.image, "mar": args.mar, "bundle": args.bundle,
                      "image_size": image_size, "rounds": args.rounds,
                      "warmup": args.warmup, "requests": args.requests, "concurrency": args.concurrency,
-                     "variants": dict(args.variant)},
+                     "compiled": args.compiled, "variants": dict(args.variant)},
         "raw_rounds": rounds,
     }  # fmt: skip
+    if forward_ms is not None:
+        result.update({
+            # the compiled server against the stock handler (the same size where this part runs at 224 px)
+            "serve.compiled_throughput_vs_stock_c8": (
+                median["compiled"]["c8"]["images_per_s"] / median["stock"]["c8"]["images_per_s"]
+            ),
+            "serve.compiled_p50_vs_stock_c1": (
+                median["compiled"]["latency_ms"]["p50"] / median["stock"]["latency_ms"]["p50"]
+            ),
+            "forward_ms": forward_ms,  # and the compiled forward's speed-up over eager, per batch size
+            "forward_speedup": {b: forward_ms["eager"][b] / forward_ms["compiled"][b] for b in forward_ms["eager"]},
+            "export": export_record,
+        })  # fmt: skip
+    return result
 
 
 def parser() -> argparse.ArgumentParser:
@@ -318,6 +375,7 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--requests", type=int, default=60, help="requests per measurement at concurrency ≤ 4")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
+    ap.add_argument("--no-compiled", dest="compiled", action="store_false", help="leave out the compiled server")
     ap.add_argument(
         "--variant",
         type=variant,
@@ -333,9 +391,14 @@ def parser() -> argparse.ArgumentParser:
 def variant(spec: str) -> tuple[str, list[str]]:
     name, sep, assignments = spec.partition(":")
     make_vars = assignments.split(",") if assignments else []
-    if not sep or not name or name in ("inprocess", "ours", "stock") or not all("=" in v for v in make_vars):
+    if (
+        not sep
+        or not name
+        or name in ("inprocess", "ours", "compiled", "stock")
+        or not all("=" in v for v in make_vars)
+    ):
         raise argparse.ArgumentTypeError(
-            f"{spec!r}: expected NAME:VAR=VALUE[,VAR=VALUE], NAME not inprocess/ours/stock "
+            f"{spec!r}: expected NAME:VAR=VALUE[,VAR=VALUE], NAME not inprocess/ours/compiled/stock "
             "(e.g. builtin-logs:TS_LOG_CONFIG=)"
         )
     return name, make_vars
@@ -360,6 +423,10 @@ def print_table(result: dict) -> None:
     for key in (k for k in med["ours"] if k.startswith("c")):
         print(f"  {key + ' mean batch':22s}" + f"{'':>24s}" + "".join(f"{cell(c, key, 'batch'):>24s}" for c in served))
     print(f"  /explanations bytes: {result['explanation_response_bytes']}")
+    if "forward_ms" in result:
+        for b, ms in result["forward_ms"]["eager"].items():
+            print(f"  forward {b}: eager {ms:.1f} ms, compiled {result['forward_ms']['compiled'][b]:.1f} ms")
+        print(f"  export + compile: {sum(result['export']['seconds'].values()):.1f} s")
     for k in (k for k in result if k.startswith(("serve.", "explain."))):  # the ratios run() computed
         print(f"  {k:36s} {result[k]:.3f}")
 

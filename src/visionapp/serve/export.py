@@ -10,9 +10,9 @@ deleted and the export refused with the difference printed. model.json's "compil
 device, torch version, CPU instruction set, batch range, options and times. The eager state_dict stays: it is
 what Captum explains and what serves wherever the package does not fit (another device, torch or CPU).
 
-Options (AOTInductor's own levers): freezing (on: weights become constants, so BatchNorm folds into the
-convolutions and oneDNN prepacks the weights), --max-autotune (benchmarks kernel choices: slower to compile),
---channels-last (exports with NHWC inputs).
+Options (AOTInductor's own levers; each measured by python -m visionapp.bench.export): freezing (on: weights
+become constants, so BatchNorm folds into the convolutions and oneDNN prepacks the weights), max-autotune (on:
+kernel choices are benchmarked while compiling, a few seconds more), --channels-last (NHWC inputs; off).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def export_bundle(
     device: str = "cpu",
     max_batch: int = 8,
     freezing: bool = True,
-    max_autotune: bool = False,
+    max_autotune: bool = True,
     channels_last: bool = False,
     tolerance: float = TOLERANCE,
 ) -> dict[str, Any]:
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--max-batch", type=int, default=8, help="the largest batch (serve/model-config.yaml batchSize)")
     ap.add_argument("--no-freezing", dest="freezing", action="store_false")
-    ap.add_argument("--max-autotune", action="store_true")
+    ap.add_argument("--no-max-autotune", dest="max_autotune", action="store_false")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--tolerance", type=float, default=TOLERANCE)
     args = ap.parse_args(argv)

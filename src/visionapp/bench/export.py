@@ -1,0 +1,115 @@
+"""The compiled model's levers side by side: the forward pass alone, eager vs AOTInductor with each option.
+
+    python -m visionapp.bench.export --bundle runs/latest/bundle [--image-size 224] [--rounds 3]
+
+Contenders (each compiled by make export's code into a temporary copy of the bundle, checked against eager):
+  eager, eager_channels_last          the state_dict as loaded; the same in NHWC
+  aoti                                torch.export + AOTInductor, no options
+  aoti_freezing                       + freezing (BatchNorm folded into the convolutions, weights prepacked)
+  aoti_freezing_channels_last         + NHWC inputs
+  aoti_freezing_max_autotune          + max-autotune (kernel choices benchmarked while compiling): make export's
+                                      default
+Medians of milliseconds at batch 1 and 8 over --rounds rounds, contenders alternated; compile seconds.
+Writes bench/export_results.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from visionapp.bundle import load_bundle
+from visionapp.serve.export import export_bundle
+
+VARIANTS = {
+    "aoti": {"freezing": False, "max_autotune": False, "channels_last": False},
+    "aoti_freezing": {"freezing": True, "max_autotune": False, "channels_last": False},
+    "aoti_freezing_channels_last": {"freezing": True, "max_autotune": False, "channels_last": True},
+    "aoti_freezing_max_autotune": {"freezing": True, "max_autotune": True, "channels_last": False},
+}
+
+
+def median_ms(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repeats: int) -> float:
+    fn(x)  # warm
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def _loaded(package: Path, channels_last: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    compiled = torch._inductor.aoti_load_package(str(package))
+    if not channels_last:
+        return compiled
+    return lambda x: compiled(x.contiguous(memory_format=torch.channels_last))
+
+
+def run(bundle_dir: Path, image_size: int | None, rounds: int, repeats: int) -> dict:
+    contenders: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    compile_seconds: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        staging = Path(tmp) / "bundle"
+        staging.mkdir()
+        (staging / "model.pt").symlink_to((bundle_dir / "model.pt").resolve())
+        meta = json.loads((bundle_dir / "model.json").read_text())
+        meta.pop("compiled", None)
+        meta["image_size"] = image_size or meta["image_size"]  # a CNN takes any size: for timing only
+        (staging / "model.json").write_text(json.dumps(meta))
+        eager = load_bundle(staging).model
+        contenders["eager"] = eager
+        eager_cl = load_bundle(staging).model.to(memory_format=torch.channels_last)
+        contenders["eager_channels_last"] = lambda x: eager_cl(x.contiguous(memory_format=torch.channels_last))
+        for name, options in VARIANTS.items():
+            record = export_bundle(staging, freezing=options["freezing"], max_autotune=options["max_autotune"],
+                                   channels_last=options["channels_last"])  # fmt: skip
+            kept = Path(tmp) / f"{name}.pt2"
+            shutil.move(staging / record["file"], kept)
+            compile_seconds[name] = record["seconds"]["export"] + record["seconds"]["compile"]
+            contenders[name] = _loaded(kept, options["channels_last"])
+        size = meta["image_size"]
+        times: dict[str, dict[str, list[float]]] = {n: {"b1": [], "b8": []} for n in contenders}
+        with torch.inference_mode():
+            for _ in range(rounds):
+                for b in (1, 8):
+                    x = torch.randn(b, 3, size, size)
+                    for name, fn in contenders.items():
+                        times[name][f"b{b}"].append(median_ms(fn, x, repeats))
+    ms = {n: {b: statistics.median(v) for b, v in per.items()} for n, per in times.items()}
+    return {"image_size": size, "ms": ms, "compile_seconds": compile_seconds,
+            "speedup_vs_eager": {n: {b: ms["eager"][b] / v for b, v in per.items()} for n, per in ms.items()},
+            "threads": torch.get_num_threads(), "raw": times}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", default="runs/latest/bundle")
+    ap.add_argument("--image-size", type=int, default=None, help="default: the bundle's")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--out", default="bench/export_results.json")
+    args = ap.parse_args(argv)
+    result = run(Path(args.bundle), args.image_size, args.rounds, args.repeats)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"\nforward pass at {result['image_size']} px, {result['threads']} threads (median ms; speed-up vs eager)")
+    for name, per in result["ms"].items():
+        s = result["speedup_vs_eager"][name]
+        compile_s = f"  compile {result['compile_seconds'][name]:.1f} s" if name in result["compile_seconds"] else ""
+        print(f"  {name:30s} b1 {per['b1']:7.1f} ({s['b1']:.2f}×)  b8 {per['b8']:7.1f} ({s['b8']:.2f}×){compile_s}")
+    print(f"written: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
