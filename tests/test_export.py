@@ -46,6 +46,7 @@ def test_export_records_a_package_equal_to_the_eager_model(exported: Path) -> No
     record = meta["compiled"]["cpu"]
     assert (exported / "bundle" / record["file"]).is_file() and record["device"] == "cpu"
     assert record["torch"] == torch.__version__ and record["batch"] == [1, 8] and record["options"]["freezing"]
+    assert record["channels_last"]  # NHWC inputs: converted by Bundle.forward
     assert record["max_abs_diff"] <= 1e-4 and record["checked_images"] == 8
     assert record["seconds"]["compile"] > 0 and record["cpu_isa"]
 

@@ -55,8 +55,10 @@ class Bundle:
         sizes it was exported for), else the eager model's."""
         if self.compiled is None:
             return self.model(x)
-        largest = self.meta["compiled"][x.device.type]["batch"][1]
-        return torch.cat([self.compiled(chunk) for chunk in x.split(largest)])
+        record = self.meta["compiled"][x.device.type]
+        if record.get("channels_last"):  # exported for NHWC inputs
+            x = x.contiguous(memory_format=torch.channels_last)
+        return torch.cat([self.compiled(chunk) for chunk in x.split(record["batch"][1])])
 
     @property
     def class_names(self) -> list[str]:

@@ -6,9 +6,8 @@ Contenders (each compiled by make export's code into a temporary copy of the bun
   eager, eager_channels_last          the state_dict as loaded; the same in NHWC
   aoti                                torch.export + AOTInductor, no options
   aoti_freezing                       + freezing (BatchNorm folded into the convolutions, weights prepacked)
-  aoti_freezing_channels_last         + NHWC inputs
-  aoti_freezing_max_autotune          + max-autotune (kernel choices benchmarked while compiling): make export's
-                                      default
+  aoti_freezing_channels_last         + NHWC inputs: make export's default
+  aoti_freezing_max_autotune          + max-autotune (kernel choices benchmarked while compiling)
 Medians of milliseconds at batch 1 and 8 over --rounds rounds, contenders alternated; compile seconds.
 Writes bench/export_results.json and prints a table.
 """
