@@ -66,7 +66,7 @@ def capacity_table(result: dict, p99_ms: float = P99_TARGET_MS) -> list[str]:
             need = [math.ceil(rate / (UTILISATION * per_replica)) for rate in RATES]
             rows.append([f"{contender}, {size}", f"{per_replica:.1f} at concurrency {level[1:]}",
                          f"{per_replica / cores:.1f}",
-                         *(f"{n:,} replicas ({n * cores:,} cores)" for n in need)])  # fmt: skip
+                         *(f"{n:,} replica{'s' if n > 1 else ''} ({n * cores:,} cores)" for n in need)])  # fmt: skip
     header = ["server", f"one replica ({cores} cores), images/s with p99 ≤ {p99_ms:g} ms", "per core",
               *(f"{r:,} images/s" for r in RATES)]  # fmt: skip
     return _table(header, rows)
@@ -116,8 +116,8 @@ def markdown(result: dict, source: str = "bench/results.json") -> str:
                       f"{e['seconds']['export']:.1f} + {e['seconds']['compile']:.1f}", f"{e['max_abs_diff']:.1g}"]
                      for b in f["eager"]]  # fmt: skip
         lines += _table(["input", "eager ms", "compiled ms", "speed-up", "export + compile s", "max |Δ logit|"], rows)
-        lines += ["", f"Compiled for: {result[parts[0][0]]['export']['cpu_isa']} "
-                  f"(options {result[parts[0][0]]['export']['options']})."]  # fmt: skip
+        e = result[parts[0][0]]["export"]
+        lines += ["", f"Compiled for: {e['cpu_isa']}; options {e['options']}, channels-last {e['channels_last']}."]
     gpu_note = (f"on {result['machine']['gpu']}" if "gpu" in result["machine"]
                 else "no GPU was measured in this run, so there are no GPU rows")  # fmt: skip
     lines += ["", "## Capacity plan", "",
