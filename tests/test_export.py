@@ -74,6 +74,8 @@ def test_a_package_that_does_not_fit_falls_back_to_eager_or_is_refused(exported:
         with pytest.raises(ValueError, match=reason):
             load_bundle(run / "bundle", compiled=True)
     meta_path.write_text(json.dumps(meta))
+    (run / "bundle" / "model.cpu.pt2").write_bytes(b"not a package")  # fits on paper, cannot be loaded
+    assert "loading model.cpu.pt2 failed" in load_bundle(run / "bundle", compiled="auto").compiled_note
     (run / "bundle" / "model.cpu.pt2").unlink()
     assert "missing" in load_bundle(run / "bundle", compiled="auto").compiled_note
 

@@ -141,12 +141,16 @@ def load_bundle(
         if reason is None:
             from torch._inductor import aoti_load_package
 
-            bundle.compiled = aoti_load_package(str(directory / meta["compiled"][device]["file"]))
-            bundle.compiled_note = f"compiled: {meta['compiled'][device]['file']} (AOTInductor)"
-        elif compiled == "auto":
+            file = meta["compiled"][device]["file"]
+            try:
+                bundle.compiled = aoti_load_package(str(directory / file))
+                bundle.compiled_note = f"compiled: {file} (AOTInductor)"
+            except Exception as e:  # a package this torch cannot load after all: say why
+                reason = f"loading {file} failed: {type(e).__name__}: {e}"
+        if reason is not None:
+            if compiled != "auto":
+                raise ValueError(f"{directory}: no compiled model to load: {reason}")
             bundle.compiled_note = f"eager: {reason}"
-        else:
-            raise ValueError(f"{directory}: no compiled model to load: {reason}")
     return bundle
 
 
@@ -160,9 +164,20 @@ def _unfit(directory: Path, record: dict[str, Any] | None, device: str) -> str |
     if record["torch"] != torch.__version__:
         return f"compiled with torch {record['torch']}, this is torch {torch.__version__}: export again"
     if device == "cpu":
-        from torch._inductor import cpu_vec_isa
-
-        here = {str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()}
-        if record.get("cpu_isa") not in here | {"None", None}:
-            return f"compiled for {record['cpu_isa']} instructions, this CPU has {sorted(here) or 'none'}"
+        missing = [isa for isa in (record.get("cpu_isa") or "").split() if not _cpu_has(isa)]
+        if missing:
+            return f"compiled for {record['cpu_isa']} instructions, this CPU lacks {' '.join(missing)}"
     return None
+
+
+# Instruction sets AOTInductor compiles CPU kernels for, and how torch tells whether this CPU has them (from
+# cpuinfo: no compiler needed, unlike torch._inductor's own check, so it works in a slim serving image).
+_CPU_CHECKS = {
+    "avx2": "_is_avx2_supported", "avx512": "_is_avx512_supported", "avx512_vnni": "_is_vnni_supported",
+    "amx_tile": "_is_amx_tile_supported", "avx512_bf16": "_is_avx512_bf16_supported",
+}  # fmt: skip
+
+
+def _cpu_has(isa: str) -> bool:
+    check = getattr(torch.cpu, _CPU_CHECKS.get(isa, ""), None)
+    return bool(check()) if check is not None else False  # an instruction set we cannot check: assume not
