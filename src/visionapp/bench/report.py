@@ -39,6 +39,8 @@ def serve_table(part: dict) -> list[str]:
     levels = [k for k in med["inprocess"] if k.startswith("c") and k[1:].isdigit()]
     rows += [[f"throughput at concurrency {k[1:]} (images/s)",
               *(_cell(med[c], spread[c], k, "images_per_s") for c in contenders)] for k in levels]  # fmt: skip
+    rows += [[f"p99 latency at concurrency {k[1:]} (ms)",
+              *(_cell(med[c], spread[c], k, "p99_ms") for c in contenders)] for k in levels]  # fmt: skip
     rows += [[f"mean batch formed at concurrency {k[1:]}",
               *(_cell(med[c], spread[c], k, "batch") for c in contenders)] for k in levels]  # fmt: skip
     return _table(["figure", *contenders], rows)
