@@ -172,17 +172,18 @@ RUN_FLAGS    ?=
 BASE_IMAGE   ?= docker.io/library/debian:bookworm-slim
 LOCAL_BASE   := localhost/visionapp-base:bookworm
 CONTAINER    ?= visionapp-serve-$(INFERENCE_PORT)
-ENGINE_CHECK = @test -n "$(ENGINE)" || { echo "no container engine found: install podman (apt-get install podman) or docker, or set ENGINE=..."; exit 1; }
+# Checked before anything is built (make runs prerequisites left to right): usage and engine first
+need-engine:
+	@test -n "$(ENGINE)" || { echo "no container engine found: install podman (apt-get install podman) or docker, or set ENGINE=..."; exit 1; }
+need-image:
+	@test -n "$(IMAGE)" || { echo "usage: make $(MAKECMDGOALS) IMAGE=registry.example/visionapp-serve:1 (see make help)"; exit 2; }
 
-base-image: ## a Debian bookworm base image made locally with mmdebstrap, for machines without a registry
-	$(ENGINE_CHECK)
+base-image: need-engine ## a Debian bookworm base image made locally with mmdebstrap, for machines without a registry
 	@command -v mmdebstrap >/dev/null || { echo "needs mmdebstrap: apt-get install mmdebstrap"; exit 1; }
 	mmdebstrap --variant=minbase --include=ca-certificates bookworm - | $(ENGINE) $(ENGINE_FLAGS) import - $(LOCAL_BASE)
 	@echo "now: make image-serve IMAGE=... BASE_IMAGE=$(LOCAL_BASE)"
 
-image-serve: $(MODEL_STORE)/$(MODEL_NAME).mar ## the serving image with RUN's .mar baked in (IMAGE=visionapp-serve:1 [BASE_IMAGE=...])
-	@test -n "$(IMAGE)" || { echo "usage: make image-serve IMAGE=visionapp-serve:1 [ENGINE=podman BASE_IMAGE=... BUILD_FLAGS=...]"; exit 2; }
-	$(ENGINE_CHECK)
+image-serve: need-image need-engine $(MODEL_STORE)/$(MODEL_NAME).mar ## the serving image with RUN's .mar baked in (IMAGE=visionapp-serve:1 [BASE_IMAGE=...])
 	$(ENGINE) $(ENGINE_FLAGS) build -f serve/Dockerfile -t $(IMAGE) --build-arg BASE_IMAGE=$(BASE_IMAGE) \
 	  --build-arg MAR=$(MODEL_STORE)/$(MODEL_NAME).mar --build-arg MODEL_NAME=$(MODEL_NAME) $(BUILD_FLAGS) .
 
@@ -191,9 +192,7 @@ image-serve: $(MODEL_STORE)/$(MODEL_NAME).mar ## the serving image with RUN's .m
 CONTAINER_ENV = -e TS_INFERENCE_ADDRESS=http://127.0.0.1:$(INFERENCE_PORT) -e TS_MANAGEMENT_ADDRESS=http://127.0.0.1:$(MANAGEMENT_PORT) \
   -e TS_METRICS_ADDRESS=http://127.0.0.1:$(METRICS_PORT) -e TS_GRPC_INFERENCE_PORT=$(GRPC_INFERENCE_PORT) \
   -e TS_GRPC_MANAGEMENT_PORT=$(GRPC_MANAGEMENT_PORT)
-image-run: $(STAMP) ## start IMAGE in a container on loopback (INFERENCE_PORT...), return once the model is ready
-	@test -n "$(IMAGE)" || { echo "usage: make image-run IMAGE=visionapp-serve:1"; exit 2; }
-	$(ENGINE_CHECK)
+image-run: need-image need-engine $(STAMP) ## start IMAGE in a container on loopback (INFERENCE_PORT...), return once the model is ready
 	@mkdir -p $(SERVE_DIR)
 	$(ENGINE) $(ENGINE_FLAGS) run -d --rm --name $(CONTAINER) --network host $(CONTAINER_ENV) $(RUN_FLAGS) $(IMAGE)
 	@for i in $$(seq $(WAIT_TIMEOUT)); do $(ENGINE) $(ENGINE_FLAGS) exec $(CONTAINER) cat key_file.json > $(SERVE_DIR)/key_file.json 2>/dev/null && break; sleep 1; done
@@ -205,12 +204,12 @@ image-run: $(STAMP) ## start IMAGE in a container on loopback (INFERENCE_PORT...
 image-stop: ## stop the container make image-run started (same INFERENCE_PORT)
 	$(ENGINE) $(ENGINE_FLAGS) stop $(CONTAINER)
 
-image-check: ## the image answers one real prediction from a container: image-run, predict IMG, image-stop
+image-check: need-image ## the image answers one real prediction from a container: image-run, predict IMG, image-stop
 	@test -n "$(IMG)" || { echo "usage: make image-check IMAGE=visionapp-serve:1 IMG=photo.png"; exit 2; }
 	$(MAKE) image-run
 	$(MAKE) predict; status=$$?; $(MAKE) image-stop; exit $$status
 
-.PHONY: base-image image-serve image-run image-stop image-check
+.PHONY: need-engine need-image base-image image-serve image-run image-stop image-check
 
 # Kubernetes (Deployment, Service, NetworkPolicy, HPA) and KServe (ServingRuntime, InferenceService) for IMAGE,
 # rendered from RUN and validated (Kubernetes' schemas, KServe's SDK models) before they are written.
@@ -218,8 +217,7 @@ REPLICAS     ?= 2
 MAX_REPLICAS ?=
 STORAGE_URI  ?=
 DEPLOY_DIR   ?= deploy
-k8s: $(STAMP) $(MODEL_STORE)/$(MODEL_NAME).mar ## manifests for IMAGE into deploy/ (REPLICAS=2 [CPUS=2 MEM_MB=8192 GPUS=0 STORAGE_URI=... DRYRUN=1])
-	@test -n "$(IMAGE)" || { echo "usage: make k8s IMAGE=registry.example/visionapp-serve:1 REPLICAS=2 [CPUS=2 MEM_MB=8192 GPUS=0 DRYRUN=1]"; exit 2; }
+k8s: need-image $(STAMP) $(MODEL_STORE)/$(MODEL_NAME).mar ## manifests for IMAGE into deploy/ (REPLICAS=2 [CPUS=2 MEM_MB=8192 GPUS=0 STORAGE_URI=... DRYRUN=1])
 	$(PY) -m visionapp.serve.deploy --bundle $(RUN)/bundle --mar $(MODEL_STORE)/$(MODEL_NAME).mar --image $(IMAGE) \
 	  --replicas $(REPLICAS) --cpus $(CPUS) --mem-mb $(MEM_MB) --gpus $(GPUS) --out $(DEPLOY_DIR) \
 	  $(if $(MAX_REPLICAS),--max-replicas $(MAX_REPLICAS)) $(if $(STORAGE_URI),--storage-uri $(STORAGE_URI)) $(if $(DRYRUN),--dry-run)
