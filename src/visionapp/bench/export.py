@@ -15,17 +15,18 @@ Writes bench/export_results.json and prints a table.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from visionapp.bench.serve import staged_bundle, timed
 from visionapp.bundle import load_bundle
 from visionapp.serve.export import export_bundle
 
@@ -39,12 +40,7 @@ VARIANTS = {
 
 def median_ms(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repeats: int) -> float:
     fn(x)  # warm
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+    return statistics.median(timed(functools.partial(fn, x), repeats)) * 1e3
 
 
 def _loaded(package: Path, channels_last: bool) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -58,15 +54,11 @@ def run(bundle_dir: Path, image_size: int | None, rounds: int, repeats: int) -> 
     contenders: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     compile_seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        staging = Path(tmp) / "bundle"
-        staging.mkdir()
-        (staging / "model.pt").symlink_to((bundle_dir / "model.pt").resolve())
-        meta = json.loads((bundle_dir / "model.json").read_text())
-        meta.pop("compiled", None)
-        meta["image_size"] = image_size or meta["image_size"]  # a CNN takes any size: for timing only
-        (staging / "model.json").write_text(json.dumps(meta))
-        eager = load_bundle(staging).model
-        contenders["eager"] = eager
+        # a CNN takes any size: another image size is for timing only
+        resize = {"image_size": image_size} if image_size else {}
+        staging = staged_bundle(bundle_dir, Path(tmp) / "run" / "bundle", **resize)
+        eager = load_bundle(staging)
+        contenders["eager"] = eager.model
         eager_cl = load_bundle(staging).model.to(memory_format=torch.channels_last)
         contenders["eager_channels_last"] = lambda x: eager_cl(x.contiguous(memory_format=torch.channels_last))
         for name, options in VARIANTS.items():
@@ -76,7 +68,7 @@ def run(bundle_dir: Path, image_size: int | None, rounds: int, repeats: int) -> 
             shutil.move(staging / record["file"], kept)
             compile_seconds[name] = record["seconds"]["export"] + record["seconds"]["compile"]
             contenders[name] = _loaded(kept, options["channels_last"])
-        size = meta["image_size"]
+        size = eager.meta["image_size"]
         times: dict[str, dict[str, list[float]]] = {n: {"b1": [], "b8": []} for n in contenders}
         with torch.inference_mode():
             for _ in range(rounds):

@@ -92,31 +92,38 @@ def stock_archive(bundle: Path, out: Path, name: str = "stock") -> Path:
     return out / f"{name}.mar"
 
 
+def staged_bundle(bundle: Path, staging: Path, **changes: Any) -> Path:
+    """An eager copy of `bundle` in `staging`: its weights linked, model.json with `changes` and without compiled
+    models (an export is tied to its input size; the contenders that compile export their own), the run's
+    test-file list beside it (what an export checks itself on)."""
+    staging.mkdir(parents=True)
+    (staging / "model.pt").symlink_to((bundle / "model.pt").resolve())
+    meta = {k: v for k, v in json.loads((bundle / "model.json").read_text()).items() if k != "compiled"}
+    (staging / "model.json").write_text(json.dumps({**meta, **changes}, indent=2))
+    if (bundle.parent / TEST_FILES).is_file():
+        (staging.parent / TEST_FILES).symlink_to((bundle.parent / TEST_FILES).resolve())
+    return staging
+
+
 def resized_archive(bundle: Path, image_size: int, out: Path) -> tuple[Path, Path]:
     """Our .mar of the bundle's weights served at another input size, and that bundle: for timing only (a
     torchvision CNN's global pooling takes any size, but the accuracy it was trained for is at its own size)."""
     meta = json.loads((bundle / "model.json").read_text())
     if "model_kwargs" in meta:  # a ViT's position embeddings are made for the size it was trained at
         raise SystemExit(f"--image-size: a {meta['arch']} is built for {meta['image_size']} px; serve it at that")
-    staging = out / f"bundle-{image_size}px"
-    staging.mkdir(parents=True)
-    (staging / "model.pt").symlink_to((bundle / "model.pt").resolve())
-    (staging / "model.json").write_text(json.dumps({**meta, "image_size": image_size}, indent=2))
-    mar = build_archive(staging, name="classifier", out=out / f"store-{image_size}px", model_config=MODEL_CONFIG_FILE)
-    return mar, staging
+    return eager_archive(bundle, out, image_size=image_size)
+
+
+def eager_archive(bundle: Path, out: Path, **changes: Any) -> tuple[Path, Path]:
+    """Our .mar of an eager copy of `bundle` (staged_bundle), and that copy."""
+    staging = staged_bundle(bundle, out / "eager" / "bundle", **changes)
+    return build_archive(staging, name="classifier", out=out / "store-eager", model_config=MODEL_CONFIG_FILE), staging
 
 
 def compiled_archive(bundle: Path, out: Path) -> tuple[Path, dict]:
     """Our .mar of a copy of `bundle` exported by make export's code (AOTInductor, up to the serving batch size),
     and the export's record."""
-    staging = out / "compiled" / "bundle"
-    staging.mkdir(parents=True)
-    (staging / "model.pt").symlink_to((bundle / "model.pt").resolve())
-    meta = json.loads((bundle / "model.json").read_text())
-    meta.pop("compiled", None)  # exported here, with this machine's torch and CPU
-    (staging / "model.json").write_text(json.dumps(meta, indent=2))
-    if (bundle.parent / TEST_FILES).is_file():  # the export checks itself on real test images
-        (staging.parent / TEST_FILES).symlink_to((bundle.parent / TEST_FILES).resolve())
+    staging = staged_bundle(bundle, out / "compiled" / "bundle")
     record = export_bundle(staging, max_batch=MODEL_CONFIG["batchSize"])
     mar = build_archive(staging, name="classifier", out=out / "store-compiled", model_config=MODEL_CONFIG_FILE)
     return mar, record
@@ -306,6 +313,9 @@ def run(args: argparse.Namespace) -> dict:
         tmpdir = Path(tmp)
         if args.image_size:
             mar, bundle = resized_archive(bundle, args.image_size, tmpdir)
+        elif "compiled" in json.loads((bundle / "model.json").read_text()):
+            # after make export the given .mar packs the compiled model: "ours" stays the eager server
+            mar, bundle = eager_archive(bundle, tmpdir)
         image_size = json.loads((bundle / "model.json").read_text())["image_size"]
         stock_mar = stock_archive(bundle, tmpdir / "stock_store")
         compiled_mar, export_record = compiled_archive(bundle, tmpdir) if args.compiled else (None, None)
