@@ -114,12 +114,6 @@ def _check_model(value: Any, type_name: str, path: str) -> None:
         raise ValueError(f"{path}: {e}") from None
 
 
-def storage_config(server_config: Path = SERVER_CONFIG) -> str:
-    """config/config.properties for KServe's storage layout: the project's server config as it is. The image's
-    TS_* variables and the ServingRuntime's env bind it to all interfaces and to /mnt/models/model-store."""
-    return server_config.read_text()
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", default="runs/latest/bundle")
@@ -175,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     storage = out / "kserve" / "storage"
     (storage / "config").mkdir(parents=True, exist_ok=True)
     (storage / "model-store").mkdir(parents=True, exist_ok=True)
-    (storage / "config" / "config.properties").write_text(storage_config())
+    # the project's server config as it is: the image's TS_* variables and the ServingRuntime's env bind it to all
+    # interfaces and to /mnt/models/model-store
+    shutil.copy2(SERVER_CONFIG, storage / "config" / "config.properties")
     shutil.copy2(mar, storage / "model-store" / mar.name)
     print(json.dumps({"image": args.image, "replicas": args.replicas, "run": run_name}))
     for target in manifests:

@@ -28,15 +28,14 @@ from typing import Any
 
 import torch
 
-from visionapp.bundle import META_FILE, TEST_FILES, compiled_file, cpu_isa, load_bundle
+from visionapp.bundle import META_FILE, TEST_FILES, Bundle, compiled_file, cpu_isa, load_bundle
 from visionapp.transforms import load_image
 
 TOLERANCE = 1e-4
 
 
-def check_batch(bundle_dir: Path, n: int) -> torch.Tensor:
+def check_batch(bundle: Bundle, bundle_dir: Path, n: int) -> torch.Tensor:
     """Up to n of the run's test images, preprocessed as served (random inputs where the run lists none)."""
-    bundle = load_bundle(bundle_dir)
     listed = bundle_dir.parent / TEST_FILES
     files = [Path(f) for f in listed.read_text().split("\n") if f.strip()][:n] if listed.is_file() else []
     files = [f for f in files if f.is_file()]
@@ -81,7 +80,7 @@ def export_bundle(
     print(f"  compiled in {t2 - t1:.1f} s: {package} ({package.stat().st_size / 1e6:.1f} MB)", flush=True)
 
     compiled = torch._inductor.aoti_load_package(str(package))
-    x = check_batch(bundle_dir, max_batch).to(device).contiguous(memory_format=memory_format)
+    x = check_batch(bundle, bundle_dir, max_batch).to(device).contiguous(memory_format=memory_format)
     with torch.inference_mode():
         diff = max((compiled(xs) - model(xs)).abs().max().item() for xs in (x, x[:1]))
     if not diff <= tolerance:
