@@ -1,16 +1,22 @@
-"""Training throughput: Lightning `fit` vs a plain PyTorch loop vs the compute ceiling, side by side.
+"""Training throughput: Lightning `fit` vs a plain PyTorch loop vs the compute ceiling, side by side, and the
+input pipeline's paths against each other.
 
     python -m visionapp.bench.train [--steps 30] [--warmup 5] [--rounds 3] [--out bench/train_results.json]
     python -m visionapp.bench.train --device cuda --image-size 224 --batch-size 128 --num-workers 12 [--compile]
 
 Same model (the default config's resnet18, 5 classes, random init), batch size, image size, data, threads
-and device for all three, alternated round by round; images/s counted after --warmup steps:
+and device for all, alternated round by round; images/s counted after --warmup steps:
   ceiling    forward + backward + AdamW step on one batch already on the device (no data loading)
-  loop       a plain PyTorch loop over the ShapesDataModule's train loader (the same loader `fit` uses)
+  loop       a plain PyTorch loop over the ShapesDataModule's train loader (the same loader `fit` uses; its
+             `loader: auto` path: the GPU-resident cache on CUDA, workers cropping from the cache on the CPU)
   lightning  Trainer.fit of our LightningModule over the same DataModule (metrics, logging, scheduler on)
-  input      the train loader alone, batches moved to the device: the data side's ceiling, to tell which
-             side bounds the loop when loop / ceiling is low
-On CUDA all three run as `make train` does there: bf16 autocast, channels_last model and inputs, and with
+  input      the train loader alone, uint8 batches moved to the device: the data side's ceiling, to tell
+             which side bounds the loop when loop / ceiling is low
+and for each other input path in --compare, `loop_<path>` and `input_<path>`:
+  files      workers decoding every image file every epoch (cache false: the path before the cache)
+  workers    workers cropping from the decode-once cache
+  device     whole batches cropped on the device from the cache (on the CPU: batched, in the main process)
+On CUDA all run as `make train` does there: bf16 autocast, channels_last model and inputs, and with
 --compile the model wrapped in torch.compile (compilation happens in the warm-up steps).
 """
 
@@ -25,6 +31,7 @@ from collections.abc import Iterator
 from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -114,16 +121,19 @@ def plain_loop(dm: ShapesDataModule, setup: Setup, steps: int, warmup: int) -> f
 
 
 def to_device(dm: ShapesDataModule, setup: Setup, batches: Iterator, n: int) -> int:
-    """Take n loader batches to the device and normalise them there, as fit does; the number of images."""
+    """Take n loader batches to the device as the loader gives them (uint8; the normalisation that follows is the
+    same arithmetic for every input path, and on a GPU a negligible one); the number of images."""
     images = 0
     for _ in range(n):
-        images += len(on_device(dm, setup, next(batches))[1])
+        x, y = next(batches)
+        setup.inputs(x)
+        images += len(y)
     setup.sync()
     return images
 
 
 def input_pipeline(dm: ShapesDataModule, setup: Setup, steps: int, warmup: int) -> float:
-    """The loader alone, batches moved to the device and normalised there: the data side's own ceiling."""
+    """The loader alone, batches moved to the device: the data side's own ceiling."""
     batches = epochs(dm)
     to_device(dm, setup, batches, warmup)
     start = time.perf_counter()
@@ -160,7 +170,7 @@ def input_scan(dm: ShapesDataModule, setup: Setup, workers: list[int], steps: in
     at each worker count with the CPU its workers and the main process keep busy (cores)."""
     import psutil
 
-    files = [path for path, _ in dm.splits["train"].samples[:200]]  # type: ignore[attr-defined]
+    files = dm.split_files("train")[:200]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as inside a loader worker
     start = time.perf_counter()
@@ -212,31 +222,51 @@ def machine() -> dict:
     return info
 
 
+# The input paths --compare can set against the default (`auto`) one: the DataModule arguments that pick each.
+PATHS: dict[str, dict[str, Any]] = {
+    "files": {"cache": False, "loader": "workers"},
+    "workers": {"loader": "workers"},
+    "device": {"loader": "device"},
+}
+
+
+def data_module(args: argparse.Namespace, setup: Setup, **path: Any) -> ShapesDataModule:
+    dm = ShapesDataModule(args.root, image_size=args.image_size, num_train=args.num_train,
+                          batch_size=args.batch_size, num_workers=args.num_workers, **path)  # fmt: skip
+    dm.target_device = setup.device
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
 def run(args: argparse.Namespace) -> dict:
     setup = Setup(torch.device(args.device), args.compile)
     if setup.cuda:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
         torch.set_float32_matmul_precision("high")
-    dm = ShapesDataModule(args.root, image_size=args.image_size, num_train=args.num_train,
-                          batch_size=args.batch_size, num_workers=args.num_workers)  # fmt: skip
-    dm.prepare_data()
-    dm.setup("fit")
+    dm = data_module(args, setup)
     if args.input_scan:
         return {"input_scan": input_scan(dm, setup, args.input_scan, args.steps, args.warmup), "machine": machine()}
-    raw: dict[str, list[float]] = {k: [] for k in CONTENDERS}
+    runs = {name: (CONTENDERS[name], dm) for name in args.contenders}
+    for path in args.compare:
+        other = data_module(args, setup, **PATHS[path])
+        runs |= {f"{name}_{path}": (CONTENDERS[name], other) for name in ("loop", "input") if name in args.contenders}
+    raw: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(args.rounds):
-        for name, fn in CONTENDERS.items():
-            raw[name].append(fn(dm, setup, args.steps, args.warmup))
+        for name, (fn, data) in runs.items():
+            raw[name].append(fn(data, setup, args.steps, args.warmup))
     med = {k: statistics.median(v) for k, v in raw.items()}
+    ratios = {"train.loop_vs_ceiling": ("loop", "ceiling"), "train.lightning_vs_loop": ("lightning", "loop")}
+    ratios |= {f"train.input_vs_input_{p}": ("input", f"input_{p}") for p in args.compare}
     return {
         "images_per_second": med,
         "raw": raw,
-        "train.loop_vs_ceiling": med["loop"] / med["ceiling"],
-        "train.lightning_vs_loop": med["lightning"] / med["loop"],
+        **{k: med[a] / med[b] for k, (a, b) in ratios.items() if a in med and b in med},
         "settings": {"device": str(setup.device), "precision": "bf16-mixed" if setup.cuda else "32-true",
                      "channels_last": setup.cuda, "compile": setup.compile, "steps": args.steps,
                      "warmup": args.warmup, "rounds": args.rounds, "batch_size": dm.batch_size,
-                     "image_size": dm.image_size, "threads": torch.get_num_threads(), "workers": dm.num_workers},
+                     "image_size": dm.image_size, "threads": torch.get_num_threads(), "workers": dm.num_workers,
+                     "loader": dm.loader_path("train"), "compare": args.compare},
         "machine": machine(),
     }  # fmt: skip
 
@@ -251,6 +281,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--num-train", type=int, default=3000)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--num-workers", type=int, default=2)
+    ap.add_argument("--contenders", nargs="+", choices=list(CONTENDERS), default=list(CONTENDERS))
+    ap.add_argument("--compare", nargs="*", choices=list(PATHS), default=["files", "device"],
+                    help="other input paths, each measured as loop_<path> and input_<path>")  # fmt: skip
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
@@ -268,9 +301,8 @@ def parser() -> argparse.ArgumentParser:
 
 def print_table(result: dict) -> None:
     for k, v in result["raw"].items():
-        print(f"  {k:10s} {result['images_per_second'][k]:9.1f} images/s   [{min(v):.1f} .. {max(v):.1f}]")
-    ratios = result["train.loop_vs_ceiling"], result["train.lightning_vs_loop"]
-    print(f"  loop / ceiling {ratios[0]:.3f}   lightning / loop {ratios[1]:.3f}")
+        print(f"  {k:14s} {result['images_per_second'][k]:9.1f} images/s   [{min(v):.1f} .. {max(v):.1f}]")
+    print("  " + "   ".join(f"{k.removeprefix('train.')} {v:.3f}" for k, v in result.items() if k.startswith("train.")))
 
 
 def main(argv: list[str] | None = None) -> int:

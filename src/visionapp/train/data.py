@@ -8,11 +8,13 @@ DataLoader worker starts, with the file and the fix (`DataError`).
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
@@ -20,8 +22,10 @@ from PIL import Image
 from rich.progress import track
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets
+from torchvision.transforms import v2
 
 from visionapp import shapes
+from visionapp.train.cache import CachedSplit, DecodeError, DeviceLoader, ImageCache, open_or_build, source_files
 from visionapp.transforms import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, EvalPreset, TrainPreset, load_image
 
 
@@ -29,8 +33,40 @@ class DataError(ValueError):
     """A problem with the user's data: the message names the file or folder and the fix."""
 
 
+Loader = Literal["auto", "device", "workers"]
+
+
+def train_cache_size(image_size: int, crop_scale: tuple[float, float]) -> int:
+    """The side of the train split's cached squares: the smallest crop (crop_scale[0] of the area) still spans
+    about image_size pixels, rounded up to a multiple of 8."""
+    return -(-math.ceil(image_size / math.sqrt(crop_scale[0])) // 8) * 8
+
+
+class _Transformed(Dataset):
+    """A split decoded from its files on every read (no cache): `transform` applied to each image."""
+
+    def __init__(self, source: Dataset, transform: Callable) -> None:
+        self.source, self.transform = source, transform
+
+    def __len__(self) -> int:
+        return len(self.source)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image, label = self.source[i]
+        return self.transform(image), label
+
+
 class ImageDataModule(L.LightningDataModule):
-    """Shared loaders and transforms; subclasses provide the three splits and the class names."""
+    """Shared loaders and transforms; subclasses provide the three splits (`source_splits`) and the class names.
+
+    Input pipeline (`loader`, from YAML like the rest):
+      workers  DataLoader workers read each image from the decode-once cache (cache.py; in cache_dir, by default
+               <root>.cache beside the data) and crop/flip it, or, with cache false, decode its file every epoch
+      device   no workers: the cache sits on the training device (or in pinned memory when it does not fit in
+               device_memory_fraction of a GPU's) and whole batches are cropped/flipped there
+      auto     device on a GPU when the cache fits, workers otherwise (on the CPU the per-image crops in
+               workers are the faster path: docs/training-performance.md)
+    """
 
     def __init__(
         self,
@@ -41,19 +77,32 @@ class ImageDataModule(L.LightningDataModule):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         crop_scale: tuple[float, float] = (0.7, 1.0),
+        loader: Loader = "auto",
+        cache: bool = True,
+        cache_dir: str | None = None,
+        cache_size: int | None = None,
+        device_memory_fraction: float = 0.5,
     ) -> None:
         super().__init__()
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.mean, self.std = tuple(mean), tuple(std)
-        # The loader workers decode and resize/augment to uint8; `normalize` runs once the batch is on its
-        # device (on_after_batch_transfer). Same presets, hence the same pixels, as the bundle's EvalPreset.
-        train, evaluation = (
-            TrainPreset(image_size=image_size, mean=mean, std=std, crop_scale=crop_scale),
-            EvalPreset(image_size=image_size, mean=mean, std=std),
-        )
-        self.train_transform, self.eval_transform = train.geometry, evaluation.geometry
+        if loader not in get_args(Loader):
+            raise DataError(f"loader={loader!r} is not one of {get_args(Loader)}")
+        if loader == "device" and not cache:
+            raise DataError("loader=device serves batches from the decode-once cache: set cache true (or use workers)")
+        self.loader, self.cache, self.device_memory_fraction = loader, cache, device_memory_fraction
+        self.cache_dir = cache_dir
+        self.cache_size = cache_size or train_cache_size(image_size, crop_scale)
+        # The loader workers (or the cache) give uint8 images; `normalize` runs once the batch is on its device
+        # (on_after_batch_transfer). Same presets, hence the same pixels, as the bundle's EvalPreset.
+        self.train_preset = TrainPreset(image_size=image_size, mean=mean, std=std, crop_scale=crop_scale)
+        evaluation = EvalPreset(image_size=image_size, mean=mean, std=std)
+        self.train_transform, self.eval_transform = self.train_preset.geometry, evaluation.geometry
         self.normalize = evaluation.normalize
-        self.splits: dict[str, Dataset] = {}
+        self.sources: dict[str, Dataset] = {}  # the splits as (PIL image, label) items
+        self.caches: dict[str, ImageCache] = {}
+        self.splits: dict[str, Dataset] = {}  # what the worker loaders read: (uint8 image, label) items
+        self.target_device: torch.device | None = None  # where batches go when no trainer says (benchmarks)
 
     @property
     def class_names(self) -> list[str]:
@@ -61,7 +110,91 @@ class ImageDataModule(L.LightningDataModule):
 
     name = "images"  # the data set's name in metrics.json
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def source_splits(self) -> dict[str, Dataset]:
+        """train, val and test as datasets of (PIL image, label), checked; subclasses define them."""
+        raise NotImplementedError
+
+    def prepare_data(self) -> None:
+        # Lightning runs this once per machine before any process's setup: the caches are built here, once.
+        if self.cache:
+            self._open_caches(self.source_splits())
+
+    def _open_caches(self, sources: dict[str, Dataset]) -> dict[str, ImageCache]:
+        root = Path(getattr(self, "root", "")).resolve()
+        base = Path(self.cache_dir) if self.cache_dir else root.with_name(root.name + ".cache")  # beside the data
+        folder = base / f"{self.name}-{hashlib.sha256(str(root).encode()).hexdigest()[:8]}"
+        key = {"data": type(self).__name__, "name": self.name, "root": str(root)}
+        caches = {}
+        for split, source in sources.items():
+            size = self.cache_size if split == "train" else self.image_size
+            # train: the whole image, squared, to crop from every epoch; val/test: EvalPreset's output as it is
+            geometry = (
+                v2.Compose([v2.ToImage(), v2.Resize((size, size), antialias=True)])
+                if split == "train"
+                else self.eval_transform
+            )
+            try:
+                caches[split] = open_or_build(
+                    folder / f"{split}-{size}px", source, geometry, size, {**key, "split": split},
+                    workers=self.num_workers,
+                )  # fmt: skip
+            except DecodeError as e:
+                raise DataError(f"{e}; delete or replace the file") from None
+        return caches
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        self.sources = self.source_splits()
+        if not self.cache:
+            self.splits = {
+                split: _Transformed(source, self.train_transform if split == "train" else self.eval_transform)
+                for split, source in self.sources.items()
+            }
+            return
+        self.caches = self._open_caches(self.sources)
+        self.splits = {
+            split: CachedSplit(cache, self.train_transform if split == "train" else None)
+            for split, cache in self.caches.items()
+        }
+
+    def split_files(self, split: str) -> list[str]:
+        """The image files of a split, in the split's order (the run records the test split's for explain/)."""
+        return source_files(self.sources[split]) or []
+
+    @property
+    def device(self) -> torch.device:
+        """The device the batches go to: the trainer's; for code that iterates the loaders itself, target_device
+        or the CPU."""
+        if self.trainer is not None:
+            return self.trainer.strategy.root_device
+        return self.target_device or torch.device("cpu")
+
+    def loader_path(self, split: str) -> Literal["device", "workers"]:
+        if self.loader != "auto":
+            return self.loader
+        if self.device.type != "cuda" or split not in self.caches:
+            return "workers"
+        return "device" if self._fits_on_device(split) else "workers"
+
+    def _fits_on_device(self, split: str) -> bool:
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        return self.caches[split].nbytes <= self.device_memory_fraction * total
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader | DeviceLoader:
+        if self.loader_path(split) == "device":
+            trainer = self.trainer
+            return DeviceLoader(
+                self.caches[split],
+                batch_size=self.batch_size,
+                device=self.device,
+                resident=self.device.type == "cpu" or self._fits_on_device(split),
+                shuffle=shuffle,
+                augment=self.train_preset.batch if split == "train" else None,
+                seed=torch.initial_seed() % 2**32,  # seed_everything's seed, so runs repeat
+                rank=trainer.global_rank if trainer is not None else 0,
+                world_size=trainer.world_size if trainer is not None else 1,
+            )
         return DataLoader(
             self.splits[split],
             batch_size=self.batch_size,
@@ -78,16 +211,16 @@ class ImageDataModule(L.LightningDataModule):
         x, y = batch
         return self.normalize(x), y
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | DeviceLoader:
         return self._loader("train", shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | DeviceLoader:
         return self._loader("val", shuffle=False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | DeviceLoader:
         return self._loader("test", shuffle=False)
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> DataLoader | DeviceLoader:
         return self._loader("test", shuffle=False)
 
 
@@ -172,6 +305,11 @@ class FolderDataModule(ImageDataModule):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         crop_scale: tuple[float, float] = (0.35, 1.0),
+        loader: Loader = "auto",
+        cache: bool = True,
+        cache_dir: str | None = None,
+        cache_size: int | None = None,
+        device_memory_fraction: float = 0.5,
     ) -> None:
         super().__init__(
             image_size=image_size,
@@ -180,6 +318,11 @@ class FolderDataModule(ImageDataModule):
             mean=mean,
             std=std,
             crop_scale=crop_scale,
+            loader=loader,
+            cache=cache,
+            cache_dir=cache_dir,
+            cache_size=cache_size,
+            device_memory_fraction=device_memory_fraction,
         )
         self.root = Path(root)
         self.name = self.root.name  # the folder's name stands for the data set in metrics.json
@@ -200,59 +343,49 @@ class FolderDataModule(ImageDataModule):
             )
         return scan_class_folders(self.root / "train" if self.split_layout else self.root, verify=False)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.splits:
-            return
+    def source_splits(self) -> dict[str, Dataset]:
         classes = self.class_names
+        # With the cache on, building it decodes every image and names a bad one: no separate verification pass.
+        verify = self.verify_images and not self.cache
         if not self.split_layout:
-            scan_class_folders(self.root, verify=self.verify_images)
-            train, evaluation = (
-                datasets.ImageFolder(self.root, t, loader=load_image)
-                for t in (self.train_transform, self.eval_transform)
+            scan_class_folders(self.root, verify=verify)
+            images = datasets.ImageFolder(self.root, loader=load_image)
+            tr, va, te = _split_indices(len(images), [self.val_fraction, self.test_fraction], self.split_seed)
+            return self._check_not_empty(
+                {"train": Subset(images, tr), "val": Subset(images, va), "test": Subset(images, te)}
             )
-            tr, va, te = _split_indices(len(train), [self.val_fraction, self.test_fraction], self.split_seed)
-            self.splits = {"train": Subset(train, tr), "val": Subset(evaluation, va), "test": Subset(evaluation, te)}
-            self._check_not_empty()
-            return
         if not (self.root / "val").is_dir():
             raise DataError(
                 f"{self.root}/train exists but {self.root}/val does not; add a val/<class>/ split "
                 f"with the same classes, or put the class folders directly in {self.root} to split "
                 "them by val_fraction"
             )
+        splits: dict[str, Dataset] = {}
         for split in ("train", "val", "test"):
             d = self.root / split
             if split == "test" and not d.is_dir():
                 continue
-            found = scan_class_folders(d, verify=self.verify_images)
+            found = scan_class_folders(d, verify=verify)
             if found != classes:
                 raise DataError(
                     f"{d} has classes {found} but {self.root}/train has {classes}; "
                     "every split needs the same class folders"
                 )
-            t = self.train_transform if split == "train" else self.eval_transform
-            self.splits[split] = datasets.ImageFolder(d, t, loader=load_image)
-        if "test" not in self.splits:  # no test/: carve a seeded test_fraction out of train, never reuse val
-            train = self.splits["train"]
+            splits[split] = datasets.ImageFolder(d, loader=load_image)
+        if "test" not in splits:  # no test/: carve a seeded test_fraction out of train, never reuse val
+            train = splits["train"]
             tr, te = _split_indices(len(train), [self.test_fraction], self.split_seed)  # type: ignore[arg-type]
-            held_out = datasets.ImageFolder(self.root / "train", self.eval_transform, loader=load_image)
-            self.splits["train"], self.splits["test"] = Subset(train, tr), Subset(held_out, te)
-        self._check_not_empty()
+            splits["train"], splits["test"] = Subset(train, tr), Subset(train, te)
+        return self._check_not_empty(splits)
 
-    def _check_not_empty(self) -> None:
-        for split, ds in self.splits.items():
+    def _check_not_empty(self, splits: dict[str, Dataset]) -> dict[str, Dataset]:
+        for split, ds in splits.items():
             if len(ds) == 0:  # type: ignore[arg-type]
                 raise DataError(
-                    f"the {split} split of {self.root} is empty ({ {k: len(v) for k, v in self.splits.items()} } "  # type: ignore[arg-type]
+                    f"the {split} split of {self.root} is empty ({ {k: len(v) for k, v in splits.items()} } "  # type: ignore[arg-type]
                     f"images); add images, or raise val_fraction/test_fraction so that each split gets some"
                 )
-
-    def split_files(self, split: str) -> list[str]:
-        """The image files of a split, in the split's order (the run records the test split's for explain/)."""
-        ds = self.splits[split]
-        indices = ds.indices if isinstance(ds, Subset) else range(len(ds))  # type: ignore[arg-type]
-        base = ds.dataset if isinstance(ds, Subset) else ds
-        return [str(base.samples[i][0]) for i in indices]  # type: ignore[attr-defined]
+        return splits
 
 
 class ShapesDataModule(FolderDataModule):
@@ -272,6 +405,11 @@ class ShapesDataModule(FolderDataModule):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         crop_scale: tuple[float, float] = (0.8, 1.0),
+        loader: Loader = "auto",
+        cache: bool = True,
+        cache_dir: str | None = None,
+        cache_size: int | None = None,
+        device_memory_fraction: float = 0.5,
     ) -> None:
         super().__init__(
             root,
@@ -282,6 +420,11 @@ class ShapesDataModule(FolderDataModule):
             mean=mean,
             std=std,
             crop_scale=crop_scale,
+            loader=loader,
+            cache=cache,
+            cache_dir=cache_dir,
+            cache_size=cache_size or image_size,  # generated at image_size: crops come from the images as they are
+            device_memory_fraction=device_memory_fraction,
         )
         self.name = "shapes"
         self.seed, self.counts = seed, {"train": num_train, "val": num_val, "test": num_test}
@@ -294,6 +437,7 @@ class ShapesDataModule(FolderDataModule):
         shapes.generate(
             self.root, seed=self.seed, size=self.image_size, counts=self.counts, workers=min(4, os.cpu_count() or 1)
         )
+        super().prepare_data()
 
 
 @dataclass(frozen=True)
@@ -346,6 +490,11 @@ class TorchvisionDataModule(ImageDataModule):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         crop_scale: tuple[float, float] = (0.35, 1.0),
+        loader: Loader = "auto",
+        cache: bool = True,
+        cache_dir: str | None = None,
+        cache_size: int | None = None,
+        device_memory_fraction: float = 0.5,
     ) -> None:
         if name not in TORCHVISION_SETS:
             raise DataError(
@@ -359,6 +508,11 @@ class TorchvisionDataModule(ImageDataModule):
             mean=mean,
             std=std,
             crop_scale=crop_scale,
+            loader=loader,
+            cache=cache,
+            cache_dir=cache_dir,
+            cache_size=cache_size,
+            device_memory_fraction=device_memory_fraction,
         )
         check_fractions(val_fraction=val_fraction)
         self.set_name = self.name = name
@@ -370,6 +524,10 @@ class TorchvisionDataModule(ImageDataModule):
         return self.dataset.make(str(self.root), split, transform, download)
 
     def prepare_data(self) -> None:
+        self._download()
+        super().prepare_data()
+
+    def _download(self) -> None:
         for split in self.dataset.splits:
             try:
                 self._make(split, download=True)
@@ -382,25 +540,14 @@ class TorchvisionDataModule(ImageDataModule):
 
     @property
     def class_names(self) -> list[str]:
-        self.prepare_data()  # the class list comes with the data; no-op when already downloaded
+        self._download()  # the class list comes with the data; no-op when already downloaded
         test = self._make("test")
         classes = getattr(test, "classes", None) or range(test.num_classes)  # type: ignore[attr-defined]
         return [str(c) for c in classes]
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.splits:
-            return
+    def source_splits(self) -> dict[str, Dataset]:
         if "val" in self.dataset.splits:
-            self.splits = {
-                "train": self._make("train", self.train_transform),
-                "val": self._make("val", self.eval_transform),
-                "test": self._make("test", self.eval_transform),
-            }
-            return
-        train, evaluation = self._make("train", self.train_transform), self._make("train", self.eval_transform)
+            return {split: self._make(split) for split in ("train", "val", "test")}
+        train = self._make("train")
         tr, va = _split_indices(len(train), [self.val_fraction], self.split_seed)  # type: ignore[arg-type]
-        self.splits = {
-            "train": Subset(train, tr),
-            "val": Subset(evaluation, va),
-            "test": self._make("test", self.eval_transform),
-        }
+        return {"train": Subset(train, tr), "val": Subset(train, va), "test": self._make("test")}
