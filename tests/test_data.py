@@ -36,7 +36,7 @@ def test_single_folder_is_split_by_seeded_fractions(tmp_path: Path) -> None:
     assert x.shape[1:] == (3, 32, 32) and x.dtype == torch.float32  # ... normalised on the batch's device
     dm2 = FolderDataModule(tmp_path / "pets", val_fraction=0.2, test_fraction=0.1, image_size=32)
     dm2.setup("fit")
-    assert dm2.splits["val"].indices == dm.splits["val"].indices  # type: ignore[attr-defined]
+    assert dm2.split_files("val") == dm.split_files("val")
 
 
 def test_train_val_layout(tmp_path: Path) -> None:
@@ -108,15 +108,15 @@ def test_shapes_module_generates_once(tmp_path: Path) -> None:
     assert {k: len(v) for k, v in dm.splits.items()} == {"train": 10, "val": 5, "test": 5}
 
 
-def test_eval_batches_equal_the_bundles_preprocessing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("loader, cache", [("workers", True), ("device", True), ("workers", False)])
+def test_eval_batches_equal_the_bundles_preprocessing(tmp_path: Path, loader: str, cache: bool) -> None:
     """Loader (uint8) + on-device normalisation gives exactly what EvalPreset, used by explain/ and serve/,
-    gives for the same files: one preprocessing, split between the loader workers and the device."""
+    gives for the same files: one preprocessing, split between the loader (or the cache) and the device."""
     dm = FolderDataModule(_folder(tmp_path / "d", n=6), val_fraction=0.5, test_fraction=0.2, image_size=24,
-                          num_workers=0, batch_size=4)  # fmt: skip
+                          num_workers=0, batch_size=4, loader=loader, cache=cache)  # type: ignore[arg-type]  # fmt: skip
     dm.setup("fit")
     x, _ = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())))
-    val = dm.splits["val"]
-    files = [val.dataset.samples[i][0] for i in val.indices[:4]]  # type: ignore[attr-defined]
+    files = dm.split_files("val")[:4]
     preset = EvalPreset(image_size=24)
     torch.testing.assert_close(x, torch.stack([preset(load_image(f)) for f in files]), rtol=0, atol=0)
 

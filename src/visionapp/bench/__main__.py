@@ -2,7 +2,9 @@
 
     python -m visionapp.bench [--run runs/latest] [--mar model_store/classifier.mar] [--rounds 3]
 
-  train    Lightning fit vs a plain loop vs the compute ceiling (visionapp.bench.train), on the CPU
+  train    Lightning fit vs a plain loop vs the compute ceiling (visionapp.bench.train), on the CPU, and the
+           input paths against each other (decode-once cache, files decoded every epoch, batched crops),
+           at the default config's 96 px and again at 224 px (the loader alone and the plain loop)
   serve    our handler in process vs our TorchServe (eager, and compiled by make export) vs the stock
            TorchServe handler (visionapp.bench.serve),
            at the model's own input size and again at 224 px (serve_224px: ImageNet's size, at which the
@@ -42,6 +44,9 @@ class Goal:
 
 GOALS = {
     "train.loop_vs_ceiling": Goal(0.9, "min", "the input pipeline must not starve the model"),
+    "train.device_loader_vs_worker_loader_224px": Goal(
+        2.0, "min", "at 224 px the decode-once loader must deliver twice the images/s of decoding every epoch"
+    ),
     "train.lightning_vs_loop": Goal(0.97, "min", "Lightning may cost at most 3% over a plain loop"),
     "serve.p50_vs_inprocess_c1": Goal(1.15, "max", "TorchServe may add at most 15% to a lone request"),
     "serve.throughput_vs_stock_c8": Goal(1.3, "min", "ours must beat the stock handler users start from"),
@@ -106,6 +111,14 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--train-num-train", type=int, default=3000)
     ap.add_argument("--train-steps", type=int, default=30)
     ap.add_argument("--train-warmup", type=int, default=5)
+    ap.add_argument(
+        "--train-reference-size",
+        type=int,
+        default=REFERENCE_SIZE,
+        help="the input paths again at this size (in <train-root>-<size>px)",
+    )
+    ap.add_argument("--train-reference-steps", type=int, default=8, help="loop steps there (CPU training at 224 px "
+                    "is slow; the loader alone runs 5x as many)")  # fmt: skip
     ap.add_argument("--out", default="bench/results.json")
     ap.add_argument("--report", default=None, help="also write the markdown tables here (make bench: docs/)")
     return ap
@@ -118,13 +131,20 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"needs a trained run ({run_dir}/bundle) and its archive ({args.mar}): make train archive")
     image = Path(args.image) if args.image else first_test_image(run_dir)
     result: dict = {"machine": train_bench.machine(), "versions": versions()}
-    print(f"[1/4] train: ceiling / plain loop / Lightning, {args.rounds} rounds", flush=True)
+    print(f"[1/4] train: ceiling / plain loop / Lightning / input paths, {args.rounds} rounds", flush=True)
     train_argv = ["--root", args.train_root, "--image-size", str(args.train_image_size), "--num-train",
                   str(args.train_num_train), "--steps", str(args.train_steps), "--warmup", str(args.train_warmup),
                   "--rounds", str(args.rounds)]  # fmt: skip
-    train_args = train_bench.parser().parse_args(train_argv)
-    result["train"] = train_bench.run(train_args)
+    result["train"] = train_bench.run(train_bench.parser().parse_args(train_argv))
     train_bench.print_table(result["train"])
+    size, steps = args.train_reference_size, args.train_reference_steps
+    print(f"      the input paths at {size} px: the loader alone and the plain loop", flush=True)
+    reference_argv = ["--root", f"{args.train_root}-{size}px", "--image-size", str(size), "--num-train",
+                      str(args.train_num_train), "--num-val", "50", "--num-test", "50", "--contenders", "input",
+                      "loop", "--steps", str(steps), "--input-steps", str(5 * steps), "--warmup", "2",
+                      "--rounds", str(args.rounds)]  # fmt: skip
+    result["train_224px"] = train_bench.run(train_bench.parser().parse_args(reference_argv))
+    train_bench.print_table(result["train_224px"])
     serve_argv = ["--mar", args.mar, "--bundle", str(run_dir / "bundle"), "--image", str(image),
                   "--rounds", str(args.rounds), "--requests", str(args.requests), "--warmup", str(args.serve_warmup),
                   "--concurrency", *map(str, args.concurrency)]  # fmt: skip
@@ -150,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     # The goal keys: the ratios the train and serve parts computed under these names, and integrated gradients'.
     result.update({k: v for part in ("train", "serve") for k, v in result[part].items() if k in GOALS})
     result.update({f"{k}_224px": v for k, v in result["serve_224px"].items() if f"{k}_224px" in GOALS})
+    result["train.device_loader_vs_worker_loader_224px"] = result["train_224px"]["train.input_vs_input_files"]
     result["explain.ig50_vs_passes"] = result["explain"]["methods"]["integrated_gradients"]["ratio"]
     # The stock handler always runs at 224 px: the compiled server against it at the same size.
     result["serve.throughput_vs_stock_c8_same_size"] = result["serve_224px"]["serve.compiled_throughput_vs_stock_c8"]

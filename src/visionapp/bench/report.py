@@ -94,15 +94,20 @@ def markdown(result: dict, source: str = "bench/results.json") -> str:
         [[f"`{k}`", f"**{result[k]:.3f}**", f"{'≥' if g['kind'] == 'min' else '≤'} {g['goal']}",
           "met" if g["met"] else "**missed**", g.get("why", "")] for k, g in goals.items()],
     )  # fmt: skip
-    train = result["train"]
-    lines += ["", "## Training (images/s)", ""]
-    lines += _table(
-        ["contender", "images/s", "[min .. max]"],
-        [
-            [k, f"{train['images_per_second'][k]:.1f}", f"[{min(v):.1f} .. {max(v):.1f}]"]
-            for k, v in train["raw"].items()
-        ],
-    )
+    for part in ("train", "train_224px"):
+        if part not in result:
+            continue
+        train = result[part]
+        lines += ["", f"## Training at {train['settings']['image_size']} px (images/s)", ""]
+        lines += _table(
+            ["contender", "images/s", "[min .. max]"],
+            [
+                [k, f"{train['images_per_second'][k]:.1f}", f"[{min(v):.1f} .. {max(v):.1f}]"]
+                for k, v in train["raw"].items()
+            ],
+        )
+        lines += ["", f"Default input path here: {train['settings']['loader']}; `_files`: decoding every image file "
+                  "every epoch, `_device`: whole batches cropped on the device (here the CPU)."]  # fmt: skip
     for part, title in (("serve", "model's own size"), ("serve_224px", "224 px")):
         if part in result:
             lines += ["", f"## Serving at the {title}", "", *serve_table(result[part])]

@@ -231,7 +231,8 @@ PATHS: dict[str, dict[str, Any]] = {
 
 
 def data_module(args: argparse.Namespace, setup: Setup, **path: Any) -> ShapesDataModule:
-    dm = ShapesDataModule(args.root, image_size=args.image_size, num_train=args.num_train,
+    dm = ShapesDataModule(args.root, image_size=args.image_size, num_train=args.num_train, num_val=args.num_val,
+                          num_test=args.num_test,
                           batch_size=args.batch_size, num_workers=args.num_workers, **path)  # fmt: skip
     dm.target_device = setup.device
     dm.prepare_data()
@@ -254,7 +255,8 @@ def run(args: argparse.Namespace) -> dict:
     raw: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(args.rounds):
         for name, (fn, data) in runs.items():
-            raw[name].append(fn(data, setup, args.steps, args.warmup))
+            steps = args.input_steps if name.startswith("input") and args.input_steps else args.steps
+            raw[name].append(fn(data, setup, steps, args.warmup))
     med = {k: statistics.median(v) for k, v in raw.items()}
     ratios = {"train.loop_vs_ceiling": ("loop", "ceiling"), "train.lightning_vs_loop": ("lightning", "loop")}
     ratios |= {f"train.input_vs_input_{p}": ("input", f"input_{p}") for p in args.compare}
@@ -266,7 +268,8 @@ def run(args: argparse.Namespace) -> dict:
                      "channels_last": setup.cuda, "compile": setup.compile, "steps": args.steps,
                      "warmup": args.warmup, "rounds": args.rounds, "batch_size": dm.batch_size,
                      "image_size": dm.image_size, "threads": torch.get_num_threads(), "workers": dm.num_workers,
-                     "loader": dm.loader_path("train"), "compare": args.compare},
+                     "loader": dm.loader_path("train"), "compare": args.compare,
+                     "input_steps": args.input_steps or args.steps},
         "machine": machine(),
     }  # fmt: skip
 
@@ -279,12 +282,15 @@ def parser() -> argparse.ArgumentParser:
     # The default config's data (96 px, 3000 images, batch 32, 2 loader workers) unless told otherwise.
     ap.add_argument("--image-size", type=int, default=96)
     ap.add_argument("--num-train", type=int, default=3000)
+    ap.add_argument("--num-val", type=int, default=500, help="generated and cached, not measured")
+    ap.add_argument("--num-test", type=int, default=1000, help="generated and cached, not measured")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--num-workers", type=int, default=2)
     ap.add_argument("--contenders", nargs="+", choices=list(CONTENDERS), default=list(CONTENDERS))
     ap.add_argument("--compare", nargs="*", choices=list(PATHS), default=["files", "device"],
                     help="other input paths, each measured as loop_<path> and input_<path>")  # fmt: skip
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--input-steps", type=int, default=None, help="steps of the loader-alone contenders (--steps)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument(

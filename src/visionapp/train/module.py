@@ -35,6 +35,7 @@ class ImageClassifier(L.LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable = WarmupCosine,
         label_smoothing: float = 0.0,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -49,6 +50,10 @@ class ImageClassifier(L.LightningModule):
             image_size=image_size,
         )
         self.pretrained_info = info
+        if compile:
+            # torch.compile in place: the state_dict keys stay those of the plain model, so checkpoints and the
+            # bundle do not change. Off by default: not faster here (docs/training-performance.md).
+            self.model.compile()
         self.optimizer, self.scheduler = optimizer, scheduler
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         # One metric object per split (torchmetrics keeps state per object and syncs it across DDP ranks).
