@@ -22,8 +22,11 @@ def test_train_bench_writes_every_key(tmp_path: Path) -> None:
     args = ["--root", str(tmp_path / "shapes"), *TINY_TRAIN, "--rounds", "1", "--out", str(out)]
     assert train_bench.main(args) == 0
     result = json.loads(out.read_text())
-    assert result.keys() >= {"images_per_second", "raw", "train.loop_vs_ceiling", "train.lightning_vs_loop"}
-    assert set(result["images_per_second"]) == {"ceiling", "loop", "lightning", "input"}
+    assert result.keys() >= {"images_per_second", "raw", "train.loop_vs_ceiling", "train.lightning_vs_loop",
+                             "train.input_vs_input_files", "train.input_vs_input_device"}  # fmt: skip
+    assert set(result["images_per_second"]) == {"ceiling", "loop", "lightning", "input", "loop_files",
+                                                "input_files", "loop_device", "input_device"}  # fmt: skip
+    assert result["settings"]["loader"] == "workers"  # auto, on the CPU
     assert all(v > 0 for v in result["images_per_second"].values())
 
 
@@ -36,6 +39,7 @@ def test_make_bench_writes_every_key(trained_run: Path, tmp_path: Path) -> None:
             "8", "--serve-warmup", "8", "--train-root", str(tmp_path / "shapes"), "--out", str(out),
             "--report", str(tmp_path / "report.md")]  # fmt: skip
     args += [a.replace("--", "--train-", 1) for a in TINY_TRAIN]
+    args += ["--train-reference-size", "64", "--train-reference-steps", "3"]  # the 224 px part, tiny
     assert bench_run.main(args) == 0
     result = json.loads(out.read_text())
     for key in bench_run.GOALS:
@@ -45,6 +49,8 @@ def test_make_bench_writes_every_key(trained_run: Path, tmp_path: Path) -> None:
     own_size = json.loads((trained_run / "bundle" / "model.json").read_text())["image_size"]
     assert own_size != 224  # so that the reference-size part is measured, not copied
     assert result["serve"]["settings"]["image_size"] == own_size
+    assert set(result["train_224px"]["images_per_second"]) == {"input", "loop", "input_files", "loop_files",
+                                                               "input_device", "loop_device"}  # fmt: skip
     assert result["serve_224px"]["settings"]["image_size"] == 224  # the same weights, served at 224 px
     serve = result["serve"]["median"]
     assert set(serve) == {"inprocess", "ours", "compiled", "stock"}

@@ -12,7 +12,7 @@ from scipy import stats
 from test_data import _folder, _image
 
 from visionapp.train.cache import DeviceLoader, ImageCache
-from visionapp.train.data import DataError, FolderDataModule, train_cache_size
+from visionapp.train.data import DataError, FolderDataModule, TorchvisionDataModule, train_cache_size
 from visionapp.transforms import TrainPreset
 
 
@@ -133,3 +133,35 @@ def test_the_batched_augmentation_draws_from_the_per_image_distribution() -> Non
     flips = a[2].sum(), b[2].sum()
     assert stats.fisher_exact([[flips[0], n - flips[0]], [flips[1], n - flips[1]]]).pvalue > 1e-3
     assert 0.45 < flips[1] / n < 0.55
+
+
+def test_a_torchvision_set_is_cached_too(tmp_path: Path) -> None:
+    """Data sets without files (CIFAR-10's arrays; here `fake`, its shape) are keyed by name, split and items."""
+    dm = TorchvisionDataModule("fake", root=str(tmp_path / "tv"), image_size=32, num_workers=0, batch_size=16)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert {k: len(c) for k, c in dm.caches.items()} == {"train": 180, "val": 20, "test": 50}
+    assert dm.caches["train"].images.shape[1:] == (56, 56, 3)  # 32 px / sqrt(0.35), rounded up to a multiple of 8
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (16, 3, 32, 32) and y.max() < 10
+    assert dm.split_files("train") == []  # no files to record
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_cache_is_served_from_device_memory_or_pinned_memory_alike(tmp_path: Path) -> None:
+    """The two GPU paths (resident, and staged through pinned memory when the cache does not fit) give the same
+    batches: eval ones equal to the CPU's bit for bit, train ones equal to each other for the same seed."""
+    dm = _module(_folder(tmp_path / "pets", n=20), tmp_path)
+    dm.setup("fit")
+    cuda = torch.device("cuda")
+    cpu_val = torch.cat([x for x, _ in DeviceLoader(dm.caches["val"], batch_size=4, device=torch.device("cpu"),
+                                                     resident=True, shuffle=False)])  # fmt: skip
+    for split, augment in (("val", None), ("train", dm.train_preset.batch)):
+        runs = [
+            torch.cat([x.cpu() for x, _ in DeviceLoader(dm.caches[split], batch_size=4, device=cuda, resident=r,
+                                                        shuffle=split == "train", augment=augment, seed=3)])
+            for r in (True, False)
+        ]  # fmt: skip
+        assert torch.equal(runs[0], runs[1]), split
+        if split == "val":
+            assert torch.equal(runs[0], cpu_val)

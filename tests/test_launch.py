@@ -22,6 +22,7 @@ def test_two_process_ddp_through_torchx_writes_a_valid_run(tmp_path: Path, shape
     args = (
         f"--data.init_args.root={shapes_root} --data.init_args.image_size=64 --data.init_args.num_train=256 "
         "--data.init_args.num_val=100 --data.init_args.num_test=100 --data.init_args.num_workers=0 "
+        "--data.init_args.loader=device "  # our own sharding (the workers path shards by Lightning's sampler)
         f"--model.weights=null --trainer.max_epochs=1 --trainer.enable_model_summary=false --runs_dir={runs}"
     )
     proc = subprocess.run(
@@ -30,7 +31,7 @@ def test_two_process_ddp_through_torchx_writes_a_valid_run(tmp_path: Path, shape
     assert proc.returncode == 0 and "SUCCEEDED" in proc.stdout + proc.stderr, proc.stderr[-3000:]
     run = (runs / "latest").resolve()
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["world_size"] == 2 and run.name.endswith("-ddp2")
+    assert metrics["world_size"] == 2 and run.name.endswith("-ddp2") and metrics["input_pipeline"] == "device"
     # val_acc is that of the whole validation split (metrics synced across ranks), not one rank's half:
     # the bundle (the best checkpoint's weights) re-evaluated on all 100 images in this process agrees.
     bundle = load_bundle(run / "bundle")

@@ -24,11 +24,14 @@ METRIC_KEYS = {
 }
 
 
-def test_fit_fast_dev_run_writes_a_run_directory(tmp_path: Path, shapes_root: Path) -> None:
-    run = run_fit(tmp_path / "runs", shapes_root, "--trainer.fast_dev_run=true")
+@pytest.mark.parametrize("loader", ["auto", "device"])
+def test_fit_fast_dev_run_writes_a_run_directory(tmp_path: Path, shapes_root: Path, loader: str) -> None:
+    run = run_fit(tmp_path / "runs", shapes_root, "--trainer.fast_dev_run=true", f"--data.init_args.loader={loader}")
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics.keys() >= METRIC_KEYS
     assert metrics["pretrained"] is False and "weights=null" in metrics["pretrained_reason"]
+    # auto on the CPU: workers cropping from the cache; device: whole batches cropped in this process
+    assert metrics["input_pipeline"] == ("workers" if loader == "auto" else "device")
     assert (run / "confusion_matrix.png").stat().st_size > 1000
     assert (run / "bundle" / "model.pt").is_file()
     assert metrics["calibration"].keys() >= {"temperature", "ece_before", "ece_after", "nll_before", "nll_after"}
@@ -95,3 +98,4 @@ def test_on_a_gpu_fit_uses_mixed_precision_and_channels_last(tmp_path: Path, sha
     metrics = json.loads((run / "metrics.json").read_text())
     expected = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     assert metrics["precision"] == expected and metrics["device"] != "cpu"
+    assert metrics["input_pipeline"] == "device"  # loader: auto on a GPU: the cache fits, batches cropped there

@@ -180,6 +180,8 @@ class DeviceLoader:
     `sampler.set_epoch` each epoch).
     """
 
+    batch_sampler = None  # what Lightning inspects on any loader: batches come from `sampler` and batch_size
+
     def __init__(
         self,
         cache: ImageCache,

@@ -162,6 +162,7 @@ def write_run(
         "global_steps": trainer.global_step,
         "wall_seconds": round(throughput.wall_seconds, 2),
         "train_images_per_second": round(throughput.images / max(throughput.train_seconds, 1e-9), 2),
+        "input_pipeline": data.loader_path("train"),  # device (batches cropped there) or workers (see data.py)
         "device": str(module.device) if module.device.type == "cpu" else torch.cuda.get_device_name(module.device),
         "precision": str(trainer.precision),
         "world_size": trainer.world_size,
