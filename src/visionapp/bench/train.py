@@ -261,8 +261,10 @@ def run(args: argparse.Namespace) -> dict:
     dm = data_module(args, setup)
     if args.input_scan:
         return {"input_scan": input_scan(dm, setup, args.input_scan, args.steps, args.warmup), "machine": machine()}
+    # The other paths: on the CPU the batched crop (the device path there), on a GPU the workers cropping per image.
+    compare = args.compare if args.compare is not None else ["files", "workers" if setup.cuda else "device"]
     runs = {name: (CONTENDERS[name], dm) for name in args.contenders}
-    for path in args.compare:
+    for path in compare:
         other = data_module(args, setup, **PATHS[path])
         runs |= {f"{name}_{path}": (CONTENDERS[name], other) for name in ("loop", "input") if name in args.contenders}
     raw: dict[str, list[float]] = {k: [] for k in runs}
@@ -272,7 +274,7 @@ def run(args: argparse.Namespace) -> dict:
             raw[name].append(fn(data, setup, steps, args.warmup))
     med = {k: statistics.median(v) for k, v in raw.items()}
     ratios = {"train.loop_vs_ceiling": ("loop", "ceiling"), "train.lightning_vs_loop": ("lightning", "loop")}
-    ratios |= {f"train.input_vs_input_{p}": ("input", f"input_{p}") for p in args.compare}
+    ratios |= {f"train.input_vs_input_{p}": ("input", f"input_{p}") for p in compare}
     return {
         "images_per_second": med,
         "raw": raw,
@@ -281,7 +283,7 @@ def run(args: argparse.Namespace) -> dict:
                      "channels_last": setup.cuda, "compile": setup.compile, "steps": args.steps,
                      "warmup": args.warmup, "rounds": args.rounds, "batch_size": dm.batch_size,
                      "image_size": dm.image_size, "threads": torch.get_num_threads(), "workers": dm.num_workers,
-                     "loader": dm.loader_path("train"), "compare": args.compare,
+                     "loader": dm.loader_path("train"), "compare": compare,
                      "input_steps": args.input_steps or args.steps},
         "machine": machine(),
     }  # fmt: skip
@@ -300,8 +302,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--num-workers", type=int, default=2)
     ap.add_argument("--contenders", nargs="+", choices=list(CONTENDERS), default=list(CONTENDERS))
-    ap.add_argument("--compare", nargs="*", choices=list(PATHS), default=["files", "device"],
-                    help="other input paths, each measured as loop_<path> and input_<path>")  # fmt: skip
+    ap.add_argument("--compare", nargs="*", choices=list(PATHS), default=None,
+                    help="other input paths, each measured as loop_<path> and input_<path> (default: files, and "
+                    "device on the CPU, workers on a GPU)")  # fmt: skip
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--input-steps", type=int, default=None, help="steps of the loader-alone contenders (--steps)")
     ap.add_argument("--warmup", type=int, default=5)
