@@ -22,7 +22,6 @@ from PIL import Image
 from rich.progress import track
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets
-from torchvision.transforms import v2
 
 from visionapp import shapes
 from visionapp.train.cache import CachedSplit, DecodeError, DeviceLoader, ImageCache, open_or_build, source_files
@@ -126,13 +125,10 @@ class ImageDataModule(L.LightningDataModule):
         key = {"data": type(self).__name__, "name": self.name, "root": str(root)}
         caches = {}
         for split, source in sources.items():
+            # val/test: EvalPreset's output as it is; train: the same whole-image resize at the cache's larger size,
+            # to crop from every epoch.
             size = self.cache_size if split == "train" else self.image_size
-            # train: the whole image, squared, to crop from every epoch; val/test: EvalPreset's output as it is
-            geometry = (
-                v2.Compose([v2.ToImage(), v2.Resize((size, size), antialias=True)])
-                if split == "train"
-                else self.eval_transform
-            )
+            geometry = EvalPreset(image_size=size).geometry if split == "train" else self.eval_transform
             try:
                 caches[split] = open_or_build(
                     folder / f"{split}-{size}px", source, geometry, size, {**key, "split": split},
