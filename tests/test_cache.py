@@ -47,6 +47,15 @@ def test_each_split_is_decoded_once_and_again_only_when_the_folder_changes(tmp_p
     assert sum(len(c) for c in changed.caches.values()) == 21
 
 
+def test_building_the_cache_leaves_the_random_stream_as_it_was(tmp_path: Path) -> None:
+    """A run that builds the cache trains on the same random crops as the same run finding it built."""
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    _module(_folder(tmp_path / "pets", n=10), tmp_path, num_workers=2).setup("fit")  # builds
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_a_corrupt_image_is_named_and_the_previous_cache_survives(tmp_path: Path) -> None:
     root = _folder(tmp_path / "pets", n=10)
     _module(root, tmp_path).setup("fit")

@@ -130,11 +130,14 @@ def open_or_build(
         images = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.uint8, shape=(len(source), size, size, 3))  # type: ignore[arg-type]
         labels: list[int] = []
         loader = DataLoader(_Decoded(source, geometry, size, files), batch_size=64, num_workers=workers)
-        for x, y, errors in track(loader, description=f"Decoding once into {npy}"):
-            if any(errors):
-                raise DecodeError(next(e for e in errors if e))
-            images[len(labels) : len(labels) + len(y)] = x.movedim(1, -1).numpy()
-            labels += y.tolist()
+        # fork_rng: the loader draws its workers' seeds from the global generator; without it a run that builds
+        # the cache would train on other random crops than the same run finding it built.
+        with torch.random.fork_rng(devices=[]):
+            for x, y, errors in track(loader, description=f"Decoding once into {npy}"):
+                if any(errors):
+                    raise DecodeError(next(e for e in errors if e))
+                images[len(labels) : len(labels) + len(y)] = x.movedim(1, -1).numpy()
+                labels += y.tolist()
         images.flush()
         del images
         tmp_meta.write_text(json.dumps({"fingerprint": fp, "key": key, "files": files, "labels": labels}))
