@@ -30,6 +30,16 @@ def test_train_bench_writes_every_key(tmp_path: Path) -> None:
     assert all(v > 0 for v in result["images_per_second"].values())
 
 
+def test_input_scan_times_each_step_of_the_input(tmp_path: Path) -> None:
+    out = tmp_path / "scan.json"
+    args = ["--root", str(tmp_path / "shapes"), *TINY_TRAIN, "--input-scan", "0", "1", "--out", str(out)]
+    assert train_bench.main(args) == 0
+    scan = json.loads(out.read_text())["input_scan"]
+    steps = {"decode", "augment", "read_and_augment_from_cache", "augment_planar_uint8"}
+    assert all(scan[f"{k}_ms_per_image"] > 0 for k in steps)
+    assert scan["workers_0"]["images_per_s"] > 0 and scan["workers_1"]["worker_cores"] > 0
+
+
 @pytest.mark.slow
 def test_make_bench_writes_every_key(trained_run: Path, tmp_path: Path) -> None:
     """`make bench`'s script end to end on a tiny setting: real TorchServe servers (ours and the stock handler)."""

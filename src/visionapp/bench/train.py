@@ -180,17 +180,21 @@ def input_scan(dm: ShapesDataModule, setup: Setup, workers: list[int], steps: in
             fn(item)
         return (time.perf_counter() - start) / len(items) * 1e3
 
-    images = [load_image(f) for f in files[:20]]  # warm the file cache: decoding is measured, not the disk
-    out: dict = {"decode_ms_per_image": ms_per_image(load_image, files)}
-    images = [load_image(f) for f in files]
-    out["augment_ms_per_image"] = ms_per_image(dm.train_transform, images)  # today's worker: from the decoded PIL
-    if "train" in dm.caches:  # the cache's path: a copy out of the memory map, then the same crop and flip
-        cached = list(range(len(files)))
-        out["read_and_augment_from_cache_ms_per_image"] = ms_per_image(
-            lambda i: dm.train_transform(dm.caches["train"].tensor(i)), cached
-        )
-        planar = [dm.caches["train"].tensor(i).contiguous() for i in cached]  # the layout the cache does not use
-        out["augment_planar_uint8_ms_per_image"] = ms_per_image(dm.train_transform, planar)
+    images = [load_image(f) for f in files]  # decoded once first: the file cache is warm, decoding is what is timed
+    measures: dict[str, tuple[Callable, list]] = {
+        "decode": (load_image, files),
+        "augment": (dm.train_transform, images),
+    }
+    if (cache := dm.caches.get("train")) is not None:  # with it: a copy out of the memory map, the same crop + flip
+        indices = list(range(len(files)))
+        measures["read_and_augment_from_cache"] = (lambda i: dm.train_transform(cache.tensor(i)), indices)
+        planar = [cache.tensor(i).contiguous() for i in indices]  # the layout the cache does not use
+        measures["augment_planar_uint8"] = (dm.train_transform, planar)
+    times: dict[str, list[float]] = {k: [] for k in measures}
+    for _ in range(3):  # alternated, medians: this machine's speed drifts
+        for k, (fn, items) in measures.items():
+            times[k].append(ms_per_image(fn, items))
+    out: dict = {f"{k}_ms_per_image": statistics.median(v) for k, v in times.items()}
     torch.set_num_threads(threads)
     print(
         "  one image on one core: " + ", ".join(f"{k.removesuffix('_ms_per_image')} {v:.3f} ms" for k, v in out.items())

@@ -9,9 +9,9 @@ The train split is stored whole, resized to a square of S = image_size / sqrt(mi
 the smallest crop keeps about image_size pixels across), and cropped at random every epoch; val and test are
 stored as EvalPreset's output, so their batches are the bundle's preprocessing bit for bit. A changed folder
 (files added, removed or modified) changes the fingerprint and the cache is built again; an image that cannot
-be decoded is named. Pixels are stored channels-last (each pixel's RGB together, as in an image file): the
-uint8 resize kernels run about 3x faster on that layout than on planar channels (measured in
-docs/training-performance.md); `ImageCache.tensor` hands out the usual (…, 3, S, S) views of it.
+be decoded is named. Pixels are stored channels-last (each pixel's RGB together, as in an image file): torch's
+uint8 resize runs faster on that layout than on planar channels (docs/training-performance.md);
+`ImageCache.tensor` hands out the usual (…, 3, S, S) views of it.
 """
 
 from __future__ import annotations
