@@ -3,7 +3,9 @@
 python -m visionapp fit --config configs/train.yaml [--trainer.max_epochs=2 ...]
 """
 
-from visionapp.train.cli import cli_main
+import sys
+
+from visionapp.train.cli import main
 
 if __name__ == "__main__":
-    cli_main()
+    sys.exit(main())

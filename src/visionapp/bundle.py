@@ -11,6 +11,7 @@ eval preprocessing. explain/ and serve/ use nothing else from training.
 from __future__ import annotations
 
 import json
+import os
 import platform
 from collections.abc import Callable
 from contextlib import suppress
@@ -24,15 +25,47 @@ import torchvision
 from torch import nn
 from torchvision.models import get_model
 
+from visionapp.errors import UserError
 from visionapp.transforms import EvalPreset
 
 WEIGHTS_FILE, META_FILE = "model.pt", "model.json"
 # Beside the bundle in a run directory: the test split's image files, one per line (what explain/ measures on).
 TEST_FILES = "test_files.txt"
+# Beside the bundle while `fit` runs and after one that did not finish (a crash, Ctrl-C): the run is not to be used.
+INCOMPLETE = "INCOMPLETE"
+
+
+class IncompleteRun(UserError):
+    """The run directory of a fit that did not finish."""
+
+
+def check_complete(bundle_dir: str | Path) -> None:
+    """Refuse the bundle of a run that `fit` did not finish (its INCOMPLETE mark says why)."""
+    mark = Path(bundle_dir).parent / INCOMPLETE
+    if mark.is_file():
+        raise IncompleteRun(
+            f"{mark.parent} is an unfinished run ({mark.read_text().strip()}); train again (make train) or pick "
+            "a finished run (RUN=runs/<name>)"
+        )
 
 
 def compiled_file(device: str) -> str:
     return f"model.{device}.pt2"
+
+
+def bundle_file(directory: Path, name: str) -> Path:
+    """A file that model.json names, as a path inside the bundle: a plain file name, never a path that leads
+    elsewhere (a compiled package is native code: one from outside the bundle must not be loaded or packed)."""
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise ValueError(f"{directory / META_FILE} names the file {name!r}; expected a file name inside the bundle")
+    return directory / name
+
+
+def write_meta(directory: Path, meta: dict[str, Any]) -> None:
+    """Write model.json whole or not at all: a temporary file renamed over it (a crash leaves the old one)."""
+    tmp = directory / f".{META_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, directory / META_FILE)
 
 
 def cpu_isa() -> str:
@@ -114,7 +147,7 @@ def save_bundle(
     }
     if arch.startswith("vit_"):
         meta["model_kwargs"] = {"image_size": image_size}
-    (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+    write_meta(directory, meta)
     return directory
 
 
@@ -125,6 +158,7 @@ def load_bundle(
     for map_location's device, or raises saying why it cannot; "auto" loads it where it fits and otherwise
     keeps to the eager model; `compiled_note` says which and why."""
     directory = Path(directory)
+    check_complete(directory)
     if not (directory / META_FILE).is_file():
         raise FileNotFoundError(
             f"{directory} is not a bundle (no {META_FILE}); train first (make train) "
@@ -143,7 +177,7 @@ def load_bundle(
 
             file = meta["compiled"][device]["file"]
             try:
-                bundle.compiled = aoti_load_package(str(directory / file))
+                bundle.compiled = aoti_load_package(str(bundle_file(directory, file)))
                 bundle.compiled_note = f"compiled: {file} (AOTInductor)"
             except Exception as e:  # a package this torch cannot load after all: say why
                 reason = f"loading {file} failed: {type(e).__name__}: {e}"
@@ -159,8 +193,11 @@ def _unfit(directory: Path, record: dict[str, Any] | None, device: str) -> str |
     version, its device and, on the CPU, the instruction set it was compiled for."""
     if record is None:
         return f"the bundle has no compiled model for {device} (make export on a {device} machine)"
-    if not (directory / record["file"]).is_file():
-        return f"{record['file']} is missing from {directory}"
+    try:
+        if not bundle_file(directory, record["file"]).is_file():
+            return f"{record['file']} is missing from {directory}"
+    except ValueError as e:
+        return str(e)
     if record["torch"] != torch.__version__:
         return f"compiled with torch {record['torch']}, this is torch {torch.__version__}: export again"
     if device == "cpu":

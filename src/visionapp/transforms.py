@@ -17,20 +17,22 @@ from PIL import Image, ImageOps
 from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
+from visionapp.imagefiles import IMAGE_FORMATS
+
 # The normalisation of every torchvision ImageNet classification weight (weights.transforms().mean/std).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# The file extensions taken for images when a folder is read (training data, the heatmap script's inputs).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 
 def load_image(source: str | Path | bytes) -> Image.Image:
     """Decode a file path or raw bytes into an upright 8-bit RGB image.
 
     Handles what real uploads contain: EXIF orientation, CMYK, palette and RGBA, 16-bit grayscale
-    (scaled, not clipped to white), animated GIF (first frame). Raises PIL's errors for non-images.
+    (scaled, not clipped to white), animated GIF (first frame). Only the formats IMAGE_FORMATS names are decoded;
+    raises PIL's errors (UnidentifiedImageError for anything else) and whatever a malformed file makes a decoder
+    raise.
     """
-    img: Image.Image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    img: Image.Image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=IMAGE_FORMATS)
     img.seek(0)  # first frame of an animation
     img = ImageOps.exif_transpose(img)  # also loads the pixels, so truncated files fail here
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):

@@ -25,7 +25,8 @@ from rich.progress import track
 from visionapp.bundle import load_bundle
 from visionapp.explain.attribution import Explanation, explain, target_index
 from visionapp.explain.methods import METHODS, check_method
-from visionapp.transforms import IMAGE_EXTENSIONS, load_image
+from visionapp.imagefiles import expand
+from visionapp.transforms import load_image
 
 
 def save_figure(e: Explanation, method: str, path: Path) -> None:
@@ -59,17 +60,6 @@ def save_figure(e: Explanation, method: str, path: Path) -> None:
             ax.axis("off")
     fig.suptitle(title)
     fig.savefig(path, dpi=100)
-
-
-def expand(paths: list[str]) -> list[Path]:
-    """Files as given, folders as every file under them with an image extension (sorted)."""
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
-        else:
-            out.append(p)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,7 +55,7 @@ def confident_mistakes(run: Path, n: int = MISTAKES) -> list[dict]:
         image = load_image(files[i])
         e = explain(bundle, image, "layer_gradcam")  # one backward pass: cheap
         out.append({"file": str(files[i]), "truth": bundle.class_names[labels[i]], "predicted": e.predicted,
-                    "probability": e.probability, "heatmap": overlay_png(image, e.attr_map)})  # fmt: skip
+                    "probability": e.probability, "heatmap": overlay_png(e.image, e.attr_map)})  # fmt: skip
     return out
 
 

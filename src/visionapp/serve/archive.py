@@ -23,10 +23,13 @@ from pathlib import Path
 
 import yaml
 
+from visionapp.bundle import META_FILE, bundle_file, check_complete
+from visionapp.errors import run_main
+
 PACKAGE = Path(__file__).parents[1]  # the installed visionapp package
 HANDLER = Path(__file__).with_name("handler.py")
 # What the handler imports, copied into the archive: the base modules and the two stages serving uses.
-SERVING_CODE = ("__init__.py", "bundle.py", "transforms.py", "explain", "serve")
+SERVING_CODE = ("__init__.py", "bundle.py", "errors.py", "imagefiles.py", "transforms.py", "explain", "serve")
 
 
 def build_archive(
@@ -41,6 +44,7 @@ def build_archive(
     name unless given, so a running server tells which run it serves."""
     bundle, out = Path(bundle), Path(out)
     version = version or bundle.resolve().parent.name
+    check_complete(bundle)
     for f in (bundle / "model.pt", bundle / "model.json"):
         if not f.is_file():
             raise FileNotFoundError(f"{f} is missing; train first (make train) or pass a run's bundle/ folder")
@@ -73,8 +77,8 @@ def build_archive(
 
 def compiled_packages(bundle: Path) -> list[Path]:
     """The compiled models (make export) model.json records: packed too, the handler picks the one that fits."""
-    meta = json.loads((bundle / "model.json").read_text())
-    packages = [bundle / record["file"] for record in meta.get("compiled", {}).values()]
+    meta = json.loads((bundle / META_FILE).read_text())
+    packages = [bundle_file(bundle, record["file"]) for record in meta.get("compiled", {}).values()]
     for p in packages:
         if not p.is_file():
             raise FileNotFoundError(f"{p} is recorded in {bundle / 'model.json'} but missing; make export again")
@@ -94,7 +98,7 @@ def check_model_config(path: Path) -> Path:
     return path
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", default="runs/latest/bundle")
     ap.add_argument("--name", default="classifier")
@@ -106,7 +110,8 @@ def main() -> None:
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(str(e)) from None
     print(f"{mar} ({mar.stat().st_size / 1e6:.1f} MB)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any
 
 import torch
 
-from visionapp.bundle import META_FILE, TEST_FILES, Bundle, compiled_file, cpu_isa, load_bundle
+from visionapp.bundle import META_FILE, TEST_FILES, Bundle, compiled_file, cpu_isa, load_bundle, write_meta
 from visionapp.transforms import load_image
 
 TOLERANCE = 1e-4
@@ -69,26 +70,32 @@ def export_bundle(
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     options = {"freezing": freezing, "max_autotune": max_autotune}
     package = bundle_dir / compiled_file(device)
+    # Compiled under a temporary name and renamed over the package only once checked: a refused or interrupted
+    # export leaves the previous package and its record in model.json as they were.
+    candidate = bundle_dir / f".{package.name}.tmp-{os.getpid()}"
     print(f"exporting {bundle.meta['arch']} at {size} px, batch 1..{max_batch}, on {device}, {options}", flush=True)
     t0 = time.perf_counter()
     with torch.no_grad():
         program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     t1 = time.perf_counter()
     print(f"  exported in {t1 - t0:.1f} s; compiling with AOTInductor (a minute or two on a CPU)", flush=True)
-    torch._inductor.aoti_compile_and_package(program, package_path=str(package), inductor_configs=dict(options))
-    t2 = time.perf_counter()
-    print(f"  compiled in {t2 - t1:.1f} s: {package} ({package.stat().st_size / 1e6:.1f} MB)", flush=True)
-
-    compiled = torch._inductor.aoti_load_package(str(package))
-    x = check_batch(bundle, bundle_dir, max_batch).to(device).contiguous(memory_format=memory_format)
-    with torch.inference_mode():
-        diff = max((compiled(xs) - model(xs)).abs().max().item() for xs in (x, x[:1]))
-    if not diff <= tolerance:
-        package.unlink()
-        raise ValueError(
-            f"refused: the compiled model's logits differ from the eager model's by {diff:.3g} on {len(x)} test "
-            f"images (tolerance {tolerance:g}); {package.name} was deleted, the eager model serves"
-        )
+    try:
+        torch._inductor.aoti_compile_and_package(program, package_path=str(candidate), inductor_configs=dict(options))
+        t2 = time.perf_counter()
+        print(f"  compiled in {t2 - t1:.1f} s ({candidate.stat().st_size / 1e6:.1f} MB)", flush=True)
+        compiled = torch._inductor.aoti_load_package(str(candidate))
+        x = check_batch(bundle, bundle_dir, max_batch).to(device).contiguous(memory_format=memory_format)
+        with torch.inference_mode():
+            diff = max((compiled(xs) - model(xs)).abs().max().item() for xs in (x, x[:1]))
+        if not diff <= tolerance:
+            kept = f"{package.name} as it was" if package.is_file() else "the eager model"
+            raise ValueError(
+                f"refused: the compiled model's logits differ from the eager model's by {diff:.3g} on {len(x)} "
+                f"test images (tolerance {tolerance:g}); nothing was changed, the bundle serves {kept}"
+            )
+        os.replace(candidate, package)
+    finally:
+        candidate.unlink(missing_ok=True)
     record = {
         "file": package.name, "device": device, "torch": torch.__version__,
         "cpu_isa": cpu_isa() if device == "cpu" else None, "batch": [1, max_batch], "image_size": size,
@@ -98,7 +105,7 @@ def export_bundle(
     meta_path = bundle_dir / META_FILE
     meta = json.loads(meta_path.read_text())
     meta.setdefault("compiled", {})[device] = record
-    meta_path.write_text(json.dumps(meta, indent=2))
+    write_meta(bundle_dir, meta)
     print(f"  checked on {len(x)} test images: max |compiled - eager| = {diff:.2g} (≤ {tolerance:g}); "
           f"recorded in {meta_path}", flush=True)  # fmt: skip
     return record

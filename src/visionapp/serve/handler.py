@@ -33,9 +33,18 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from visionapp.bundle import load_bundle
-from visionapp.explain.attribution import explain, overlay_png, target_index
-from visionapp.explain.methods import check_method
-from visionapp.serve.inputs import MAX_PIXELS, BadInput, Limits, Request, parse_request, worker_threads
+from visionapp.explain.attribution import explain, overlay_png
+from visionapp.explain.methods import METHODS
+from visionapp.serve.inputs import (
+    MAX_PIXELS,
+    BadInput,
+    Limits,
+    Request,
+    parse_request,
+    shown,
+    status_phrase,
+    worker_threads,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,21 +139,21 @@ class ImageClassifierHandler(BaseHandler):
     # --- explanations: POST /explanations/<model> -------------------------------------------------------------
     def _explain(self, req: Request) -> list[dict[str, Any]]:
         method = req.options.get("method", "integrated_gradients")
-        try:
-            check_method(method)
-        except ValueError as e:
-            raise BadInput(str(e), kind="bad_option") from None
+        if method not in METHODS:
+            raise BadInput(f"unknown method {shown(method)}; choose one of {', '.join(METHODS)}", kind="bad_option")
         target = req.options.get("target")
-        if target is not None:
-            try:
-                target_index(self.class_names, target)
-            except ValueError as e:
-                raise BadInput(str(e), kind="bad_option") from None
+        if target is not None and target not in self.class_names:
+            names = ", ".join(self.class_names[:20]) + (", ..." if len(self.class_names) > 20 else "")
+            raise BadInput(
+                f"unknown class {shown(target)} in target; this model's classes are: {names}", kind="bad_option"
+            )
         answers = []
         for img in req.images:
-            # Attributions at the model's input size whatever the image's (bounded cost); the map is resized back.
+            # Attributions at the model's input size whatever the image's; the overlay is drawn at a bounded size.
             start = time.perf_counter()
-            ex = explain(self.bundle, img, method, target=target, device=self.device)
+            ex = explain(
+                self.bundle, img, method, target=target, device=self.device, max_pixels=self.limits.max_heatmap_pixels
+            )
             self._metric("ExplanationSeconds", time.perf_counter() - start, "s", MetricTypes.HISTOGRAM, Method=method)
             answers.append(
                 {
@@ -153,7 +162,8 @@ class ImageClassifierHandler(BaseHandler):
                     "predicted": ex.predicted,
                     "predicted_probability": round(ex.probability, 6),
                     "method": method,
-                    "heatmap_png_base64": base64.b64encode(overlay_png(img, ex.attr_map)).decode("ascii"),
+                    "heatmap_png_base64": base64.b64encode(overlay_png(ex.image, ex.attr_map)).decode("ascii"),
+                    "heatmap_size": list(ex.image.size),  # width, height: at most maxHeatmapPixels
                 }
             )
         return answers
@@ -165,7 +175,7 @@ class ImageClassifierHandler(BaseHandler):
         try:
             k = int(raw)
         except ValueError:
-            raise BadInput(f"topk must be an integer, got {raw!r}", kind="bad_option") from None
+            raise BadInput(f"topk must be an integer, got {shown(raw)}", kind="bad_option") from None
         if not 1 <= k <= n:
             raise BadInput(f"topk must be between 1 and {n} (the number of classes), got {k}", kind="bad_option")
         return k
@@ -179,7 +189,7 @@ class ImageClassifierHandler(BaseHandler):
         """This request's error answer: 4xx naming the problem for input we cannot use, 500 for a fault."""
         if isinstance(e, BadInput):
             self._metric("BadInputs", 1, "count", MetricTypes.COUNTER, Kind=e.kind)
-            self.context.set_response_status(code=e.status, phrase=str(e), idx=idx)
+            self.context.set_response_status(code=e.status, phrase=status_phrase(str(e)), idx=idx)
             return {"code": e.status, "type": "BadInput", "message": str(e)}
         log.exception("request %d of the batch failed; the others are answered", idx)
         message = f"internal error ({type(e).__name__}); the traceback is in the worker log (model_log.log)"

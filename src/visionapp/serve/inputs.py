@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 from PIL import Image
 
+from visionapp.imagefiles import FORMATS_TEXT
 from visionapp.transforms import load_image
 
 OPTION_KEYS = {"topk", "target", "method"}
@@ -34,11 +35,13 @@ class Limits:
     max_images_prediction: int = 64
     max_images_explanation: int = 4  # each explanation costs up to a few hundred model passes
     max_pixels: int = 100_000_000  # decoded pixels over all of a request's images, checked before each decode
+    max_heatmap_pixels: int = 500_000  # an explanation's overlay is drawn at most this big (aspect kept)
 
     KEYS: ClassVar[dict[str, str]] = {  # model-config key → field
         "maxImagesPerPrediction": "max_images_prediction",
         "maxImagesPerExplanation": "max_images_explanation",
         "maxPixelsPerRequest": "max_pixels",
+        "maxHeatmapPixels": "max_heatmap_pixels",
     }
 
     @classmethod
@@ -115,6 +118,25 @@ class Request:
     rows: list[int] = field(default_factory=list)  # this request's rows in the batch tensor
 
 
+def shown(value: str, limit: int = 40) -> str:
+    """A value as an error message quotes it: repr (control characters escaped), cut to about `limit` characters,
+    so that an answer never echoes a long hostile value back."""
+    quoted = repr(value)
+    return quoted if len(quoted) <= limit else f"{quoted[:limit]}... ({len(value)} characters)"
+
+
+def status_phrase(message: str, limit: int = 120) -> str:
+    """The HTTP reason phrase for an error answer: ASCII only and short.
+
+    TorchServe's worker (ts/protocol/otf_message_handler.py, create_predict_response) frames the phrase with its
+    length in characters but writes its UTF-8 bytes: one non-ASCII character in it (a Latin-1 "é" in an option
+    header, echoed back in the message) shifts every following field of the frame, and the frontend kills the
+    worker ("Worker died") or waits for bytes that never come until the response timeout. The JSON body carries
+    the full message.
+    """
+    return message.encode("ascii", "backslashreplace").decode("ascii")[:limit]
+
+
 def _text(v: Any) -> str:
     return v.decode("utf-8", "replace") if isinstance(v, bytes | bytearray) else str(v)
 
@@ -145,11 +167,11 @@ def decode_image(raw: bytes, budget: int | None = None) -> Image.Image:
             f"image too large when decoded ({e}); the limit is {MAX_PIXELS} pixels", 413, "too_many_pixels"
         ) from None
     except Image.UnidentifiedImageError:
+        raise BadInput(f"not an image in a format this server reads ({FORMATS_TEXT})", kind="not_an_image") from None
+    except Exception as e:  # whatever a malformed file makes a decoder raise (OSError, struct.error, IndexError...)
         raise BadInput(
-            "not an image Pillow can read (JPEG, PNG, GIF, WebP, BMP, TIFF, ...)", kind="not_an_image"
+            f"truncated or corrupt image ({type(e).__name__}: {shown(str(e), 80)})", kind="corrupt_image"
         ) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise BadInput(f"truncated or corrupt image: {e}", kind="corrupt_image") from None
 
 
 def _b64(s: Any) -> bytes:
@@ -204,7 +226,7 @@ def parse_request(
             elif isinstance(value, list):
                 raise BadInput('JSON body must be an object: {"data": "<base64 image>"}')
             elif isinstance(value, str):  # a text/* body or form field that is not an option
-                raise BadInput(f"field {key!r} is text, not an image; send the image bytes (curl -T photo.jpg)")
+                raise BadInput(f"field {shown(key)} is text, not an image; send the image bytes (curl -T photo.jpg)")
             elif isinstance(value, bytes | bytearray):
                 raws.append(bytes(value))
             else:  # a JSON body that is null, a number or a boolean

@@ -1,6 +1,8 @@
 """python -m visionapp.train fit --config configs/train.yaml  (the same as python -m visionapp fit)"""
 
-from visionapp.train.cli import cli_main
+import sys
+
+from visionapp.train.cli import main
 
 if __name__ == "__main__":
-    cli_main()
+    sys.exit(main())

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from visionapp.bundle import TEST_FILES, save_bundle, versions
+from visionapp.errors import debugging, run_main
 from visionapp.explain import report
 from visionapp.train import calibration
 from visionapp.train.data import FolderDataModule, ImageDataModule
@@ -213,3 +215,18 @@ def cli_main(args: list[str] | None = None) -> CLI:
     return CLI(
         ImageClassifier, ImageDataModule, subclass_mode_data=True, args=args, save_config_kwargs={"overwrite": True}
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `python -m visionapp` entry point: a DataError or another UserError is one `error: ...` line, exit 2."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = debugging(args)
+    args = [a for a in args if a != "--debug"]
+    if argv is None:  # LightningCLI reads sys.argv itself (and warns when given both)
+        sys.argv[1:] = args
+
+    def fit() -> int:
+        cli_main(None if argv is None else args)
+        return 0
+
+    return run_main(fit, debug=debug)

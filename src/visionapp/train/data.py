@@ -23,12 +23,13 @@ from rich.progress import track
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets
 
-from visionapp import shapes
+from visionapp import imagefiles, shapes
+from visionapp.errors import UserError
 from visionapp.train.cache import CachedSplit, DecodeError, DeviceLoader, ImageCache, open_or_build, source_files
-from visionapp.transforms import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, EvalPreset, TrainPreset, load_image
+from visionapp.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalPreset, TrainPreset, load_image
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem with the user's data: the message names the file or folder and the fix."""
 
 
@@ -223,21 +224,27 @@ class ImageDataModule(L.LightningDataModule):
 def scan_class_folders(split_dir: Path, *, verify: bool = True) -> list[str]:
     """Check an ImageFolder split (split_dir/<class>/<images>) and return its class names.
 
-    Raises DataError naming the folder or file: missing folder, no class folders, an empty class folder,
-    a file that is not an image or cannot be decoded.
+    Classes and images are found as everywhere else (visionapp.imagefiles: hidden folders and files skipped).
+    Raises DataError naming the folder or file: missing folder, fewer than two class folders, a class folder with
+    no images, a file that is not an image or cannot be decoded.
     """
     if not split_dir.is_dir():
         raise DataError(f"{split_dir} does not exist; expected {split_dir}/<class name>/<images>")
-    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = imagefiles.find_classes(split_dir)
     if not classes:
         raise DataError(f"{split_dir} has no class folders; put each class's images in {split_dir}/<class name>/")
+    if len(classes) == 1:
+        raise DataError(
+            f"{split_dir} has one class folder ({classes[0]}); a classifier needs at least two: "
+            f"add a folder of images for each other class beside {split_dir / classes[0]}"
+        )
     files = []
     for c in classes:
-        found = [f for f in sorted((split_dir / c).rglob("*")) if f.is_file() and not f.name.startswith(".")]
-        images = [f for f in found if f.suffix.lower() in IMAGE_EXTENSIONS]
+        found = imagefiles.walk_files(split_dir / c)
+        images = [f for f in found if imagefiles.is_image_file(f)]
         if not images:
             raise DataError(
-                f"class folder {split_dir / c} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                f"class folder {split_dir / c} has no images ({', '.join(imagefiles.IMAGE_EXTENSIONS)}); "
                 "add images or remove the folder"
             )
         others = sorted(set(found) - set(images))
@@ -250,7 +257,7 @@ def scan_class_folders(split_dir: Path, *, verify: bool = True) -> list[str]:
     if verify:
         for f in track(files, description=f"Checking {split_dir}", transient=True, disable=len(files) < 500):
             try:
-                with Image.open(f) as im:
+                with Image.open(f, formats=imagefiles.IMAGE_FORMATS) as im:
                     im.verify()
             except Exception as e:
                 raise DataError(
@@ -345,7 +352,7 @@ class FolderDataModule(ImageDataModule):
         verify = self.verify_images and not self.cache
         if not self.split_layout:
             scan_class_folders(self.root, verify=verify)
-            images = datasets.ImageFolder(self.root, loader=load_image)
+            images = imagefiles.ImageFolder(self.root, loader=load_image)
             tr, va, te = _split_indices(len(images), [self.val_fraction, self.test_fraction], self.split_seed)
             return self._check_not_empty(
                 {"train": Subset(images, tr), "val": Subset(images, va), "test": Subset(images, te)}
@@ -367,7 +374,7 @@ class FolderDataModule(ImageDataModule):
                     f"{d} has classes {found} but {self.root}/train has {classes}; "
                     "every split needs the same class folders"
                 )
-            splits[split] = datasets.ImageFolder(d, loader=load_image)
+            splits[split] = imagefiles.ImageFolder(d, loader=load_image)
         if "test" not in splits:  # no test/: carve a seeded test_fraction out of train, never reuse val
             train = splits["train"]
             tr, te = _split_indices(len(train), [self.test_fraction], self.split_seed)  # type: ignore[arg-type]

@@ -98,7 +98,8 @@ def _pretrained_state(
         raise ValueError(f"unknown weights {weights!r} for {arch}; choose from {valid} or null") from None
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(enum.url)
     try:
-        state = enum.get_state_dict(progress=True, check_hash=True)
+        # weights_only: a file found in the hub cache is data, never code (torch.hub's default unpickles anything)
+        state = enum.get_state_dict(progress=True, check_hash=True, weights_only=True)
     except (URLError, OSError, RuntimeError) as e:  # offline, proxy, partial download
         reason = (
             f"could not load pretrained {enum} ({type(e).__name__}: {e}); to use them offline, "
