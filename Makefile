@@ -39,10 +39,16 @@ format: $(STAMP) ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-clean: ## remove generated runs, archives and caches (keeps data/ and .venv)
-	rm -rf runs model_store logs .pytest_cache .ruff_cache .mypy_cache
+clean: ## remove archives, server logs and tool caches (keeps runs/, data/ and .venv)
+	rm -rf model_store logs .pytest_cache .ruff_cache .mypy_cache
 
-.PHONY: help venv train test lint format clean
+clean-runs: ## delete every trained run in runs/ (asks first; CONFIRM=yes to skip the question)
+	@test -d runs || { echo "no runs/ folder: nothing to delete"; exit 0; }; \
+	echo "this deletes runs/ ($$(ls runs | grep -vx latest | wc -l) runs, $$(du -sh runs | cut -f1)):"; ls runs | grep -vx latest | sed 's/^/  /'; \
+	[ "$(CONFIRM)" = yes ] || { read -r -p "delete them? [y/N] " answer; [ "$$answer" = y ]; } || { echo "kept"; exit 1; }; \
+	rm -rf runs && echo "deleted runs/"
+
+.PHONY: help venv train test lint format clean clean-runs
 
 RUN ?= runs/latest
 SAMPLES ?= 50

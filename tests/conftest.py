@@ -6,23 +6,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
+from helpers import run_fit
 
 from visionapp import shapes
-from visionapp.train.cli import cli_main
-
-ROOT = Path(__file__).parents[1]
-
-# Small enough for 2 CPU cores, big enough that the model really learns (resnet18 at 64 px: 2x2 last map).
-TINY_DATA = [
-    "--data.init_args.image_size=64",
-    "--data.init_args.num_train=1500",
-    "--data.init_args.num_val=100",
-    "--data.init_args.num_test=100",
-    "--data.init_args.num_workers=0",
-]
 
 
 @pytest.fixture
@@ -43,32 +31,6 @@ def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture(scope="session")
 def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("data") / "shapes64"
-
-
-def fit(runs_dir: Path, *args: str) -> Path:
-    """`python -m visionapp fit *args` in this process, offline weights, into runs_dir; returns the run."""
-    cli_main(["fit", *args, "--model.weights=null", f"--runs_dir={runs_dir}", "--trainer.enable_model_summary=false"])
-    return (runs_dir / "latest").resolve()
-
-
-def run_fit(runs_dir: Path, shapes_root: Path, *extra: str) -> Path:
-    """Train the default config on tiny shapes through the real LightningCLI entry point."""
-    return fit(runs_dir, "--config=configs/train.yaml", f"--data.init_args.root={shapes_root}", *TINY_DATA, *extra)
-
-
-class Interrupted(RuntimeError):
-    pass
-
-
-class InterruptAt(L.Callback):
-    """Fails at the start of `epoch`, as a crash or a pre-empted job would (last.ckpt holds the epoch before)."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
-            raise Interrupted(f"interrupted at the start of epoch {self.epoch}")
 
 
 @pytest.fixture(scope="session")

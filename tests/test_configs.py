@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, Interrupted, fit, run_fit
+from helpers import ROOT, Interrupted, fit, run_fit
 
 from visionapp.train.schedule import WarmupCosine, run_length_kwargs
 
@@ -94,7 +94,7 @@ def test_resume_after_the_thaw_gives_the_same_learning_rates(tmp_path: Path, pho
             crashed,
             *base,
             "--run_name=r",
-            '--trainer.callbacks+={"class_path": "conftest.InterruptAt", "init_args": {"epoch": 2}}',
+            '--trainer.callbacks+={"class_path": "helpers.InterruptAt", "init_args": {"epoch": 2}}',
         )
     resumed = fit(tmp_path / "resumed", *base, f"--ckpt_path={crashed / 'r' / 'checkpoints' / 'last.ckpt'}")
     before, after = _lrs(whole), _lrs(resumed)

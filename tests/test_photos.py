@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT
 from PIL import Image
 
 from visionapp.bundle import load_bundle

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT, fit
+from helpers import ROOT, fit, sample_image
 from PIL import Image
 
 from visionapp.serve.archive import build_archive
@@ -34,11 +34,6 @@ handler:
   maxImagesPerExplanation: 1
   maxPixelsPerRequest: 20000
 """
-
-
-def _png(trained_run: Path, cls: str = "star") -> bytes:
-    root = Path(json.loads((trained_run / "metrics.json").read_text())["data_root"]) / "test" / cls
-    return sorted(root.glob("*.png"))[0].read_bytes()  # 64 x 64 px: 4096 pixels
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +56,7 @@ def _together(server: LocalServer, requests: list[tuple[str, bytes, str, dict[st
 
 
 def test_a_mixed_batch_answers_each_request_by_its_kind(gathering: LocalServer, trained_run: Path) -> None:
-    image = _png(trained_run)
+    image = sample_image(trained_run)
     explanation = ("explanations", image, "application/octet-stream", {"X-Method": "layer_gradcam"})
     prediction = ("predictions", image, "application/octet-stream", {})
     answers = _together(gathering, [prediction, prediction, explanation, prediction, prediction, prediction])
@@ -82,7 +77,7 @@ def test_a_mixed_batch_answers_each_request_by_its_kind(gathering: LocalServer, 
 
 
 def test_odd_requests_fail_alone_in_their_batch(gathering: LocalServer, trained_run: Path) -> None:
-    image = _png(trained_run)
+    image = sample_image(trained_run)
     good = ("predictions", image, "application/octet-stream", {})
     odd = [
         ("predictions", body.encode(), "application/json", {}) for body in ("null", "1.5", "[1, 2]", '{"images": 5}')
@@ -95,7 +90,7 @@ def test_odd_requests_fail_alone_in_their_batch(gathering: LocalServer, trained_
 
 
 def test_limits_per_request_are_413_naming_the_limit(gathering: LocalServer, trained_run: Path) -> None:
-    image = base64.b64encode(_png(trained_run)).decode()
+    image = base64.b64encode(sample_image(trained_run)).decode()
     four = json.dumps({"images": [image] * 4}).encode()
     status, answer = gathering.post(four, content_type="application/json")
     assert status == 413 and "maxImagesPerPrediction" in answer["message"], answer  # type: ignore[index]
@@ -108,7 +103,7 @@ def test_limits_per_request_are_413_naming_the_limit(gathering: LocalServer, tra
     Image.new("RGB", (200, 120)).save(buf, format="PNG")  # ... 24,000 pixels do not: refused before decoding
     status, answer = gathering.post(buf.getvalue())
     assert status == 413 and "maxPixelsPerRequest" in answer["message"], answer  # type: ignore[index]
-    assert gathering.post(_png(trained_run))[0] == 200  # and the next request is served
+    assert gathering.post(sample_image(trained_run))[0] == 200  # and the next request is served
 
 
 def test_expired_keys_are_renewed_by_the_client(trained_run: Path, tmp_path: Path) -> None:
@@ -117,7 +112,7 @@ def test_expired_keys_are_renewed_by_the_client(trained_run: Path, tmp_path: Pat
     config.write_text(text.replace("token_expiration_min=60", "token_expiration_min=0.2"))  # 12 s
     build_archive(trained_run / "bundle", out=tmp_path / "store", model_config=ROOT / "serve" / "model-config.yaml")
     image = tmp_path / "star.png"
-    image.write_bytes(_png(trained_run))
+    image.write_bytes(sample_image(trained_run))
     with LocalServer(tmp_path / "store", tmp_path / "serve", "classifier", f"TS_CONFIG={config}") as server:
         predict = ["make", "-s", "predict", f"IMG={image}", *server.make_vars]
         first = subprocess.run(predict, cwd=ROOT, capture_output=True, text=True, timeout=120)

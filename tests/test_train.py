@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_fit
+from helpers import run_fit
 
 from visionapp.bundle import load_bundle
 from visionapp.train.data import ShapesDataModule

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,12 @@ import matplotlib
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from visionapp.bundle import TEST_FILES, save_bundle, versions
-from visionapp.errors import debugging, run_main
+from visionapp.bundle import INCOMPLETE, TEST_FILES, save_bundle, versions
+from visionapp.errors import UserError, debugging, run_main
 from visionapp.explain import report
 from visionapp.train import calibration
 from visionapp.train.data import FolderDataModule, ImageDataModule
@@ -80,12 +82,12 @@ class CLI(LightningCLI):
         self.throughput = Throughput()
         if self.subcommand == "fit":
             cfg = self.config["fit"]
-            name = (
-                cfg.run_name
-                or os.environ.get("VISIONAPP_RUN_NAME")
-                or (time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.model.arch}")
+            self.run_dir = claim_run_dir(
+                Path(cfg.runs_dir), cfg.run_name or os.environ.get("VISIONAPP_RUN_NAME"), cfg.model.arch
             )
-            self.run_dir = Path(cfg.runs_dir) / name
+            # The loggers write into the run directory claim_run_dir made (holding its INCOMPLETE mark): not a
+            # previous run's, so CSVLogger's warning that it "exists and is not empty" would only mislead.
+            warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
             if cfg.trainer.logger in (None, True):  # our run layout, unless the config picks its own loggers
                 kwargs["logger"] = [
                     CSVLogger(self.run_dir, name="", version=""),  # run_dir/metrics.csv, run_dir/config.yaml
@@ -98,6 +100,14 @@ class CLI(LightningCLI):
 
     def after_fit(self) -> None:
         trainer, module, data = self.trainer, self.model, self.datamodule
+        if trainer.interrupted:  # Ctrl-C: Lightning stopped gracefully; the run stays marked, nothing more is written
+            last = self.run_dir / "checkpoints" / "last.ckpt"
+            resume = f"; resume it with --ckpt_path={last}" if last.is_file() else ""
+            if trainer.is_global_zero:
+                (self.run_dir / INCOMPLETE).write_text(
+                    f"fit was interrupted at epoch {trainer.current_epoch}, step {trainer.global_step}{resume}\n"
+                )
+            raise UserError(f"fit was interrupted; {self.run_dir} is marked incomplete (INCOMPLETE){resume}")
         ckpt = trainer.checkpoint_callback
         best = getattr(ckpt, "best_model_path", "")
         val_acc = getattr(ckpt, "best_model_score", None) if best else trainer.callback_metrics.get("val/acc")
@@ -117,6 +127,43 @@ class CLI(LightningCLI):
         # Every rank waits for rank 0's run directory (calibration, report): a rank that exits first tears down
         # the process group under rank 0, which then aborts.
         trainer.strategy.barrier("run written")
+
+
+def check_run_name(name: str) -> str:
+    """A run name is one folder name under runs/: no path, not hidden, not `latest` (the link to the newest)."""
+    if not name or name in (".", "..", "latest") or name.startswith(".") or any(c in name for c in "/\\\0"):
+        raise UserError(
+            f"run_name {name!r} is not a run folder's name: use letters, digits, '-', '_' or '.', no path separator, "
+            "not starting with '.', not 'latest'"
+        )
+    return name
+
+
+def claim_run_dir(runs_dir: Path, name: str | None, arch: str) -> Path:
+    """Create the new run's directory, marked INCOMPLETE until write_run finishes it; never an existing one.
+
+    A name given (--run_name, VISIONAPP_RUN_NAME) that is taken is refused; the default name (<time>-<arch>) gets a
+    -2, -3, ... suffix when another run started in the same second. Under DDP only rank 0 claims (the ranks share
+    the name TorchX gives them); the others use the same path.
+    """
+    given = name is not None
+    base = check_run_name(name) if name is not None else time.strftime("%Y%m%d-%H%M%S") + f"-{arch}"
+    if rank_zero_only.rank != 0:  # type: ignore[attr-defined]
+        return runs_dir / base
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        run_dir = runs_dir / (base if n == 1 else f"{base}-{n}")
+        try:
+            run_dir.mkdir()
+        except FileExistsError:
+            if given:
+                raise UserError(
+                    f"{run_dir} exists: a run is never overwritten; pick another --run_name, or move that run away"
+                ) from None
+            continue
+        (run_dir / INCOMPLETE).write_text(f"fit started {time.strftime('%Y-%m-%d %H:%M:%S')} and has not finished\n")
+        return run_dir
+    raise UserError(f"{runs_dir} has runs {base} to {base}-999; pick a --run_name")
 
 
 def test_split(data: ImageDataModule) -> str:
@@ -195,6 +242,7 @@ def write_run(
         metrics={k: metrics[k] for k in ("dataset", "val_acc", "test_acc", "epochs")},
         temperature=calibrated["temperature"],
     )
+    (run_dir / INCOMPLETE).unlink(missing_ok=True)  # the bundle is whole: archive and serve may take it now
     report.build(run_dir)  # report.html: the run at a glance (make explain adds its quality table)
     latest = run_dir.parent / "latest"
     tmp = run_dir.parent / f".latest-{os.getpid()}"

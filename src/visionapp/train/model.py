@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.error import URLError
@@ -100,7 +101,7 @@ def _pretrained_state(
     try:
         # weights_only: a file found in the hub cache is data, never code (torch.hub's default unpickles anything)
         state = enum.get_state_dict(progress=True, check_hash=True, weights_only=True)
-    except (URLError, OSError, RuntimeError) as e:  # offline, proxy, partial download
+    except (URLError, OSError, RuntimeError, pickle.UnpicklingError) as e:  # offline, proxy, partial, not weights
         reason = (
             f"could not load pretrained {enum} ({type(e).__name__}: {e}); to use them offline, "
             f"put {enum.url} at {cached}"

@@ -1,0 +1,64 @@
+"""What several test modules share: the repository's paths, the tiny training set-up and the real CLI's `fit`.
+
+Imported as `from helpers import ...` (pytest puts tests/ on the path); fixtures live in conftest.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+from PIL import Image
+
+from visionapp.train.cli import cli_main
+
+ROOT = Path(__file__).parents[1]
+MODEL_CONFIG = ROOT / "serve" / "model-config.yaml"
+
+# Small enough for 2 CPU cores, big enough that the model really learns (resnet18 at 64 px: 2x2 last map).
+TINY_DATA = [
+    "--data.init_args.image_size=64",
+    "--data.init_args.num_train=1500",
+    "--data.init_args.num_val=100",
+    "--data.init_args.num_test=100",
+    "--data.init_args.num_workers=0",
+]
+
+
+def fit(runs_dir: Path, *args: str) -> Path:
+    """`python -m visionapp fit *args` in this process, offline weights, into runs_dir; returns the run."""
+    cli_main(["fit", *args, "--model.weights=null", f"--runs_dir={runs_dir}", "--trainer.enable_model_summary=false"])
+    return (runs_dir / "latest").resolve()
+
+
+def run_fit(runs_dir: Path, shapes_root: Path, *extra: str) -> Path:
+    """Train the default config on tiny shapes through the real LightningCLI entry point."""
+    return fit(runs_dir, "--config=configs/train.yaml", f"--data.init_args.root={shapes_root}", *TINY_DATA, *extra)
+
+
+def sample_image(run: Path, cls: str = "star") -> bytes:
+    """The first test image of class `cls` of a shapes run (64 x 64 px in the tiny set-up), as file bytes."""
+    root = Path(json.loads((run / "metrics.json").read_text())["data_root"]) / "test" / cls
+    return sorted(root.glob("*.png"))[0].read_bytes()
+
+
+def write_image(path: Path, colour: tuple[int, int, int] = (200, 10, 10), size: tuple[int, int] = (40, 30)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+class InterruptAt(L.Callback):
+    """Fails at the start of `epoch`, as a crash or a pre-empted job would (last.ckpt holds the epoch before)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise Interrupted(f"interrupted at the start of epoch {self.epoch}")
