@@ -166,6 +166,10 @@ def _bomb() -> bytes:
     return _encode(Image.new("1", (10_000, 10_000)), "PNG")  # ~12 kB that decodes to 100 megapixels
 
 
+def _eps() -> bytes:
+    return b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10 10 lineto stroke\n"
+
+
 @pytest.mark.parametrize(
     ("name", "body", "status", "words"),
     [
@@ -174,6 +178,7 @@ def _bomb() -> bytes:
         ("truncated", lambda s: s["star"][: len(s["star"]) // 3], 400, "truncated or corrupt"),
         ("bad base64", None, 400, "base64"),
         ("decompression bomb", lambda s: _bomb(), 413, "too large"),
+        ("EPS (runs Ghostscript)", lambda s: _eps(), 400, "not an image in a format this server reads"),
     ],
 )
 def test_bad_input_gets_a_4xx_that_names_it(
@@ -226,6 +231,40 @@ def test_explanation_returns_class_probability_and_heatmap(server: Server, sampl
     assert status == 400 and "circle, cross, square, star, triangle" in answer["message"]  # type: ignore[index]
     status, answer = server.post(sample["triangle"], endpoint="explanations", headers={"X-Method": "lime"})
     assert status == 400 and "integrated_gradients" in answer["message"]  # type: ignore[index]
+
+
+def _photo(width: int, height: int) -> bytes:
+    """A camera-sized JPEG: a shaded background with a star on it (1-2 MB at 24 megapixels)."""
+    x = np.linspace(0, 1, width, dtype=np.float32)[None, :, None]
+    y = np.linspace(0, 1, height, dtype=np.float32)[:, None, None]
+    pixels = np.concatenate([0.3 + 0.5 * x + 0 * y, 0.4 + 0.4 * y + 0 * x, 0.7 - 0.3 * x * y], axis=2) * 255
+    img = Image.fromarray(pixels.astype(np.uint8))
+    from PIL import ImageDraw
+
+    cx, cy, r = width / 2, height / 2, height / 3
+    points = [(cx + (r if i % 2 == 0 else r / 2.5) * np.sin(i * np.pi / 5),
+               cy - (r if i % 2 == 0 else r / 2.5) * np.cos(i * np.pi / 5)) for i in range(10)]  # fmt: skip
+    ImageDraw.Draw(img).polygon(points, fill=(240, 200, 20))
+    return _encode(img, "JPEG", quality=85)
+
+
+def test_a_camera_sized_photo_is_explained_at_a_bounded_cost(server: Server) -> None:
+    """24 megapixels explained: the overlay comes back at most maxHeatmapPixels (aspect kept, size said), the answer
+    stays small and the worker's memory grows by less than 500 MB."""
+    photo = _photo(6000, 4000)
+    worker = next(p for p in server.processes() if "ts.sock" in " ".join(p.info["cmdline"]))
+    server.post(photo, endpoint="explanations", headers={"X-Method": "layer_gradcam"})  # the first allocates once
+    before = worker.memory_info().rss
+    status, raw = call(server.url("explanations"), server.key, photo, headers={"X-Method": "integrated_gradients"})
+    grown = worker.memory_info().rss - before
+    assert status == 200, raw[:300]
+    answer = json.loads(raw)
+    width, height = answer["heatmap_size"]
+    png = Image.open(io.BytesIO(base64.b64decode(answer["heatmap_png_base64"])))
+    assert png.size == (width, height) and width * height <= 500_000 and abs(width / height - 1.5) < 0.01
+    assert len(raw) < 2_000_000, len(raw)
+    assert grown < 500e6, f"the worker grew by {grown / 1e6:.0f} MB"
+    assert server.processes() and worker.is_running()
 
 
 def test_logs_keep_access_and_metrics_without_per_request_chatter(server: Server, sample: dict[str, bytes]) -> None:

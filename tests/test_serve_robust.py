@@ -156,3 +156,33 @@ def test_a_failed_start_leaves_no_server_behind(trained_run: Path, tmp_path: Pat
     assert not server.processes(), server.processes()
     assert "maxImagesPerPredicton" in (tmp_path / "serve" / "model_log.log").read_text()  # the reason, logged
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+
+
+# Option values as clients and proxies really send them: Latin-1, invalid UTF-8, control characters, very long.
+HOSTILE_OPTIONS = [
+    ("predictions", "X-Topk", "\xe9", "topk"),  # curl -H "X-Topk: $(printf '\xe9')": one byte killed the worker
+    ("explanations", "X-Target", "\xe9" * 300, "class"),  # held the worker until the response timeout
+    ("predictions", "X-Topk", "\xff\xfe\x80", "topk"),  # not UTF-8
+    ("predictions", "X-Topk", "9" * 5000, "topk"),  # was echoed whole
+    ("explanations", "X-Method", "a\x01\x1b[31m\x7fb", "method"),  # control characters
+]
+
+
+def test_no_option_header_can_hurt_the_worker(gathering: LocalServer, trained_run: Path) -> None:
+    """Each hostile value, batched with ordinary predictions (the server gathers for 1.5 s), gets a short 400
+    naming the option; the ordinary requests are answered and the worker is the same process after all of them."""
+    image = sample_image(trained_run)
+    workers = {p.pid for p in gathering.processes() if "ts.sock" in " ".join(p.info["cmdline"])}
+    good = ("predictions", image, "application/octet-stream", {})
+    for endpoint, header, value, option in HOSTILE_OPTIONS:
+        answers = _together(gathering, [good, (endpoint, image, "application/octet-stream", {header: value}), good])
+        assert answers[0][0] == 200 and answers[2][0] == 200, answers
+        status, answer = answers[1]
+        assert status == 400 and option in answer["message"], (header, answer)  # type: ignore[index]
+        assert len(answer["message"]) < 300, answer  # type: ignore[index]  # the value cut, never echoed whole
+    status, raw = call(gathering.url(), gathering.key, image, headers={"X-Topk": "1" * 8192})
+    assert 400 <= status < 500, (status, raw[:200])  # 8 KB: refused by the frontend's header limit
+    assert gathering.post(image)[0] == 200
+    after = {p.pid for p in gathering.processes() if "ts.sock" in " ".join(p.info["cmdline"])}
+    assert after == workers, "a worker died and was restarted"
+    assert "Worker died" not in (gathering.dir / "ts_log.log").read_text()

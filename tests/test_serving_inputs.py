@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from visionapp.serve.inputs import cgroup_cpu_quota, parse_request, worker_threads
@@ -80,3 +81,29 @@ def test_worker_threads_respect_a_cgroup_cpu_quota(tmp_path: Path) -> None:
     assert worker_threads(1, cgroup) == 1
     proc.write_text("4:cpu,cpuacct:/docker/abc\n")  # cgroup v1 only: no quota read, the affinity decides
     assert cgroup_cpu_quota(*cgroup) is None and worker_threads(1, cgroup) == cores
+
+
+def test_any_exception_while_decoding_is_that_requests_corrupt_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow's decoders raise more than OSError on crafted files (struct.error, IndexError, ...): each is a 400."""
+    import struct
+
+    from visionapp.serve import inputs
+
+    for error in (struct.error("unpack requires a buffer of 4 bytes"), IndexError("tuple index out of range")):
+
+        def broken(raw: bytes, error: Exception = error) -> None:
+            raise error
+
+        monkeypatch.setattr(inputs, "load_image", broken)
+        with pytest.raises(inputs.BadInput, match="truncated or corrupt image") as e:
+            inputs.decode_image(b"\x89PNG crafted")
+        assert e.value.kind == "corrupt_image" and e.value.status == 400
+
+
+def test_long_or_hostile_values_are_quoted_short_and_the_status_phrase_is_ascii() -> None:
+    from visionapp.serve.inputs import shown, status_phrase
+
+    assert shown("9" * 5000).endswith("... (5000 characters)") and len(shown("9" * 5000)) < 70
+    assert shown("a\x01b") == "'a\\x01b'"
+    phrase = status_phrase("unknown class 'é\x00'")
+    assert phrase.isascii() and len(phrase.encode()) == len(phrase) and "\\xe9" in phrase
