@@ -1,4 +1,4 @@
-"""The bundle: the contract every stage after training reads (see DESIGN.md).
+"""The bundle: the contract every stage after training reads (docs/architecture.md).
 
     bundle/model.pt    the plain nn.Module's state_dict (torch.load(..., weights_only=True))
     bundle/model.json  arch, class names, input size, mean/std, pretrained origin, metrics, versions

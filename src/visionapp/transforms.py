@@ -68,7 +68,7 @@ class BatchRandomResizedCrop:
     The parameters follow v2.RandomResizedCrop.make_params (ten tries at a scale and log-uniform aspect ratio,
     whole image otherwise), vectorised; the crops are resampled with roi_align, which averages
     ceil(crop / output) samples per output pixel when shrinking, as antialiasing does. On a GPU this is one
-    kernel for the batch; on the CPU the per-image v2 path is faster (docs/training-performance.md).
+    kernel for the batch; on the CPU the per-image v2 path is faster (docs/performance.md).
     """
 
     def __init__(

@@ -10,7 +10,7 @@ the smallest crop keeps about image_size pixels across), and cropped at random e
 stored as EvalPreset's output, so their batches are the bundle's preprocessing bit for bit. A changed folder
 (files added, removed or modified) changes the fingerprint and the cache is built again; an image that cannot
 be decoded is named. Pixels are stored channels-last (each pixel's RGB together, as in an image file): torch's
-uint8 resize runs faster on that layout than on planar channels (docs/training-performance.md);
+uint8 resize runs faster on that layout than on planar channels (docs/performance.md);
 `ImageCache.tensor` hands out the usual (…, 3, S, S) views of it.
 """
 

@@ -65,7 +65,7 @@ class ImageDataModule(L.LightningDataModule):
       device   no workers: the cache sits on the training device (or in pinned memory when it does not fit in
                device_memory_fraction of a GPU's) and whole batches are cropped/flipped there
       auto     device on a GPU when the cache fits, workers otherwise (on the CPU the per-image crops in
-               workers are the faster path: docs/training-performance.md)
+               workers are the faster path: docs/performance.md)
     """
 
     def __init__(

@@ -52,7 +52,7 @@ class ImageClassifier(L.LightningModule):
         self.pretrained_info = info
         if compile:
             # torch.compile in place: the state_dict keys stay those of the plain model, so checkpoints and the
-            # bundle do not change. Off by default: not faster here (docs/training-performance.md).
+            # bundle do not change. Off by default: not faster here (docs/performance.md).
             self.model.compile()
         self.optimizer, self.scheduler = optimizer, scheduler
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
