@@ -26,8 +26,11 @@ venv: $(STAMP) ## create .venv and install the project (done by every target tha
 train: $(STAMP) ## fine-tune with LightningCLI (CONFIG=configs/folder.yaml ARGS="--trainer.max_epochs=2")
 	$(PY) -m visionapp fit $(CONFIGS) $(ARGS)
 
-test: $(STAMP) ## run the whole test suite on the CPU (PYTEST_ARGS="-k bundle" to pick)
+test: $(STAMP) ## the whole test suite on the CPU, as CI runs it (PYTEST_ARGS="-k bundle" to pick)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP) ## the unit tests: no server, no training past a few steps (about a minute)
+	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff lint + format check, mypy on src, the import contracts between stages (import-linter)
 	$(VENV)/bin/ruff check .
@@ -48,7 +51,7 @@ clean-runs: ## delete every trained run in runs/ (asks first; CONFIRM=yes to ski
 	[ "$(CONFIRM)" = yes ] || { read -r -p "delete them? [y/N] " answer; [ "$$answer" = y ]; } || { echo "kept"; exit 1; }; \
 	rm -rf runs && echo "deleted runs/"
 
-.PHONY: help venv train test lint format clean clean-runs
+.PHONY: help venv train test test-fast lint format clean clean-runs
 
 RUN ?= runs/latest
 SAMPLES ?= 50
@@ -108,7 +111,7 @@ java-check:
 # name: GET /models/$(MODEL_NAME) on the management API shows which run is served. Only an archive make made (its
 # stamp beside it) or a missing one is managed so; a store archived elsewhere (the bench's, a test's) is served
 # as it is.
-SERVING_CODE := $(wildcard src/visionapp/*.py src/visionapp/serve/*.py src/visionapp/explain/*.py)
+SERVING_CODE := $(wildcard src/visionapp/*.py src/visionapp/serve/*.py src/visionapp/attribution/*.py)
 RUN_BUNDLE = $(wildcard $(RUN)/bundle/model.pt $(RUN)/bundle/model.json $(RUN)/bundle/model.*.pt2)
 ARCHIVE_INPUTS = $(realpath $(RUN)) $(abspath $(MODEL_CONFIG))
 ARCHIVE_STAMP = $(MODEL_STORE)/.$(MODEL_NAME).inputs

@@ -6,17 +6,17 @@ import math
 from pathlib import Path
 
 import pytest
+from helpers import MODEL_CONFIG, ROOT
 
 from visionapp.bench import __main__ as bench_run
 from visionapp.bench import serve as serve_bench
 from visionapp.bench import train as train_bench
 from visionapp.serve.archive import build_archive
 
-ROOT = Path(__file__).parents[1]
-MODEL_CONFIG = ROOT / "serve" / "model-config.yaml"
 TINY_TRAIN = ["--image-size", "48", "--num-train", "160", "--steps", "3", "--warmup", "1"]
 
 
+@pytest.mark.slow
 def test_train_bench_writes_every_key(tmp_path: Path) -> None:
     out = tmp_path / "train.json"
     args = ["--root", str(tmp_path / "shapes"), *TINY_TRAIN, "--rounds", "1", "--out", str(out)]

@@ -73,6 +73,7 @@ def _lrs(run: Path) -> dict[int, tuple[str, str]]:
     return {int(r["step"]): (r["lr-AdamW/pg1"], r["lr-AdamW/pg2"]) for r in rows if r.get("lr-AdamW/pg1")}
 
 
+@pytest.mark.slow
 def test_resume_after_the_thaw_gives_the_same_learning_rates(tmp_path: Path, photos_root: Path) -> None:
     """A run interrupted after the backbone thawed, resumed from last.ckpt, steps with the LRs of the same run
     uninterrupted: the thawed group and where its warm-up started come back with the optimizer's state."""

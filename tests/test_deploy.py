@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import ROOT
 from packaging.requirements import Requirement
 
 from visionapp.serve.archive import build_archive
 from visionapp.serve.deploy import documents, validate
 
-ROOT = Path(__file__).parents[1]
 DOCKERFILE = ROOT / "serve" / "Dockerfile"
 IMAGE = "registry.example/visionapp-serve:1"
 
@@ -201,6 +201,7 @@ def test_the_image_configures_torchserve_as_make_serve_does() -> None:
     assert "USER model-server" in text and "--foreground" in text
 
 
+@pytest.mark.slow
 def test_the_image_installs_what_the_mar_imports(store: Path, tmp_path: Path) -> None:
     """serve/requirements.txt holds every distribution the handler loads from the .mar (directly or through
     another requirement), with the lower bounds of pyproject.toml."""

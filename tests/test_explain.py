@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
+from visionapp.attribution.maps import explain
+from visionapp.attribution.methods import METHODS
 from visionapp.bundle import load_bundle
 from visionapp.explain import heatmap, quality
-from visionapp.explain.attribution import explain
-from visionapp.explain.methods import METHODS
 
 
 def _test_image(trained_run: Path, cls: str = "star") -> Path:
@@ -61,7 +61,7 @@ def test_randomisation_check_separates_trained_from_random(trained_run: Path) ->
         [bundle.transform(Image.open(_test_image(trained_run, c)).convert("RGB")) for c in bundle.class_names]
     )
     target = bundle.model(x).argmax(1)
-    from visionapp.explain.attribution import attribute
+    from visionapp.attribution.maps import attribute
 
     trained = attribute(bundle.model, x, target, "integrated_gradients", ig_steps=16)
     random = attribute(quality.randomized_copy(bundle.model), x, target, "integrated_gradients", ig_steps=16)
@@ -168,12 +168,12 @@ def test_make_explain_gives_the_same_table_twice(trained_run: Path, tmp_path: Pa
 
 @pytest.mark.slow
 def test_the_run_report_shows_mistakes_and_renders_in_a_browser(trained_run: Path, tmp_path: Path) -> None:
-    from visionapp.explain import report
+    from visionapp import run_report
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("checkpoints"))
-    page = report.build(run).read_text()
-    mistakes = report.confident_mistakes(run)
+    page = run_report.build(run).read_text()
+    mistakes = run_report.confident_mistakes(run)
     assert mistakes and all(m["truth"] != m["predicted"] for m in mistakes)  # a 5-epoch model makes some
     assert [m["probability"] for m in mistakes] == sorted((m["probability"] for m in mistakes), reverse=True)
     assert f"is {mistakes[0]['truth']}, predicted {mistakes[0]['predicted']}" in page

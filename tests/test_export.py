@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import MODEL_CONFIG, ROOT
 
 from visionapp.bundle import TEST_FILES, load_bundle
 from visionapp.serve.archive import build_archive
@@ -19,7 +20,6 @@ from visionapp.serve.export import export_bundle
 from visionapp.serve.local import LocalServer
 from visionapp.transforms import load_image
 
-ROOT = Path(__file__).parents[1]
 pytestmark = pytest.mark.slow
 
 
@@ -99,6 +99,27 @@ def test_an_export_that_differs_from_the_eager_model_is_refused(
     with pytest.raises(ValueError, match=r"differ from the eager model's by 1"):
         export_bundle(run / "bundle")
     assert not (run / "bundle" / "model.cpu.pt2").exists() and "compiled" not in json.loads(meta_path.read_text())
+    assert not [f for f in (run / "bundle").iterdir() if ".tmp-" in f.name]  # no candidate left behind
+
+
+def test_a_refused_re_export_keeps_the_package_and_record_that_were_there(
+    exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exporting again over a checked package: the new one fails its check, the old package and its record in
+    model.json stay as they were, so make archive still packs a consistent bundle."""
+    run = copy_run(exported, tmp_path / "run")
+    package, meta_path = run / "bundle" / "model.cpu.pt2", run / "bundle" / "model.json"
+    before = package.read_bytes(), meta_path.read_text()
+
+    def broken(program: object, package_path: str, **kw: object) -> None:
+        Path(package_path).write_bytes(b"a broken package")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", broken)
+    with pytest.raises(Exception):  # noqa: B017  # whatever loading a broken package raises
+        export_bundle(run / "bundle")
+    assert (package.read_bytes(), meta_path.read_text()) == before
+    assert not [f for f in (run / "bundle").iterdir() if ".tmp-" in f.name]
+    build_archive(run / "bundle", name="classifier", out=tmp_path / "store", model_config=MODEL_CONFIG)
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT
 
 from visionapp.bundle import load_bundle
 from visionapp.train.data import ShapesDataModule
-
-ROOT = Path(__file__).parents[1]
 
 
 @pytest.mark.slow
@@ -47,6 +46,7 @@ def test_two_process_ddp_through_torchx_writes_a_valid_run(tmp_path: Path, shape
     assert {p.name for p in runs.iterdir()} == {"latest", run.name}  # one run directory, from rank 0
 
 
+@pytest.mark.slow
 def test_kubernetes_dry_run_spec(tmp_path: Path) -> None:
     proc = subprocess.run(
         ["make", "-s", "launch-k8s", "IMAGE=registry.example/visionapp:7", "NNODES=3", "NPROC=2", "CPUS=4",

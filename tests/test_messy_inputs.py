@@ -68,6 +68,7 @@ def test_one_rule_finds_classes_and_images_everywhere(tmp_path: Path) -> None:
     )  # a file named on the command line is taken as given (and then fails as an image, by name)
 
 
+@pytest.mark.slow
 def test_a_messy_folder_trains_with_every_label_right(tmp_path: Path) -> None:
     root = messy_folder(tmp_path / "photos")
     dm = FolderDataModule(root, image_size=32, batch_size=4, num_workers=0, cache_dir=str(tmp_path / "cache"))
@@ -103,6 +104,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_data_errors_are_one_line_with_exit_status_2(tmp_path: Path) -> None:
     for i in range(4):
         write_image(tmp_path / "one" / "ants" / f"{i}.jpg")
@@ -125,7 +127,7 @@ def test_data_errors_are_one_line_with_exit_status_2(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["latest", "../escaped", "a/b", ".hidden", ""])
 def test_run_names_that_are_not_a_folder_are_refused(tmp_path: Path, name: str) -> None:
     from visionapp.errors import UserError
-    from visionapp.train.cli import claim_run_dir
+    from visionapp.train.run import claim_run_dir
 
     with pytest.raises(UserError, match="is not a run folder's name"):
         claim_run_dir(tmp_path / "runs", name, "resnet18")
@@ -134,7 +136,7 @@ def test_run_names_that_are_not_a_folder_are_refused(tmp_path: Path, name: str) 
 
 def test_a_run_is_never_overwritten(tmp_path: Path) -> None:
     from visionapp.errors import UserError
-    from visionapp.train.cli import claim_run_dir
+    from visionapp.train.run import claim_run_dir
 
     first = claim_run_dir(tmp_path, "mine", "resnet18")
     (first / "keep.txt").write_text("my model")
@@ -145,6 +147,7 @@ def test_a_run_is_never_overwritten(tmp_path: Path) -> None:
     assert len(same_second) == 3 and all(INCOMPLETE in os.listdir(tmp_path / n) for n in same_second)
 
 
+@pytest.mark.slow
 def test_a_crashed_fit_is_marked_and_refused_by_archive(shapes_root: Path, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     with pytest.raises(Interrupted):
@@ -163,6 +166,7 @@ def test_a_crashed_fit_is_marked_and_refused_by_archive(shapes_root: Path, tmp_p
     assert r.returncode != 0 and "error: " in r.stderr and "unfinished run" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_fit_leaves_the_run_marked(shapes_root: Path, tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "visionapp", "fit", "--config=configs/train.yaml",
@@ -194,6 +198,7 @@ def test_make_clean_keeps_runs_and_clean_runs_asks(tmp_path: Path) -> None:
     assert r.returncode == 0 and "deleted runs/" in r.stdout and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_model_json_file_names_stay_inside_the_bundle(trained_run: Path, tmp_path: Path) -> None:
     bundle = tmp_path / "run" / "bundle"
     shutil.copytree(trained_run / "bundle", bundle)

@@ -22,6 +22,7 @@ import psutil
 import pytest
 import torch
 import yaml
+from helpers import MODEL_CONFIG, ROOT
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -29,12 +30,9 @@ from visionapp.bundle import load_bundle
 from visionapp.serve.archive import build_archive
 from visionapp.serve.client import call
 from visionapp.serve.inputs import worker_threads
-from visionapp.serve.load import run_load
+from visionapp.serve.loadgen import run_load
 from visionapp.serve.local import LocalServer as Server
 from visionapp.transforms import load_image
-
-ROOT = Path(__file__).parents[1]
-MODEL_CONFIG = ROOT / "serve" / "model-config.yaml"
 
 pytestmark = pytest.mark.slow
 

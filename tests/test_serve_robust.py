@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import ROOT, fit, sample_image
+from helpers import ROOT, TINY_DATA, fit, sample_image
 from PIL import Image
 
 from visionapp.serve.archive import build_archive
@@ -134,9 +134,12 @@ def _served_version(server: LocalServer) -> str:
 
 def test_a_new_run_is_served_not_the_old_archive(shapes_root: Path, tmp_path: Path) -> None:
     runs, store = tmp_path / "runs", tmp_path / "store"
-    tiny = ["--config=configs/train.yaml", f"--data.init_args.root={shapes_root}", "--data.init_args.image_size=64",
-            "--data.init_args.num_train=1500", "--data.init_args.num_val=100", "--data.init_args.num_test=100",
-            "--data.init_args.num_workers=0", "--trainer.fast_dev_run=true"]  # fmt: skip
+    tiny = [
+        "--config=configs/train.yaml",
+        f"--data.init_args.root={shapes_root}",
+        *TINY_DATA,
+        "--trainer.fast_dev_run=true",
+    ]
     fit(runs, *tiny, "--run_name=first")
     archive = ["make", "-s", "archive", f"RUN={runs / 'latest'}", f"MODEL_STORE={store}"]
     subprocess.run(archive, cwd=ROOT, check=True, capture_output=True, timeout=300)  # the first run's .mar

@@ -1,5 +1,6 @@
 """The training stage through the real LightningCLI entry point."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -90,6 +91,13 @@ def test_resume_from_checkpoint(tmp_path: Path, shapes_root: Path) -> None:
         f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
     )
     assert json.loads((resumed / "metrics.json").read_text())["global_steps"] == 4
+    # What only a resume gives (a fresh 2-epoch run also ends at step 4): the first epoch is not trained again,
+    # and the optimizer comes back with its state (AdamW's step count goes on from the checkpoint's 2).
+    rows = list(csv.DictReader((resumed / "metrics.csv").open()))
+    trained_epochs = {int(float(r["epoch"])) for r in rows if r.get("train/acc")}  # logged once an epoch
+    assert trained_epochs == {1}, trained_epochs
+    optimizer = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)["optimizer_states"][0]
+    assert {int(state["step"]) for state in optimizer["state"].values()} == {4}
 
 
 @pytest.mark.gpu

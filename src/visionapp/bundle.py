@@ -26,6 +26,7 @@ from torch import nn
 from torchvision.models import get_model
 
 from visionapp.errors import UserError
+from visionapp.imagefiles import find_images
 from visionapp.transforms import EvalPreset
 
 WEIGHTS_FILE, META_FILE = "model.pt", "model.json"
@@ -107,12 +108,27 @@ class Bundle:
         return (self.forward(x) / self.temperature).softmax(dim=1)
 
 
-def versions() -> dict[str, str]:
-    """The library versions a bundle was made with (read from the installed metadata: no training import)."""
+def versions(packages: tuple[str, ...] = ("lightning",)) -> dict[str, str]:
+    """Python's, torch's, torchvision's and `packages`' versions (read from the installed metadata, so nothing is
+    imported): what a bundle was made with, what a benchmark ran on."""
     out = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__}
-    with suppress(PackageNotFoundError):
-        out["lightning"] = version("lightning")
+    for package in packages:
+        with suppress(PackageNotFoundError):
+            out[package] = version(package)
     return out
+
+
+def run_test_images(run_dir: str | Path) -> list[Path]:
+    """The test images of a run that are still on disk: those its test_files.txt lists (folder data, in the split's
+    order), else the images under the test/ folder of the data root its metrics.json names; [] for neither (a
+    torchvision set)."""
+    run_dir = Path(run_dir)
+    listed = run_dir / TEST_FILES
+    if listed.is_file():
+        return [f for f in map(Path, listed.read_text().splitlines()) if f.name and f.is_file()]
+    metrics = run_dir / "metrics.json"
+    root = json.loads(metrics.read_text()).get("data_root") if metrics.is_file() else None
+    return find_images(Path(root) / "test") if root and (Path(root) / "test").is_dir() else []
 
 
 def save_bundle(

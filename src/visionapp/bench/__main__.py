@@ -21,16 +21,15 @@ import json
 import statistics
 import sys
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 
-from visionapp.bench import report
+from visionapp.attribution.methods import METHODS
+from visionapp.bench import markdown
 from visionapp.bench import serve as serve_bench
 from visionapp.bench import train as train_bench
-from visionapp.bundle import load_bundle
-from visionapp.explain.methods import METHODS
+from visionapp.bundle import load_bundle, run_test_images, versions
 from visionapp.explain.quality import method_vs_passes
 from visionapp.transforms import load_image
 
@@ -44,7 +43,7 @@ class Goal:
 
 GOALS = {
     "train.loop_vs_ceiling": Goal(0.9, "min", "the input pipeline must not starve the model"),
-    "train.device_loader_vs_worker_loader_224px": Goal(
+    "train.cache_loader_vs_file_loader_224px": Goal(
         2.0, "min", "at 224 px the decode-once loader must deliver twice the images/s of decoding every epoch"
     ),
     "train.lightning_vs_loop": Goal(0.97, "min", "Lightning may cost at most 3% over a plain loop"),
@@ -62,17 +61,7 @@ GOALS = {
     "explain.response_bytes_vs_stock": Goal(0.02, "max", "a heatmap PNG, not raw attributions as JSON"),
 }
 REFERENCE_SIZE = 224  # ImageNet's size, at which the stock handler always runs: the serving goals hold there too
-PACKAGES = ("torch", "torchvision", "lightning", "torchmetrics", "captum", "torchserve", "torch-model-archiver")
-
-
-def versions() -> dict[str, str]:
-    out = {}
-    for p in PACKAGES:
-        try:
-            out[p] = version(p)
-        except PackageNotFoundError:
-            out[p] = "not installed"
-    return out
+PACKAGES = ("lightning", "torchmetrics", "captum", "torchserve", "torch-model-archiver")  # beside python, torch(vision)
 
 
 def explain_bench(bundle_dir: Path, image: Path, rounds: int) -> dict:
@@ -130,21 +119,40 @@ def main(argv: list[str] | None = None) -> int:
     if not (run_dir / "bundle").is_dir() or not Path(args.mar).is_file():
         raise SystemExit(f"needs a trained run ({run_dir}/bundle) and its archive ({args.mar}): make train archive")
     image = Path(args.image) if args.image else first_test_image(run_dir)
-    result: dict = {"machine": train_bench.machine(), "versions": versions()}
+    result: dict = {"machine": train_bench.machine(), "versions": versions(PACKAGES)}
+    result.update(train_parts(args))
+    result.update(serve_parts(args, run_dir, image))
+    print(f"[4/4] explain: each method vs its model passes, {args.rounds} rounds", flush=True)
+    result["explain"] = explain_bench(run_dir / "bundle", image, args.rounds)
+    for m, e in result["explain"]["methods"].items():
+        print(f"  {m:22s} {e['seconds'] * 1e3:8.1f} ms vs {e['passes']:3d} {'fwd+bwd' if e['backward'] else 'fwd'} "
+              f"passes {e['passes_seconds'] * 1e3:8.1f} ms   ratio {e['ratio']:.2f}")  # fmt: skip
+    result.update(goal_keys(result))
+    write_results(result, Path(args.out), args.report)
+    return 0
+
+
+def train_parts(args: argparse.Namespace) -> dict:
+    """The training bench at the default size, then the input paths (loader alone and plain loop) at 224 px."""
     print(f"[1/4] train: ceiling / plain loop / Lightning / input paths, {args.rounds} rounds", flush=True)
     train_argv = ["--root", args.train_root, "--image-size", str(args.train_image_size), "--num-train",
                   str(args.train_num_train), "--steps", str(args.train_steps), "--warmup", str(args.train_warmup),
                   "--rounds", str(args.rounds)]  # fmt: skip
-    result["train"] = train_bench.run(train_bench.parser().parse_args(train_argv))
-    train_bench.print_table(result["train"])
+    parts = {"train": train_bench.run(train_bench.parser().parse_args(train_argv))}
+    train_bench.print_table(parts["train"])
     size, steps = args.train_reference_size, args.train_reference_steps
     print(f"      the input paths at {size} px: the loader alone and the plain loop", flush=True)
     reference_argv = ["--root", f"{args.train_root}-{size}px", "--image-size", str(size), "--num-train",
                       str(args.train_num_train), "--num-val", "50", "--num-test", "50", "--contenders", "input",
                       "loop", "--steps", str(steps), "--input-steps", str(5 * steps), "--warmup", "2",
                       "--rounds", str(args.rounds)]  # fmt: skip
-    result["train_224px"] = train_bench.run(train_bench.parser().parse_args(reference_argv))
-    train_bench.print_table(result["train_224px"])
+    parts["train_224px"] = train_bench.run(train_bench.parser().parse_args(reference_argv))
+    train_bench.print_table(parts["train_224px"])
+    return parts
+
+
+def serve_parts(args: argparse.Namespace, run_dir: Path, image: Path) -> dict:
+    """The serving bench at the model's own size, and again at ImageNet's (once where that is the model's own)."""
     serve_argv = ["--mar", args.mar, "--bundle", str(run_dir / "bundle"), "--image", str(image),
                   "--rounds", str(args.rounds), "--requests", str(args.requests), "--warmup", str(args.serve_warmup),
                   "--concurrency", *map(str, args.concurrency)]  # fmt: skip
@@ -158,27 +166,28 @@ def main(argv: list[str] | None = None) -> int:
         serve_bench.print_table(part)
         return part
 
-    result["serve"] = serve_part(2, own_size)
-    # Again at ImageNet's size; measured once where that is the model's own.
-    result["serve_224px"] = result["serve"] if own_size == REFERENCE_SIZE else serve_part(3, REFERENCE_SIZE)
-    print(f"[4/4] explain: each method vs its model passes, {args.rounds} rounds", flush=True)
-    result["explain"] = explain_bench(run_dir / "bundle", image, args.rounds)
-    for m, e in result["explain"]["methods"].items():
-        print(f"  {m:22s} {e['seconds'] * 1e3:8.1f} ms vs {e['passes']:3d} {'fwd+bwd' if e['backward'] else 'fwd'} "
-              f"passes {e['passes_seconds'] * 1e3:8.1f} ms   ratio {e['ratio']:.2f}")  # fmt: skip
+    serve = serve_part(2, own_size)
+    return {"serve": serve, "serve_224px": serve if own_size == REFERENCE_SIZE else serve_part(3, REFERENCE_SIZE)}
 
-    # The goal keys: the ratios the train and serve parts computed under these names, and integrated gradients'.
-    result.update({k: v for part in ("train", "serve") for k, v in result[part].items() if k in GOALS})
-    result.update({f"{k}_224px": v for k, v in result["serve_224px"].items() if f"{k}_224px" in GOALS})
-    result["train.device_loader_vs_worker_loader_224px"] = result["train_224px"]["train.input_vs_input_files"]
-    result["explain.ig50_vs_passes"] = result["explain"]["methods"]["integrated_gradients"]["ratio"]
+
+def goal_keys(result: dict) -> dict:
+    """The goal keys: the ratios the train and serve parts computed under these names, and those taken from the
+    parts here; then each goal's verdict."""
+    keys = {k: v for part in ("train", "serve") for k, v in result[part].items() if k in GOALS}
+    keys.update({f"{k}_224px": v for k, v in result["serve_224px"].items() if f"{k}_224px" in GOALS})
+    keys["train.cache_loader_vs_file_loader_224px"] = result["train_224px"]["train.input_vs_input_files"]
+    keys["explain.ig50_vs_passes"] = result["explain"]["methods"]["integrated_gradients"]["ratio"]
     # The stock handler always runs at 224 px: the compiled server against it at the same size.
-    result["serve.throughput_vs_stock_c8_same_size"] = result["serve_224px"]["serve.compiled_throughput_vs_stock_c8"]
-    result["serve.p50_vs_stock_c1_same_size"] = result["serve_224px"]["serve.compiled_p50_vs_stock_c1"]
-    result["export.seconds"] = sum(result["serve"]["export"]["seconds"].values())  # the model at its own size
-    result["goals"] = {k: {"goal": g.value, "kind": g.kind, "why": g.why,
-                           "met": verdict(k, result[k]).startswith("met")} for k, g in GOALS.items()}  # fmt: skip
-    out = Path(args.out)
+    keys["serve.throughput_vs_stock_c8_same_size"] = result["serve_224px"]["serve.compiled_throughput_vs_stock_c8"]
+    keys["serve.p50_vs_stock_c1_same_size"] = result["serve_224px"]["serve.compiled_p50_vs_stock_c1"]
+    keys["export.seconds"] = sum(result["serve"]["export"]["seconds"].values())  # the model at its own size
+    found = {**result, **keys}
+    keys["goals"] = {k: {"goal": g.value, "kind": g.kind, "why": g.why,
+                         "met": verdict(k, found[k]).startswith("met")} for k, g in GOALS.items()}  # fmt: skip
+    return keys
+
+
+def write_results(result: dict, out: Path, report: str | None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     gpu = f", {result['machine']['gpu']}" if "gpu" in result["machine"] else ""
@@ -186,18 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     for k in GOALS:
         print(f"  {k:40s} {result[k]:8.3f}   {verdict(k, result[k])}")
     print(f"written: {out}")
-    if args.report:
-        Path(args.report).write_text(report.markdown(result, str(out)))
-        print(f"written: {args.report}")
-    return 0
+    if report:
+        Path(report).write_text(markdown.markdown(result, str(out)))
+        print(f"written: {report}")
 
 
 def first_test_image(run_dir: Path) -> Path:
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    split = Path(metrics["data_root"]) / "test"
-    found = sorted(p for p in split.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
+    found = sorted(run_test_images(run_dir))
     if not found:
-        raise SystemExit(f"no test images under {split}; pass --image")
+        raise SystemExit(f"no test images for {run_dir} (test_files.txt or its data root's test/); pass --image")
     return found[0]
 
 

@@ -51,7 +51,7 @@ from visionapp.bundle import TEST_FILES, load_bundle
 from visionapp.serve.archive import build_archive
 from visionapp.serve.client import call
 from visionapp.serve.export import export_bundle
-from visionapp.serve.load import percentile, run_load
+from visionapp.serve.loadgen import percentile, run_load
 from visionapp.serve.local import LocalServer
 
 MODEL_CONFIG_FILE = Path("serve/model-config.yaml")  # ours, also given to the stock archive
@@ -319,21 +319,7 @@ def run(args: argparse.Namespace) -> dict:
         image_size = json.loads((bundle / "model.json").read_text())["image_size"]
         stock_mar = stock_archive(bundle, tmpdir / "stock_store")
         compiled_mar, export_record = compiled_archive(bundle, tmpdir) if args.compiled else (None, None)
-        handle = in_process_handler(mar, tmpdir)
-        with ExitStack() as stack:
-            servers = {"ours": stack.enter_context(Server(mar, tmpdir / "ours"))}
-            if compiled_mar is not None:
-                servers["compiled"] = stack.enter_context(Server(compiled_mar, tmpdir / "compiled"))
-            servers["stock"] = stack.enter_context(Server(stock_mar, tmpdir / "stock"))
-            for name, make_vars in args.variant:
-                if name in servers:
-                    raise SystemExit(f"--variant {name}: the name is given twice")
-                servers[name] = stack.enter_context(Server(mar, tmpdir / name, *make_vars))
-            for server in servers.values():  # warm-up: workers loaded, first batches done, the JIT at work
-                server.load(body, requests=args.warmup, concurrency=8)
-            handle([{"body": body}] * 8)
-            rounds = [leaves(measure_round(handle, servers, body, args, seed=i)) for i in range(args.rounds)]
-            explain_bytes = response_bytes(servers, body)
+        rounds, explain_bytes = measure_servers(args, body, mar, stock_mar, compiled_mar, tmpdir)
         # the forward alone, with the servers stopped: eager vs the package the compiled server ran
         forward_ms = (forward_times(tmpdir / "compiled" / "bundle", (1, MODEL_CONFIG["batchSize"]), args.rounds)
                       if args.compiled else None)  # fmt: skip
@@ -343,11 +329,7 @@ def run(args: argparse.Namespace) -> dict:
         "median": median,
         "spread": spread,
         "explanation_response_bytes": explain_bytes,
-        "serve.p50_vs_inprocess_c1": median["ours"]["latency_ms"]["p50"] / median["inprocess"]["latency_ms"]["p50"],
-        "serve.throughput_vs_stock_c8": median["ours"]["c8"]["images_per_s"] / median["stock"]["c8"]["images_per_s"],
-        "serve.throughput_vs_inprocess_c8": (
-            median["ours"]["c8"]["images_per_s"] / median["inprocess"]["c8"]["images_per_s"]
-        ),
+        **ratios(median, "ours", "serve"),
         "explain.response_bytes_vs_stock": explain_bytes["ours"] / explain_bytes["stock"],
         "settings": {"image": args.image, "mar": args.mar, "bundle": args.bundle,
                      "image_size": image_size, "rounds": args.rounds,
@@ -358,9 +340,7 @@ def run(args: argparse.Namespace) -> dict:
     if forward_ms is not None:
         result.update({
             # the compiled server against the stock handler (the same size where this part runs at 224 px)
-            "serve.compiled_throughput_vs_stock_c8": (
-                median["compiled"]["c8"]["images_per_s"] / median["stock"]["c8"]["images_per_s"]
-            ),
+            "serve.compiled_throughput_vs_stock_c8": ratios(median, "compiled", "s")["s.throughput_vs_stock_c8"],
             "serve.compiled_p50_vs_stock_c1": (
                 median["compiled"]["latency_ms"]["p50"] / median["stock"]["latency_ms"]["p50"]
             ),
@@ -369,6 +349,38 @@ def run(args: argparse.Namespace) -> dict:
             "export": export_record,
         })  # fmt: skip
     return result
+
+
+def measure_servers(
+    args: argparse.Namespace, body: bytes, mar: Path, stock_mar: Path, compiled_mar: Path | None, tmpdir: Path
+) -> tuple[list[dict], dict]:
+    """Start every server (ours, compiled, stock, the --variant ones), warm each, then the rounds side by side with
+    the handler in process; the rounds and each server's /explanations answer size."""
+    handle = in_process_handler(mar, tmpdir)
+    with ExitStack() as stack:
+        servers = {"ours": stack.enter_context(Server(mar, tmpdir / "ours"))}
+        if compiled_mar is not None:
+            servers["compiled"] = stack.enter_context(Server(compiled_mar, tmpdir / "compiled"))
+        servers["stock"] = stack.enter_context(Server(stock_mar, tmpdir / "stock"))
+        for name, make_vars in args.variant:
+            if name in servers:
+                raise SystemExit(f"--variant {name}: the name is given twice")
+            servers[name] = stack.enter_context(Server(mar, tmpdir / name, *make_vars))
+        for server in servers.values():  # warm-up: workers loaded, first batches done, the JIT at work
+            server.load(body, requests=args.warmup, concurrency=8)
+        handle([{"body": body}] * 8)
+        rounds = [leaves(measure_round(handle, servers, body, args, seed=i)) for i in range(args.rounds)]
+        return rounds, response_bytes(servers, body)
+
+
+def ratios(median: dict, server: str, prefix: str) -> dict[str, float]:
+    """`server` against the handler in process and against the stock handler."""
+    ours, inprocess, stock = median[server], median["inprocess"], median["stock"]
+    return {
+        f"{prefix}.p50_vs_inprocess_c1": ours["latency_ms"]["p50"] / inprocess["latency_ms"]["p50"],
+        f"{prefix}.throughput_vs_stock_c8": ours["c8"]["images_per_s"] / stock["c8"]["images_per_s"],
+        f"{prefix}.throughput_vs_inprocess_c8": ours["c8"]["images_per_s"] / inprocess["c8"]["images_per_s"],
+    }
 
 
 def parser() -> argparse.ArgumentParser:

@@ -168,11 +168,24 @@ def lightning_fit(dm: ShapesDataModule, setup: Setup, steps: int, warmup: int) -
 def input_scan(dm: ShapesDataModule, setup: Setup, workers: list[int], steps: int, warmup: int) -> dict:
     """What the input side costs: one image's decode and augmentation on one core, then the loader alone
     at each worker count with the CPU its workers and the main process keep busy (cores)."""
-    import psutil
+    out: dict = per_image_costs(dm)
+    print(
+        "  one image on one core: " + ", ".join(f"{k.removesuffix('_ms_per_image')} {v:.3f} ms" for k, v in out.items())
+    )
+    for n in workers:
+        out[f"workers_{n}"] = loader_with_workers(dm, setup, n, steps, warmup)
+        w = out[f"workers_{n}"]
+        print(f"  input alone, {n:2d} workers: {w['images_per_s']:9.1f} images/s, workers busy "
+              f"{w['worker_cores']:.1f} cores, main process {w['main_cores']:.1f}")  # fmt: skip
+    return out
 
+
+def per_image_costs(dm: ShapesDataModule) -> dict[str, float]:
+    """ms per image on one core (as inside a loader worker) for decoding, augmenting, and with the cache: reading
+    out of it and augmenting; 200 images, 3 alternated rounds, medians."""
     files = dm.split_files("train")[:200]
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as inside a loader worker
+    torch.set_num_threads(1)
 
     def ms_per_image(fn: Callable, items: list) -> float:
         start = time.perf_counter()
@@ -194,28 +207,28 @@ def input_scan(dm: ShapesDataModule, setup: Setup, workers: list[int], steps: in
     for _ in range(3):  # alternated, medians: this machine's speed drifts
         for k, (fn, items) in measures.items():
             times[k].append(ms_per_image(fn, items))
-    out: dict = {f"{k}_ms_per_image": statistics.median(v) for k, v in times.items()}
     torch.set_num_threads(threads)
-    print(
-        "  one image on one core: " + ", ".join(f"{k.removesuffix('_ms_per_image')} {v:.3f} ms" for k, v in out.items())
-    )
+    return {f"{k}_ms_per_image": statistics.median(v) for k, v in times.items()}
+
+
+def loader_with_workers(dm: ShapesDataModule, setup: Setup, n: int, steps: int, warmup: int) -> dict[str, float]:
+    """The loader alone with n workers: images/s, and the cores its workers and the main process keep busy."""
+    import psutil
+
     me = psutil.Process()
-    for n in workers:
-        dm.num_workers = n
-        batches = epochs(dm)
-        to_device(dm, setup, batches, warmup)  # starts the workers and fills their prefetch
-        children = me.children(recursive=True)
-        cpu0 = [sum(p.cpu_times()[:2]) for p in children], sum(me.cpu_times()[:2])
-        start = time.perf_counter()
-        seen = to_device(dm, setup, batches, steps)
-        wall = time.perf_counter() - start
-        worker_cpu = sum(sum(p.cpu_times()[:2]) for p in children) - sum(cpu0[0])
-        out[f"workers_{n}"] = {"images_per_s": seen / wall, "worker_cores": worker_cpu / wall,
-                               "main_cores": (sum(me.cpu_times()[:2]) - cpu0[1]) / wall}  # fmt: skip
-        print(f"  input alone, {n:2d} workers: {seen / wall:9.1f} images/s, workers busy "
-              f"{worker_cpu / wall:.1f} cores, main process {out[f'workers_{n}']['main_cores']:.1f}")  # fmt: skip
-        del batches  # ends this loader's workers before the next count starts
-    return out
+    dm.num_workers = n
+    batches = epochs(dm)
+    to_device(dm, setup, batches, warmup)  # starts the workers and fills their prefetch
+    children = me.children(recursive=True)
+    cpu0 = [sum(p.cpu_times()[:2]) for p in children], sum(me.cpu_times()[:2])
+    start = time.perf_counter()
+    seen = to_device(dm, setup, batches, steps)
+    wall = time.perf_counter() - start
+    worker_cpu = sum(sum(p.cpu_times()[:2]) for p in children) - sum(cpu0[0])
+    result = {"images_per_s": seen / wall, "worker_cores": worker_cpu / wall,
+              "main_cores": (sum(me.cpu_times()[:2]) - cpu0[1]) / wall}  # fmt: skip
+    del batches  # ends this loader's workers before the next count starts
+    return result
 
 
 CONTENDERS = {"ceiling": ceiling, "loop": plain_loop, "lightning": lightning_fit, "input": input_pipeline}

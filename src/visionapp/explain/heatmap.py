@@ -22,9 +22,9 @@ import torch
 from captum.attr import visualization as viz
 from rich.progress import track
 
+from visionapp.attribution.maps import Explanation, explain, target_index
+from visionapp.attribution.methods import METHODS, check_method
 from visionapp.bundle import load_bundle
-from visionapp.explain.attribution import Explanation, explain, target_index
-from visionapp.explain.methods import METHODS, check_method
 from visionapp.imagefiles import expand
 from visionapp.transforms import load_image
 

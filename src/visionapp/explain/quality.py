@@ -25,6 +25,8 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,11 +39,11 @@ from rich.table import Table
 from scipy.stats import ConstantInputWarning, spearmanr
 from torch import nn
 
-from visionapp.bundle import TEST_FILES, load_bundle
-from visionapp.explain import report as run_report
-from visionapp.explain.attribution import Explanation, attribute, equivalent_passes, to_original_size
-from visionapp.explain.heatmap import expand, save_figure
-from visionapp.explain.methods import METHODS, check_method
+from visionapp import run_report
+from visionapp.attribution.maps import Explanation, attribute, equivalent_passes, to_original_size
+from visionapp.attribution.methods import METHODS, check_method
+from visionapp.bundle import Bundle, load_bundle, run_test_images
+from visionapp.explain.heatmap import save_figure
 from visionapp.shapes import mask_path
 from visionapp.transforms import load_image
 
@@ -128,6 +130,19 @@ def default_metric_samples(image_size: int) -> int:
     return max(2, min(8, round(8 * 96 * 96 / image_size**2)))
 
 
+@dataclass
+class Sample:
+    """The test images measured on, preprocessed, with their predicted classes and (shapes data) masks."""
+
+    files: list[Path]
+    images: list[Image.Image]
+    x: torch.Tensor  # (N, 3, H, W), normalised
+    probs: torch.Tensor  # calibrated, as the heatmap titles say
+    target: torch.Tensor  # the predicted classes: what each map explains
+    masks: torch.Tensor | None  # (N, H, W) booleans at the input size; None without ground truth
+    subset: list[int]  # the images for the costly metrics, spread over the classes
+
+
 def evaluate(
     run: Path,
     *,
@@ -138,6 +153,8 @@ def evaluate(
     seed: int = 0,
     console: Console | None = None,
 ) -> dict:
+    """Measure each method on a seeded sample of the run's test split; write quality.json and sample heatmaps,
+    print the table and refresh the run report."""
     console = console or Console(width=150)
     started = time.perf_counter()
 
@@ -145,122 +162,123 @@ def evaluate(
         console.print(f"[{time.perf_counter() - started:6.1f} s] {text}", highlight=False)
 
     bundle = load_bundle(run / "bundle")
-    model = bundle.model
-    for p in model.parameters():
+    for p in bundle.model.parameters():
         p.requires_grad_(False)  # attributions need input gradients only
-    metrics = json.loads((run / "metrics.json").read_text())
-    listed = run / TEST_FILES  # written by fit for folder data; other runs: the data root's test/ folder
-    split_dir = Path(metrics.get("data_root") or "") / "test"
-    if listed.is_file():
-        files = sorted((Path(f) for f in listed.read_text().split("\n") if f), key=lambda f: (f.parent.name, f.name))
-    else:
-        files = expand([str(split_dir)]) if split_dir.is_dir() else []
-    if not files:
-        raise SystemExit(f"no test images at {split_dir} (from {run}/metrics.json); run `make train` first")
-    rng = np.random.default_rng(seed)
-    files = [files[i] for i in sorted(rng.choice(len(files), size=min(samples, len(files)), replace=False))]
     k = metric_samples or default_metric_samples(bundle.transform.image_size)
-    mask_files = [m for m in map(mask_path, files) if m is not None]
-    have_masks = len(mask_files) == len(files)
-    if not have_masks:  # the maps of the whole sample only serve the mask metrics: keep the metric subset
-        console.print(f"[yellow]{split_dir} has no ground-truth masks: pointing_game and mass_in_mask skipped")
-        files = [files[i] for i in metric_subset(len(files), k)]
-    images = [load_image(f) for f in files]
-    x = torch.stack([bundle.transform(im) for im in images])
-    with torch.no_grad():
-        probs = bundle.probabilities(x)  # calibrated, as the heatmap titles say
-    target = probs.argmax(1)
-    if have_masks:
-        size = (int(x.shape[-2]), int(x.shape[-1]))
-        masks = torch.stack(
-            [
-                torch.from_numpy(np.asarray(Image.open(m).resize((size[1], size[0]), Image.Resampling.NEAREST)) > 0)
-                for m in mask_files
-            ]
-        )
-    subset = metric_subset(len(x), k)
-    xs, ts = x[subset], target[subset]
+    sample = load_sample(run, bundle, samples, k, seed, console)
     say(
-        f"{len(x)} test images for the maps, {len(subset)} of them (spread over the classes) for infidelity, "
-        f"sensitivity and randomisation; {x.shape[-1]} px"
+        f"{len(sample.x)} test images for the maps, {len(sample.subset)} of them (spread over the classes) for "
+        f"infidelity, sensitivity and randomisation; {sample.x.shape[-1]} px"
     )
-    randomized = randomized_copy(model)
+    randomized = randomized_copy(bundle.model)
     for p in randomized.parameters():
         p.requires_grad_(False)
-
-    def noise(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n = torch.randn_like(inputs) * 0.1
-        return n, inputs - n
-
-    sensitivity_perturbations = 3
-    results: dict[str, dict] = {}
     out_dir = run / "explanations"
+    results: dict[str, dict] = {}
     for method in methods:
         check_method(method)
-        t = time.perf_counter()
-        attribute(model, x[:1], target[:1], method)
-        each = time.perf_counter() - t
-        planned = len(x) + len(subset) * (sensitivity_perturbations + 1)  # maps, sensitivity, randomisation
-        say(f"{method}: {planned} attributions, ~{each:.2f} s each: ~{planned * each:.0f} s")
-        per_channel, seconds = [], 0.0
-        for i in track(range(0, len(x), 10), description=f"{method:>22}", console=console, transient=True):
-            t = time.perf_counter()
-            per_channel.append(attribute(model, x[i : i + 10], target[i : i + 10], method, reduce=False))
-            seconds += time.perf_counter() - t
-        raw_all = torch.cat(per_channel)  # computed once: the maps below and captum.metrics' inputs
-        amaps = raw_all.sum(dim=1)
-        entry: dict[str, float | None] = {"seconds_per_image": seconds / len(x)}
-        entry["pointing_game"] = pointing_game(amaps, masks) if have_masks else None
-        entry["mass_in_mask"] = mass_in_mask(amaps, masks) if have_masks else None
-        say(f"{method}: {len(x)} maps in {seconds:.1f} s")
-        raw = raw_all[subset]
-        torch.manual_seed(seed)
-        entry["infidelity"] = (
-            infidelity(model, noise, xs, raw, target=ts, n_perturb_samples=10, normalize=True).mean().item()
-        )
-
-        def explanation(inputs: tuple[torch.Tensor], target: torch.Tensor, method: str = method) -> tuple:
-            # sensitivity_max hands inputs over as a 1-tuple and wants the attributions in the same structure
-            return (attribute(model, inputs[0], target, method, reduce=False),)
-
-        entry["sensitivity_max"] = (
-            sensitivity_max(
-                explanation, (xs,), target=ts, n_perturb_samples=sensitivity_perturbations, perturb_radius=0.02
-            )
-            .mean()
-            .item()
-        )
-        say(f"{method}: infidelity and sensitivity done")
-        rho, undefined = spearman(amaps[subset], attribute(randomized, xs, ts, method))
-        entry["randomization_spearman"], entry["randomization_undefined"] = rho, undefined
-        entry["randomization_passed"] = bool(rho < 0.5 and undefined == 0)
-        results[method] = entry
-        (out_dir / method).mkdir(parents=True, exist_ok=True)
-        for i in metric_subset(len(files), heatmaps) if heatmaps else []:  # from the maps already computed
-            names, prob = bundle.class_names, probs[i]
-            e = Explanation(
-                images[i],
-                to_original_size(amaps[i], images[i].size),
-                names[int(target[i])],
-                float(prob.max()),
-                names[int(target[i])],
-                float(prob.max()),
-            )
-            save_figure(e, method, out_dir / method / f"{files[i].parent.name}_{files[i].stem}.png")
+        results[method], amaps = measure(bundle.model, randomized, sample, method, seed, say)
+        draw_samples(bundle.class_names, sample, amaps, method, heatmaps, out_dir / method)
         say(f"{method}: done")
-
     report = {
         "run": str(run),
-        "samples": len(x),
-        "metric_samples": len(subset),
+        "samples": len(sample.x),
+        "metric_samples": len(sample.subset),
         "methods": results,
-        "ig50_vs_passes": method_vs_passes(model, x[:1], "integrated_gradients", repeats=3),
+        "ig50_vs_passes": method_vs_passes(bundle.model, sample.x[:1], "integrated_gradients", repeats=3),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "quality.json").write_text(json.dumps(report, indent=2))
     print_table(report, console)
     say(f"wrote {out_dir / 'quality.json'} and sample heatmaps under {out_dir}; {run_report.build(run)} updated")
     return report
+
+
+def load_sample(run: Path, bundle: Bundle, samples: int, k: int, seed: int, console: Console) -> Sample:
+    """A seeded sample of the run's test images (sorted by class), preprocessed and predicted; with the shapes'
+    masks when every image has one, else only the metric subset (the maps of the rest serve the mask metrics)."""
+    files = sorted(run_test_images(run), key=lambda f: (f.parent.name, f.name))
+    if not files:
+        raise SystemExit(f"no test images for {run} (test_files.txt or its data root's test/); run `make train` first")
+    rng = np.random.default_rng(seed)
+    files = [files[i] for i in sorted(rng.choice(len(files), size=min(samples, len(files)), replace=False))]
+    mask_files = [m for m in map(mask_path, files) if m is not None]
+    have_masks = len(mask_files) == len(files)
+    if not have_masks:
+        console.print("[yellow]the test split has no ground-truth masks: pointing_game and mass_in_mask skipped")
+        files = [files[i] for i in metric_subset(len(files), k)]
+    images = [load_image(f) for f in files]
+    x = torch.stack([bundle.transform(im) for im in images])
+    with torch.no_grad():
+        probs = bundle.probabilities(x)
+    masks = None
+    if have_masks:
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        masks = torch.stack(
+            [
+                torch.from_numpy(np.asarray(Image.open(m).resize((w, h), Image.Resampling.NEAREST)) > 0)
+                for m in mask_files
+            ]
+        )
+    return Sample(files, images, x, probs, probs.argmax(1), masks, metric_subset(len(x), k))
+
+
+SENSITIVITY_PERTURBATIONS = 3
+
+
+def measure(
+    model: nn.Module, randomized: nn.Module, sample: Sample, method: str, seed: int, say: Callable[[str], None]
+) -> tuple[dict, torch.Tensor]:
+    """One method's quality entry, and its maps of the whole sample (N, H, W)."""
+    x, target, subset = sample.x, sample.target, sample.subset
+    t = time.perf_counter()
+    attribute(model, x[:1], target[:1], method)
+    each = time.perf_counter() - t
+    planned = len(x) + len(subset) * (SENSITIVITY_PERTURBATIONS + 1)  # maps, sensitivity, randomisation
+    say(f"{method}: {planned} attributions, ~{each:.2f} s each: ~{planned * each:.0f} s")
+    per_channel, seconds = [], 0.0
+    for i in track(range(0, len(x), 10), description=f"{method:>22}", transient=True):
+        t = time.perf_counter()
+        per_channel.append(attribute(model, x[i : i + 10], target[i : i + 10], method, reduce=False))
+        seconds += time.perf_counter() - t
+    raw_all = torch.cat(per_channel)  # computed once: the maps below and captum.metrics' inputs
+    amaps = raw_all.sum(dim=1)
+    entry: dict[str, float | bool | None] = {"seconds_per_image": seconds / len(x)}
+    entry["pointing_game"] = pointing_game(amaps, sample.masks) if sample.masks is not None else None
+    entry["mass_in_mask"] = mass_in_mask(amaps, sample.masks) if sample.masks is not None else None
+    say(f"{method}: {len(x)} maps in {seconds:.1f} s")
+    xs, ts = x[subset], target[subset]
+    torch.manual_seed(seed)
+    entry["infidelity"] = infidelity(model, _noise, xs, raw_all[subset], target=ts, n_perturb_samples=10,
+                                     normalize=True).mean().item()  # fmt: skip
+
+    def explanation(inputs: tuple[torch.Tensor], target: torch.Tensor, method: str = method) -> tuple:
+        # sensitivity_max hands inputs over as a 1-tuple and wants the attributions in the same structure
+        return (attribute(model, inputs[0], target, method, reduce=False),)
+
+    entry["sensitivity_max"] = sensitivity_max(explanation, (xs,), target=ts, perturb_radius=0.02,
+                                               n_perturb_samples=SENSITIVITY_PERTURBATIONS).mean().item()  # fmt: skip
+    say(f"{method}: infidelity and sensitivity done")
+    rho, undefined = spearman(amaps[subset], attribute(randomized, xs, ts, method))
+    entry["randomization_spearman"], entry["randomization_undefined"] = rho, undefined
+    entry["randomization_passed"] = bool(rho < 0.5 and undefined == 0)
+    return entry, amaps
+
+
+def _noise(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n = torch.randn_like(inputs) * 0.1
+    return n, inputs - n
+
+
+def draw_samples(
+    class_names: list[str], sample: Sample, amaps: torch.Tensor, method: str, n: int, out_dir: Path
+) -> None:
+    """n heatmap figures spread over the classes, from the maps already computed."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i in metric_subset(len(sample.files), n) if n else []:
+        image, name, p = sample.images[i], class_names[int(sample.target[i])], float(sample.probs[i].max())
+        e = Explanation(image, to_original_size(amaps[i], image.size), name, p, name, p)
+        save_figure(e, method, out_dir / f"{sample.files[i].parent.name}_{sample.files[i].stem}.png")
 
 
 def print_table(report: dict, console: Console) -> None:

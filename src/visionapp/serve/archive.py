@@ -5,10 +5,10 @@
 
 The .mar holds the bundle (model.pt, model.json, and the compiled model.<device>.pt2 packages model.json
 records, from make export), the handler (visionapp/serve/handler.py, as the archive's
-handler.py), the model config (batching, workers, timeouts) and the package code serving imports: the base
-(bundle, transforms), visionapp.explain and visionapp.serve, not the training stack. So TorchServe needs torch,
-torchvision, Pillow and captum but not visionapp installed. Everything is found from the installed package
-(editable or not) and the paths given; nothing is read from a checkout.
+handler.py), the model config (batching, workers, timeouts) and the package code serving imports: the shared
+layer it needs (bundle, transforms, imagefiles, errors, attribution) and visionapp.serve, not the training stack.
+So TorchServe needs torch, torchvision, Pillow and captum but not visionapp installed. Everything is found from
+the installed package (editable or not) and the paths given; nothing is read from a checkout.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from visionapp.errors import run_main
 PACKAGE = Path(__file__).parents[1]  # the installed visionapp package
 HANDLER = Path(__file__).with_name("handler.py")
 # What the handler imports, copied into the archive: the base modules and the two stages serving uses.
-SERVING_CODE = ("__init__.py", "bundle.py", "errors.py", "imagefiles.py", "transforms.py", "explain", "serve")
+SERVING_CODE = ("__init__.py", "bundle.py", "errors.py", "imagefiles.py", "transforms.py", "attribution", "serve")
 
 
 def build_archive(

@@ -114,7 +114,7 @@ def _check_model(value: Any, type_name: str, path: str) -> None:
         raise ValueError(f"{path}: {e}") from None
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", default="runs/latest/bundle")
     ap.add_argument("--mar", default="model_store/classifier.mar", help="the archive the image serves")
@@ -130,24 +130,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--monitoring-namespace", default="monitoring", help="where Prometheus runs")
     ap.add_argument("--out", default="deploy")
     ap.add_argument("--dry-run", action="store_true", help="print the manifests, write nothing")
-    args = ap.parse_args(argv)
+    return ap
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     bundle, mar = Path(args.bundle), Path(args.mar)
     for f in (bundle / "model.json", mar):
         if not f.is_file():
             raise SystemExit(f"{f} is missing: make train, then make archive (RUN=... for another run)")
     if args.replicas < 1 or (args.max_replicas is not None and args.max_replicas < args.replicas):
         raise SystemExit("REPLICAS must be ≥ 1 and MAX_REPLICAS ≥ REPLICAS")
-    model = mar.stem
-    run_name = bundle.resolve().parent.name
-    values = {
-        "name": args.name or model, "model": model, "image": args.image, "version": run_name[:63],
-        "replicas": args.replicas, "max_replicas": args.max_replicas or 4 * args.replicas,
-        "cpus": f"{args.cpus:g}", "mem_mb": args.mem_mb, "queue_ms": f"{args.queue_ms:g}",
-        "storage_uri": args.storage_uri or f"pvc://visionapp-models/{run_name}",
-        "monitoring_namespace": args.monitoring_namespace,
-        "gpu": f', nvidia.com/gpu: "{args.gpus}"' if args.gpus else "",  # in the resources' requests and limits
-    }  # fmt: skip
+    values = template_values(args, mar.stem, bundle.resolve().parent.name)
     try:
         manifests = render(values)
         for target, text in manifests.items():
@@ -156,12 +150,33 @@ def main(argv: list[str] | None = None) -> int:
                     validate(doc)
     except ValueError as e:
         raise SystemExit(f"not rendered: {e}") from None
-
     if args.dry_run:
         for target, text in manifests.items():
             print(f"---\n# ---- {args.out}/{target}\n{text}")  # one YAML stream
         return 0
-    out = Path(args.out)
+    write(manifests, Path(args.out), mar)
+    print(json.dumps({"image": args.image, "replicas": args.replicas, "run": values["run"]}))
+    for target in manifests:
+        print(f"  {Path(args.out) / target}")
+    print(f"  {Path(args.out) / 'kserve' / 'storage'}/  (upload to {values['storage_uri']})")
+    print(f"apply: kubectl apply -f {args.out}/k8s/   or, with KServe: kubectl apply -f {args.out}/kserve/")
+    return 0
+
+
+def template_values(args: argparse.Namespace, model: str, run_name: str) -> dict:
+    """What the templates' {placeholders} become."""
+    return {
+        "name": args.name or model, "model": model, "image": args.image, "version": run_name[:63], "run": run_name,
+        "replicas": args.replicas, "max_replicas": args.max_replicas or 4 * args.replicas,
+        "cpus": f"{args.cpus:g}", "mem_mb": args.mem_mb, "queue_ms": f"{args.queue_ms:g}",
+        "storage_uri": args.storage_uri or f"pvc://visionapp-models/{run_name}",
+        "monitoring_namespace": args.monitoring_namespace,
+        "gpu": f', nvidia.com/gpu: "{args.gpus}"' if args.gpus else "",  # in the resources' requests and limits
+    }  # fmt: skip
+
+
+def write(manifests: dict[str, str], out: Path, mar: Path) -> None:
+    """The manifests under out/, and KServe's storage layout (config/config.properties, model-store/<name>.mar)."""
     for target, text in manifests.items():
         path = out / target
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -173,12 +188,6 @@ def main(argv: list[str] | None = None) -> int:
     # interfaces and to /mnt/models/model-store
     shutil.copy2(SERVER_CONFIG, storage / "config" / "config.properties")
     shutil.copy2(mar, storage / "model-store" / mar.name)
-    print(json.dumps({"image": args.image, "replicas": args.replicas, "run": run_name}))
-    for target in manifests:
-        print(f"  {out / target}")
-    print(f"  {storage}/  (upload to {values['storage_uri']})")
-    print(f"apply: kubectl apply -f {out}/k8s/   or, with KServe: kubectl apply -f {out}/kserve/")
-    return 0
 
 
 if __name__ == "__main__":

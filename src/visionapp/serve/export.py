@@ -10,7 +10,7 @@ deleted and the export refused with the difference printed. model.json's "compil
 device, torch version, CPU instruction set, batch range, options and times. The eager state_dict stays: it is
 what Captum explains and what serves wherever the package does not fit (another device, torch or CPU).
 
-Options (AOTInductor's own levers; each measured by python -m visionapp.bench.export): freezing (on: weights
+Options (AOTInductor's own levers; each measured by python -m visionapp.bench.compiled): freezing (on: weights
 become constants, so BatchNorm folds into the convolutions and oneDNN prepacks the weights), channels-last (on:
 NHWC activations, the layout oneDNN's convolutions run in; the input is converted once, by the caller),
 --max-autotune (off: kernel choices benchmarked while compiling; its gain varied from 1.16x to 1.9x between
@@ -29,19 +29,17 @@ from typing import Any
 
 import torch
 
-from visionapp.bundle import META_FILE, TEST_FILES, Bundle, compiled_file, cpu_isa, load_bundle, write_meta
+from visionapp.bundle import META_FILE, Bundle, compiled_file, cpu_isa, load_bundle, run_test_images, write_meta
 from visionapp.transforms import load_image
 
 TOLERANCE = 1e-4
 
 
 def check_batch(bundle: Bundle, bundle_dir: Path, n: int) -> torch.Tensor:
-    """Up to n of the run's test images, preprocessed as served (random inputs where the run lists none)."""
-    listed = bundle_dir.parent / TEST_FILES
-    files = [Path(f) for f in listed.read_text().split("\n") if f.strip()][:n] if listed.is_file() else []
-    files = [f for f in files if f.is_file()]
+    """Up to n of the run's test images, preprocessed as served (random inputs where the run has none)."""
+    files = run_test_images(bundle_dir.parent)[:n]
     if not files:
-        print(f"  no test images listed in {listed}: checking on random inputs", flush=True)
+        print(f"  no test images for the run {bundle_dir.parent}: checking on random inputs", flush=True)
         size = bundle.meta["image_size"]
         return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
     return torch.stack([bundle.transform(load_image(f)) for f in files])
@@ -57,36 +55,21 @@ def export_bundle(
     channels_last: bool = True,
     tolerance: float = TOLERANCE,
 ) -> dict[str, Any]:
-    """Write bundle/model.<device>.pt2 and record it in model.json; the record, or ValueError if refused."""
+    """Write bundle/model.<device>.pt2 and record it in model.json; the record, or ValueError if refused.
+
+    Compiled under a temporary name and renamed over the package only once checked: a refused or interrupted
+    export leaves the previous package and its record in model.json as they were."""
     bundle_dir = Path(bundle_dir)
     bundle = load_bundle(bundle_dir, map_location=device)
-    model = bundle.model.to(device)
-    size = bundle.meta["image_size"]
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    if channels_last:
-        model = model.to(memory_format=memory_format)
-    # An example batch of 2: a batch of 1 would be specialised to the constant 1 (0/1 specialisation).
-    example = torch.randn(2, 3, size, size, device=device).contiguous(memory_format=memory_format)
-    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    model = bundle.model.to(device).to(memory_format=memory_format)
     options = {"freezing": freezing, "max_autotune": max_autotune}
     package = bundle_dir / compiled_file(device)
-    # Compiled under a temporary name and renamed over the package only once checked: a refused or interrupted
-    # export leaves the previous package and its record in model.json as they were.
-    candidate = bundle_dir / f".{package.name}.tmp-{os.getpid()}"
-    print(f"exporting {bundle.meta['arch']} at {size} px, batch 1..{max_batch}, on {device}, {options}", flush=True)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
-    t1 = time.perf_counter()
-    print(f"  exported in {t1 - t0:.1f} s; compiling with AOTInductor (a minute or two on a CPU)", flush=True)
+    candidate = bundle_dir / f".{package.stem}.tmp-{os.getpid()}.pt2"  # AOTInductor wants the .pt2 suffix
     try:
-        torch._inductor.aoti_compile_and_package(program, package_path=str(candidate), inductor_configs=dict(options))
-        t2 = time.perf_counter()
-        print(f"  compiled in {t2 - t1:.1f} s ({candidate.stat().st_size / 1e6:.1f} MB)", flush=True)
-        compiled = torch._inductor.aoti_load_package(str(candidate))
+        seconds = compile_package(model, bundle.meta, candidate, device, max_batch, memory_format, options)
         x = check_batch(bundle, bundle_dir, max_batch).to(device).contiguous(memory_format=memory_format)
-        with torch.inference_mode():
-            diff = max((compiled(xs) - model(xs)).abs().max().item() for xs in (x, x[:1]))
+        diff = max_difference(candidate, model, x)
         if not diff <= tolerance:
             kept = f"{package.name} as it was" if package.is_file() else "the eager model"
             raise ValueError(
@@ -98,17 +81,50 @@ def export_bundle(
         candidate.unlink(missing_ok=True)
     record = {
         "file": package.name, "device": device, "torch": torch.__version__,
-        "cpu_isa": cpu_isa() if device == "cpu" else None, "batch": [1, max_batch], "image_size": size,
-        "channels_last": channels_last, "options": options, "max_abs_diff": diff, "checked_images": len(x),
-        "seconds": {"export": round(t1 - t0, 1), "compile": round(t2 - t1, 1)},
+        "cpu_isa": cpu_isa() if device == "cpu" else None, "batch": [1, max_batch],
+        "image_size": bundle.meta["image_size"], "channels_last": channels_last, "options": options,
+        "max_abs_diff": diff, "checked_images": len(x), "seconds": seconds,
     }  # fmt: skip
-    meta_path = bundle_dir / META_FILE
-    meta = json.loads(meta_path.read_text())
+    meta = json.loads((bundle_dir / META_FILE).read_text())
     meta.setdefault("compiled", {})[device] = record
     write_meta(bundle_dir, meta)
     print(f"  checked on {len(x)} test images: max |compiled - eager| = {diff:.2g} (≤ {tolerance:g}); "
-          f"recorded in {meta_path}", flush=True)  # fmt: skip
+          f"recorded in {bundle_dir / META_FILE}", flush=True)  # fmt: skip
     return record
+
+
+def compile_package(
+    model: torch.nn.Module,
+    meta: dict[str, Any],
+    path: Path,
+    device: str,
+    max_batch: int,
+    memory_format: torch.memory_format,
+    options: dict[str, bool],
+) -> dict[str, float]:
+    """torch.export with a dynamic batch of 1..max_batch, then AOTInductor into the package at `path`; the seconds
+    each took."""
+    size = meta["image_size"]
+    # An example batch of 2: a batch of 1 would be specialised to the constant 1 (0/1 specialisation).
+    example = torch.randn(2, 3, size, size, device=device).contiguous(memory_format=memory_format)
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    print(f"exporting {meta['arch']} at {size} px, batch 1..{max_batch}, on {device}, {options}", flush=True)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    t1 = time.perf_counter()
+    print(f"  exported in {t1 - t0:.1f} s; compiling with AOTInductor (a minute or two on a CPU)", flush=True)
+    torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=dict(options))
+    t2 = time.perf_counter()
+    print(f"  compiled in {t2 - t1:.1f} s ({path.stat().st_size / 1e6:.1f} MB)", flush=True)
+    return {"export": round(t1 - t0, 1), "compile": round(t2 - t1, 1)}
+
+
+def max_difference(package: Path, model: torch.nn.Module, x: torch.Tensor) -> float:
+    """The largest |logit| difference between the compiled package and the eager model, on x and on x[:1]."""
+    compiled = torch._inductor.aoti_load_package(str(package))
+    with torch.inference_mode():
+        return max((compiled(xs) - model(xs)).abs().max().item() for xs in (x, x[:1]))
 
 
 def main(argv: list[str] | None = None) -> int:

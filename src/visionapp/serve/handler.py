@@ -32,9 +32,9 @@ from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
+from visionapp.attribution.maps import explain, overlay_png
+from visionapp.attribution.methods import METHODS
 from visionapp.bundle import load_bundle
-from visionapp.explain.attribution import explain, overlay_png
-from visionapp.explain.methods import METHODS
 from visionapp.serve.inputs import (
     MAX_PIXELS,
     BadInput,

@@ -14,6 +14,7 @@ import io
 import math
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -211,26 +212,7 @@ def parse_request(
     try:
         raws: list[bytes] = []
         for key, value in row.items():
-            if key in OPTION_KEYS:
-                req.options[key] = _text(value)
-            elif isinstance(value, dict):  # application/json body, decoded by TorchServe
-                req.options.update({k: _text(v) for k, v in value.items() if k in OPTION_KEYS})
-                if "images" in value and isinstance(value["images"], list):
-                    check_count(len(raws) + len(value["images"]))  # before any base64 is decoded
-                    raws += [_b64(v) for v in value["images"]]
-                    req.many = True
-                elif "data" in value:
-                    raws.append(_b64(value["data"]))
-                else:
-                    raise BadInput('JSON body needs "data": "<base64 image>" or "images": ["<base64>", ...]')
-            elif isinstance(value, list):
-                raise BadInput('JSON body must be an object: {"data": "<base64 image>"}')
-            elif isinstance(value, str):  # a text/* body or form field that is not an option
-                raise BadInput(f"field {shown(key)} is text, not an image; send the image bytes (curl -T photo.jpg)")
-            elif isinstance(value, bytes | bytearray):
-                raws.append(bytes(value))
-            else:  # a JSON body that is null, a number or a boolean
-                raise BadInput(f'JSON body must be an object: {{"data": "<base64 image>"}}, got {type(value).__name__}')
+            raws += _row_value(key, value, req, check_count, seen=len(raws))
         if not raws:
             raise BadInput("empty body: send an image, e.g. curl -T photo.jpg <url>", kind="empty_body")
         check_count(len(raws))
@@ -243,3 +225,29 @@ def parse_request(
     except BadInput as e:
         req.error = e
     return req
+
+
+def _row_value(key: str, value: Any, req: Request, check_count: Callable[[int], None], seen: int) -> list[bytes]:
+    """The image bytes one field of a request row holds (options go into `req.options`): a raw body or file
+    field, or a JSON body with "data" or "images" (counted, with the `seen` before it, before any base64 is
+    decoded)."""
+    if key in OPTION_KEYS:
+        req.options[key] = _text(value)
+        return []
+    if isinstance(value, dict):  # application/json body, decoded by TorchServe
+        req.options.update({k: _text(v) for k, v in value.items() if k in OPTION_KEYS})
+        if "images" in value and isinstance(value["images"], list):
+            check_count(seen + len(value["images"]))
+            req.many = True
+            return [_b64(v) for v in value["images"]]
+        if "data" in value:
+            return [_b64(value["data"])]
+        raise BadInput('JSON body needs "data": "<base64 image>" or "images": ["<base64>", ...]')
+    if isinstance(value, list):
+        raise BadInput('JSON body must be an object: {"data": "<base64 image>"}')
+    if isinstance(value, str):  # a text/* body or form field that is not an option
+        raise BadInput(f"field {shown(key)} is text, not an image; send the image bytes (curl -T photo.jpg)")
+    if isinstance(value, bytes | bytearray):
+        return [bytes(value)]
+    # a JSON body that is null, a number or a boolean
+    raise BadInput(f'JSON body must be an object: {{"data": "<base64 image>"}}, got {type(value).__name__}')

@@ -1,6 +1,6 @@
 """Markdown tables from make bench's results.json: docs/bench-results.md is written from them, never by hand.
 
-python -m visionapp.bench.report bench/results.json --out docs/bench-results.md
+python -m visionapp.bench.markdown bench/results.json --out docs/bench-results.md
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from pathlib import Path
 P99_TARGET_MS = 250
 UTILISATION = 0.7
 RATES = (100, 1_000, 10_000)  # images/s
+# Goal keys renamed since, as results.json files written before call them: read under their new names.
+RENAMED = {"train.device_loader_vs_worker_loader_224px": "train.cache_loader_vs_file_loader_224px"}
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -74,7 +76,18 @@ def capacity_table(result: dict, p99_ms: float = P99_TARGET_MS) -> list[str]:
     return _table(header, rows)
 
 
+def upgrade(result: dict) -> dict:
+    """A results.json written before a goal key was renamed, with the key's new name (its figure unchanged)."""
+    for old, new in RENAMED.items():
+        if old in result and new not in result:
+            result[new] = result.pop(old)
+            if old in result.get("goals", {}):
+                result["goals"][new] = result["goals"].pop(old)
+    return result
+
+
 def markdown(result: dict, source: str = "bench/results.json") -> str:
+    result = upgrade(result)
     machine, versions = result["machine"], result["versions"]
     gpu = f", {machine['gpu']}" if "gpu" in machine else ""
     lines = [
@@ -84,65 +97,85 @@ def markdown(result: dict, source: str = "bench/results.json") -> str:
         f"{machine['cores']} cores{gpu}; " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
         "Figures are medians over the rounds, [min .. max] beside them. How each is measured, and why the "
         "goals are what they are: [performance.md](performance.md).",
-        "",
-        "## Goals",
-        "",
     ]
-    goals = result["goals"]
-    lines += _table(
-        ["key", "value", "goal", "", "why"],
-        [[f"`{k}`", f"**{result[k]:.3f}**", f"{'≥' if g['kind'] == 'min' else '≤'} {g['goal']}",
-          "met" if g["met"] else "**missed**", g.get("why", "")] for k, g in goals.items()],
-    )  # fmt: skip
-    for part in ("train", "train_224px"):
-        if part not in result:
-            continue
-        train = result[part]
+    for section in (goals_section, train_sections, serve_sections, compiled_section, capacity_section,
+                    explain_section):  # fmt: skip
+        lines += section(result)
+    return "\n".join(lines) + "\n"
+
+
+def goals_section(result: dict) -> list[str]:
+    rows = [[f"`{k}`", f"**{result[k]:.3f}**", f"{'≥' if g['kind'] == 'min' else '≤'} {g['goal']}",
+             "met" if g["met"] else "**missed**", g.get("why", "")] for k, g in result["goals"].items()]  # fmt: skip
+    return ["", "## Goals", "", *_table(["key", "value", "goal", "", "why"], rows)]
+
+
+def train_sections(result: dict) -> list[str]:
+    lines: list[str] = []
+    for train in (result[p] for p in ("train", "train_224px") if p in result):
+        rows = [[k, f"{train['images_per_second'][k]:.1f}", f"[{min(v):.1f} .. {max(v):.1f}]"]
+                for k, v in train["raw"].items()]  # fmt: skip
         lines += ["", f"## Training at {train['settings']['image_size']} px (images/s)", ""]
-        lines += _table(
-            ["contender", "images/s", "[min .. max]"],
-            [
-                [k, f"{train['images_per_second'][k]:.1f}", f"[{min(v):.1f} .. {max(v):.1f}]"]
-                for k, v in train["raw"].items()
-            ],
-        )
-        lines += ["", f"Default input path here: {train['settings']['loader']}; `_files`: decoding every image file "
-                  "every epoch, `_device`: whole batches cropped on the device (here the CPU)."]  # fmt: skip
+        lines += _table(["contender", "images/s", "[min .. max]"], rows)
+        lines += ["", f"Default input path on this machine: {train['settings']['loader']}; `_files`: decoding every "
+                  "image file every epoch, `_device`: whole batches cropped on the training device."]  # fmt: skip
+    return lines
+
+
+def serve_sections(result: dict) -> list[str]:
+    lines: list[str] = []
     for part, title in (("serve", "model's own size"), ("serve_224px", "224 px")):
         if part in result:
             lines += ["", f"## Serving at the {title}", "", *serve_table(result[part])]
             lines += ["", f"One `/explanations` answer (bytes): {result[part].get('explanation_response_bytes')}"]
+    return lines
+
+
+def compiled_section(result: dict) -> list[str]:
     parts = [(p, t) for p, t in (("serve", "own size"), ("serve_224px", "224 px")) if "forward_ms" in result.get(p, {})]
-    if parts:
-        lines += ["", "## The compiled model (make export) against eager, the forward pass alone in process", ""]
-        rows = []
-        for part, title in parts:
-            f, e = result[part]["forward_ms"], result[part]["export"]
-            rows += [[f"{title}, batch {b[1:]}", f"{f['eager'][b]:.1f}", f"{f['compiled'][b]:.1f}",
-                      f"{result[part]['forward_speedup'][b]:.2f}×",
-                      f"{e['seconds']['export']:.1f} + {e['seconds']['compile']:.1f}", f"{e['max_abs_diff']:.1g}"]
-                     for b in f["eager"]]  # fmt: skip
-        lines += _table(["input", "eager ms", "compiled ms", "speed-up", "export + compile s", "max |Δ logit|"], rows)
-        e = result[parts[0][0]]["export"]
-        lines += ["", f"Compiled for: {e['cpu_isa']}; options {e['options']}, channels-last {e['channels_last']}."]
-    gpu_note = (f"on {result['machine']['gpu']}" if "gpu" in result["machine"]
-                else "no GPU was measured in this run, so there are no GPU rows")  # fmt: skip
-    lines += ["", "## Capacity plan", "",
-              f"Replicas of {result['machine']['cores']} cores each (this machine: {result['machine']['cpu']}), "
-              f"each planned at ≤ {UTILISATION:.0%} of the throughput it sustained with p99 ≤ {P99_TARGET_MS} ms "
-              f"in the table above (the highest concurrency measured within that p99), one worker per replica "
-              f"(serve/model-config.yaml); {gpu_note}. Assumes the load spreads evenly over the replicas (a "
-              "Service does) and images like the one benchmarked; explanations cost seconds each and are not "
-              "in these figures.", "", *capacity_table(result)]  # fmt: skip
-    lines += ["", "## Explain: each method against the model passes it makes (one image)", ""]
+    if not parts:
+        return []
+    rows = []
+    for part, title in parts:
+        f, e = result[part]["forward_ms"], result[part]["export"]
+        rows += [[f"{title}, batch {b[1:]}", f"{f['eager'][b]:.1f}", f"{f['compiled'][b]:.1f}",
+                  f"{result[part]['forward_speedup'][b]:.2f}×",
+                  f"{e['seconds']['export']:.1f} + {e['seconds']['compile']:.1f}", f"{e['max_abs_diff']:.1g}"]
+                 for b in f["eager"]]  # fmt: skip
+    e = result[parts[0][0]]["export"]
+    return [
+        "",
+        "## The compiled model (make export) against eager, the forward pass alone in process",
+        "",
+        *_table(["input", "eager ms", "compiled ms", "speed-up", "export + compile s", "max |Δ logit|"], rows),
+        "",
+        f"Compiled for: {e['cpu_isa']}; options {e['options']}, channels-last {e['channels_last']}.",
+    ]
+
+
+def capacity_section(result: dict) -> list[str]:
+    machine = result["machine"]
+    gpu_note = (
+        f"on {machine['gpu']}" if "gpu" in machine else "no GPU was measured in this run, so there are no GPU rows"
+    )
+    return ["", "## Capacity plan", "",
+            f"Replicas of {machine['cores']} cores each (the measuring machine: {machine['cpu']}), "
+            f"each planned at ≤ {UTILISATION:.0%} of the throughput it sustained with p99 ≤ {P99_TARGET_MS} ms "
+            f"in the table above (the highest concurrency measured within that p99), one worker per replica "
+            f"(serve/model-config.yaml); {gpu_note}. Assumes the load spreads evenly over the replicas (a "
+            "Service does) and images like the one benchmarked; explanations cost seconds each and are not "
+            "in these figures.", "", *capacity_table(result)]  # fmt: skip
+
+
+def explain_section(result: dict) -> list[str]:
     rows = []
     for m, e in result["explain"]["methods"].items():
         low, high = e["ratio_spread"]
         passes = f"{e['passes']} {'forward+backward' if e['backward'] else 'forward'}"
         ms = f"{e['seconds'] * 1e3:.1f}", f"{e['passes_seconds'] * 1e3:.1f}"
         rows.append([m, ms[0], passes, ms[1], f"{e['ratio']:.2f} [{low:.2f} .. {high:.2f}]"])
-    lines += _table(["method", "ms per image", "equivalent passes", "ms for those passes", "ratio"], rows)
-    return "\n".join(lines) + "\n"
+    return ["", "## Explain: each method against the model passes it makes (one image)", "",
+            *_table(["method", "ms per image", "equivalent passes", "ms for those passes", "ratio"], rows)]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

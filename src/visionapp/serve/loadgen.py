@@ -1,6 +1,6 @@
 """Load generator for the TorchServe deployment, on loopback, bounded in count and time.
 
-    python -m visionapp.serve.load photo.jpg --port 8080 --requests 200 --concurrency 16 [--max-seconds 60]
+    python -m visionapp.serve.loadgen photo.jpg --port 8080 --requests 200 --concurrency 16 [--max-seconds 60]
 
 Sends --requests POSTs of the image from --concurrency threads, stops early at --max-seconds, and prints
 a JSON summary: answered, ok, statuses, connection errors, latency p50/p90/p99 (ms) and requests/s.
@@ -30,32 +30,41 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
+class KeepAliveClient:
+    """POSTs one body over one keep-alive connection per thread, as real clients and load tools do; a connection the
+    server closed while idle is reopened once."""
+
+    def __init__(self, url: str, key: str, body: bytes, timeout: float) -> None:
+        self.url, self.body, self.timeout = urllib.parse.urlsplit(url), body, timeout
+        self.headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/octet-stream"}
+        self.local = threading.local()
+
+    def post(self, retry: bool = True) -> int:
+        if getattr(self.local, "conn", None) is None:
+            host, port = self.url.hostname or "127.0.0.1", self.url.port
+            self.local.conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
+        try:
+            self.local.conn.request("POST", self.url.path, body=self.body, headers=self.headers)
+            response = self.local.conn.getresponse()
+            response.read()
+            return response.status
+        except (OSError, http.client.HTTPException):
+            self.local.conn.close()
+            self.local.conn = None
+            if retry:
+                return self.post(retry=False)
+            raise
+
+
 def run_load(
     url: str, key: str, body: bytes, *, requests: int, concurrency: int, max_seconds: float, timeout: float = 60
 ) -> dict:
+    """`requests` POSTs of `body` from `concurrency` threads, stopped after max_seconds: statuses and latencies."""
     statuses: Counter[str] = Counter()
     latencies: list[float] = []
     lock = threading.Lock()
     deadline = time.monotonic() + max_seconds
-
-    parsed = urllib.parse.urlsplit(url)
-    local = threading.local()  # one keep-alive connection per thread, as real clients and load tools do
-    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/octet-stream"}
-
-    def post(retry: bool = True) -> int:
-        if getattr(local, "conn", None) is None:
-            local.conn = http.client.HTTPConnection(parsed.hostname or "127.0.0.1", parsed.port, timeout=timeout)
-        try:
-            local.conn.request("POST", parsed.path, body=body, headers=headers)
-            response = local.conn.getresponse()
-            response.read()
-            return response.status
-        except (OSError, http.client.HTTPException):
-            local.conn.close()
-            local.conn = None
-            if retry:  # the server may have closed an idle keep-alive connection: once more on a fresh one
-                return post(retry=False)
-            raise
+    client = KeepAliveClient(url, key, body, timeout)
 
     def one(_: int) -> None:
         if time.monotonic() > deadline:
@@ -64,7 +73,7 @@ def run_load(
             return
         t = time.perf_counter()
         try:
-            label = str(post())
+            label = str(client.post())
         except (OSError, http.client.HTTPException) as e:
             label = f"connection error: {type(e).__name__}"
         with lock:

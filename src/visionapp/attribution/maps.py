@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from visionapp.attribution.methods import Options, check_method
 from visionapp.bundle import Bundle
-from visionapp.explain.methods import Options, check_method
 
 
 def target_index(class_names: Sequence[str], name: str) -> int:

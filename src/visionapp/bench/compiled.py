@@ -1,6 +1,6 @@
 """The compiled model's levers side by side: the forward pass alone, eager vs AOTInductor with each option.
 
-    python -m visionapp.bench.export --bundle runs/latest/bundle [--image-size 224] [--rounds 3]
+    python -m visionapp.bench.compiled --bundle runs/latest/bundle [--image-size 224] [--rounds 3]
 
 Contenders (each compiled by make export's code into a temporary copy of the bundle, checked against eager):
   eager, eager_channels_last          the state_dict as loaded; the same in NHWC
