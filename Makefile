@@ -150,6 +150,15 @@ predict: $(STAMP) ## send IMG=photo.jpg to the running server (finds and renews 
 
 .PHONY: archive export java-check serve serve-bg stop predict FORCE
 
+# ---- predict a folder: Lightning's Trainer.predict over the run's bundle ---------------------------------------
+IMAGES ?=
+OUT    ?= predictions.csv
+predict-folder: $(STAMP) ## score every image under IMAGES=dir with RUN's bundle → OUT=predictions.csv (ARGS="--topk 3 --strict")
+	@test -n "$(IMAGES)" || { echo "usage: make predict-folder IMAGES=path/to/photos [RUN=runs/<run> OUT=predictions.csv ARGS=...]"; exit 2; }
+	$(PY) -m visionapp.predict --bundle $(RUN)/bundle --images $(IMAGES) --out $(OUT) $(ARGS)
+
+.PHONY: predict-folder
+
 # ---- scale: TorchX ---------------------------------------------------------------------------------------------
 NPROC  ?= 2
 NNODES ?= 1
@@ -168,7 +177,18 @@ launch-k8s: $(STAMP) ## the same job on Kubernetes/Volcano (IMAGE=registry/app:t
 	$(TORCHX) run -s kubernetes --workspace "" $(if $(DRYRUN),--dryrun) src/visionapp/launch.py:train --image $(IMAGE) \
 	  --nnodes $(NNODES) --nproc $(NPROC) --cpu $(CPUS) --gpu $(GPUS) --memMB $(MEM_MB) $(if $(ARGS),-- $(ARGS))
 
-.PHONY: launch launch-k8s
+launch-predict: $(STAMP) ## make predict-folder as an NPROC-process DDP job through TorchX (IMAGES=dir [RUN OUT ARGS])
+	@test -n "$(IMAGES)" || { echo "usage: make launch-predict IMAGES=path/to/photos NPROC=2 [RUN=runs/<run> OUT=predictions.csv]"; exit 2; }
+	$(TORCHX) run -s local_cwd src/visionapp/launch.py:predict --nproc $(NPROC) --cpu $(CPUS) --bundle $(RUN)/bundle \
+	  --images $(abspath $(IMAGES)) --out $(abspath $(OUT)) $(if $(ARGS),-- $(ARGS))
+
+launch-predict-k8s: $(STAMP) ## the same on Kubernetes (IMAGE=registry/app:tag NNODES=2 IMAGES=/data/photos OUT=/data/out.csv [DRYRUN=1])
+	@test -n "$(IMAGE)" -a -n "$(IMAGES)" || { echo "usage: make launch-predict-k8s IMAGE=registry/app:tag IMAGES=/shared/photos OUT=/shared/predictions.csv NNODES=2 [DRYRUN=1]"; exit 2; }
+	$(TORCHX) run -s kubernetes --workspace "" $(if $(DRYRUN),--dryrun) src/visionapp/launch.py:predict --image $(IMAGE) \
+	  --nnodes $(NNODES) --nproc $(NPROC) --cpu $(CPUS) --gpu $(GPUS) --memMB $(MEM_MB) --bundle $(RUN)/bundle --images $(IMAGES) \
+	  --out $(OUT) $(if $(ARGS),-- $(ARGS))
+
+.PHONY: launch launch-k8s launch-predict launch-predict-k8s
 
 # ---- deploy: the serving image, Kubernetes and KServe manifests ---------------------------------------------
 # A container engine: podman or docker, whichever is found (ENGINE=docker to choose). ENGINE_FLAGS go before the

@@ -50,6 +50,7 @@ def test_make_bench_writes_every_key(trained_run: Path, tmp_path: Path) -> None:
             "--report", str(tmp_path / "report.md")]  # fmt: skip
     args += [a.replace("--", "--train-", 1) for a in TINY_TRAIN]
     args += ["--train-reference-size", "64", "--train-reference-steps", "3"]  # the 224 px part, tiny
+    args += ["--predict-images", "12", "--predict-batch-size", "4"]
     assert bench_run.main(args) == 0
     result = json.loads(out.read_text())
     for key in bench_run.GOALS:
@@ -82,6 +83,23 @@ def test_make_bench_writes_every_key(trained_run: Path, tmp_path: Path) -> None:
         assert f"| `{key}` | **{result[key]:.3f}** |" in report
     assert "## Serving at the 224 px" in report and "throughput at concurrency 8" in report
     assert "## Capacity plan" in report and "| compiled, 224 px |" in report
+    predict = result["predict_224px"]
+    assert set(predict["images_per_second"]) == {"predict", "forward", "served"} and "## Predict" in report
+    assert predict["settings"]["images"] == 12 and predict["settings"]["image_size"] == 224
+
+
+def test_results_written_before_a_key_was_renamed_are_read_under_the_new_name() -> None:
+    from visionapp.bench.markdown import upgrade
+
+    old = {
+        "train.device_loader_vs_worker_loader_224px": 2.36,
+        "goals": {"train.device_loader_vs_worker_loader_224px": {}},
+    }
+    new = upgrade(old)
+    assert (
+        new["train.cache_loader_vs_file_loader_224px"] == 2.36
+        and "train.cache_loader_vs_file_loader_224px" in new["goals"]
+    )
 
 
 @pytest.mark.slow

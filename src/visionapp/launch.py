@@ -64,3 +64,46 @@ def train(
         max_retries=max_retries,
         env={"OMP_NUM_THREADS": str(max(1, cpu // nproc)), "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
+
+
+def predict(
+    *options: str,
+    bundle: str = "runs/latest/bundle",
+    images: str = "",
+    out: str = "predictions.csv",
+    nnodes: int = 1,
+    nproc: int = 2,
+    image: str = "visionapp:latest",
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 8192,
+    max_retries: int = 0,
+) -> specs.AppDef:
+    """Score a folder with DDP: `python -m visionapp.predict` on nnodes x nproc processes, each image once.
+
+    Args:
+        options: more arguments of python -m visionapp.predict, e.g. --topk 3 --batch-size 128
+        bundle: the trained run's bundle that scores the images (torchrun takes --run for its own --run-path)
+        images: the folder of images (on a volume every node mounts)
+        out: the CSV written (on the same shared volume: each rank writes a shard beside it, rank 0 merges them)
+        nnodes: number of nodes (replicas)
+        nproc: processes per node (one per GPU on GPU nodes)
+        image: container image (ignored by the local_cwd scheduler, which runs in this directory)
+        cpu: CPUs per node
+        gpu: GPUs per node
+        memMB: memory per node in MB
+        max_retries: restarts of the job on failure (a restart resumes: what is written is skipped)
+    """
+    return dist.ddp(
+        "--bundle", bundle, "--images", images, "--out", out, "--devices", str(nproc), "--num-nodes", str(nnodes),
+        *options,
+        m="visionapp.predict",
+        image=image,
+        name="visionapp-predict",
+        j=f"{nnodes}x{nproc}",
+        cpu=cpu,
+        gpu=gpu,
+        memMB=memMB,
+        max_retries=max_retries,
+        env={"OMP_NUM_THREADS": str(max(1, cpu // nproc)), "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip

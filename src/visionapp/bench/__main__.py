@@ -27,6 +27,7 @@ import torch
 
 from visionapp.attribution.methods import METHODS
 from visionapp.bench import markdown
+from visionapp.bench import predict as predict_bench
 from visionapp.bench import serve as serve_bench
 from visionapp.bench import train as train_bench
 from visionapp.bundle import load_bundle, run_test_images, versions
@@ -59,6 +60,10 @@ GOALS = {
     "export.seconds": Goal(120, "max", "torch.export + AOTInductor compile of the default model"),
     "explain.ig50_vs_passes": Goal(1.3, "max", "Captum's overhead over the model passes it makes"),
     "explain.response_bytes_vs_stock": Goal(0.02, "max", "a heatmap PNG, not raw attributions as JSON"),
+    "predict.vs_forward_ceiling_224px": Goal(
+        0.8, "min", "scoring a folder of photos should run near the forward pass alone: decoding overlaps the model"
+    ),
+    "predict.vs_served_c8_224px": Goal(1.2, "min", "a folder through Trainer.predict beats sending it to the server"),
 }
 REFERENCE_SIZE = 224  # ImageNet's size, at which the stock handler always runs: the serving goals hold there too
 PACKAGES = ("lightning", "torchmetrics", "captum", "torchserve", "torch-model-archiver")  # beside python, torch(vision)
@@ -108,6 +113,8 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--train-reference-steps", type=int, default=8, help="loop steps there (CPU training at 224 px "
                     "is slow; the loader alone runs 5x as many)")  # fmt: skip
+    ap.add_argument("--predict-images", type=int, default=512, help="predict: the generated folder's JPEGs")
+    ap.add_argument("--predict-batch-size", type=int, default=64)
     ap.add_argument("--out", default="bench/results.json")
     ap.add_argument("--report", default=None, help="also write the markdown tables here (make bench: docs/)")
     return ap
@@ -122,11 +129,17 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"machine": train_bench.machine(), "versions": versions(PACKAGES)}
     result.update(train_parts(args))
     result.update(serve_parts(args, run_dir, image))
-    print(f"[4/4] explain: each method vs its model passes, {args.rounds} rounds", flush=True)
+    print(f"[4/5] explain: each method vs its model passes, {args.rounds} rounds", flush=True)
     result["explain"] = explain_bench(run_dir / "bundle", image, args.rounds)
     for m, e in result["explain"]["methods"].items():
         print(f"  {m:22s} {e['seconds'] * 1e3:8.1f} ms vs {e['passes']:3d} {'fwd+bwd' if e['backward'] else 'fwd'} "
               f"passes {e['passes_seconds'] * 1e3:8.1f} ms   ratio {e['ratio']:.2f}")  # fmt: skip
+    print(f"[5/5] predict: a folder of {args.predict_images} 640x480 JPEGs at 224 px: Trainer.predict / the forward "
+          f"alone / our TorchServe at concurrency 8, {args.rounds} rounds", flush=True)  # fmt: skip
+    predict_argv = ["--bundle", str(run_dir / "bundle"), "--images", str(args.predict_images), "--rounds",
+                    str(args.rounds), "--batch-size", str(args.predict_batch_size)]  # fmt: skip
+    result["predict_224px"] = predict_bench.run(predict_bench.parser().parse_args(predict_argv))
+    predict_bench.print_table(result["predict_224px"])
     result.update(goal_keys(result))
     write_results(result, Path(args.out), args.report)
     return 0
@@ -134,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def train_parts(args: argparse.Namespace) -> dict:
     """The training bench at the default size, then the input paths (loader alone and plain loop) at 224 px."""
-    print(f"[1/4] train: ceiling / plain loop / Lightning / input paths, {args.rounds} rounds", flush=True)
+    print(f"[1/5] train: ceiling / plain loop / Lightning / input paths, {args.rounds} rounds", flush=True)
     train_argv = ["--root", args.train_root, "--image-size", str(args.train_image_size), "--num-train",
                   str(args.train_num_train), "--steps", str(args.train_steps), "--warmup", str(args.train_warmup),
                   "--rounds", str(args.rounds)]  # fmt: skip
@@ -159,7 +172,7 @@ def serve_parts(args: argparse.Namespace, run_dir: Path, image: Path) -> dict:
     own_size = json.loads((run_dir / "bundle" / "model.json").read_text())["image_size"]
 
     def serve_part(step: int, size: int) -> dict:
-        print(f"[{step}/4] serve at {size} px: in process / our TorchServe / stock TorchServe, {args.rounds} rounds",
+        print(f"[{step}/5] serve at {size} px: in process / our TorchServe / stock TorchServe, {args.rounds} rounds",
               flush=True)  # fmt: skip
         resize = [] if size == own_size else ["--image-size", str(size)]  # else the .mar as given
         part = serve_bench.run(serve_bench.parser().parse_args([*serve_argv, *resize]))
@@ -181,6 +194,7 @@ def goal_keys(result: dict) -> dict:
     keys["serve.throughput_vs_stock_c8_same_size"] = result["serve_224px"]["serve.compiled_throughput_vs_stock_c8"]
     keys["serve.p50_vs_stock_c1_same_size"] = result["serve_224px"]["serve.compiled_p50_vs_stock_c1"]
     keys["export.seconds"] = sum(result["serve"]["export"]["seconds"].values())  # the model at its own size
+    keys.update({k: v for k, v in result["predict_224px"].items() if k in GOALS})
     found = {**result, **keys}
     keys["goals"] = {k: {"goal": g.value, "kind": g.kind, "why": g.why,
                          "met": verdict(k, found[k]).startswith("met")} for k, g in GOALS.items()}  # fmt: skip

@@ -99,7 +99,7 @@ def markdown(result: dict, source: str = "bench/results.json") -> str:
         "goals are what they are: [performance.md](performance.md).",
     ]
     for section in (goals_section, train_sections, serve_sections, compiled_section, capacity_section,
-                    explain_section):  # fmt: skip
+                    explain_section, predict_section):  # fmt: skip
         lines += section(result)
     return "\n".join(lines) + "\n"
 
@@ -176,6 +176,22 @@ def explain_section(result: dict) -> list[str]:
         rows.append([m, ms[0], passes, ms[1], f"{e['ratio']:.2f} [{low:.2f} .. {high:.2f}]"])
     return ["", "## Explain: each method against the model passes it makes (one image)", "",
             *_table(["method", "ms per image", "equivalent passes", "ms for those passes", "ratio"], rows)]  # fmt: skip
+
+
+def predict_section(result: dict) -> list[str]:
+    if "predict_224px" not in result:
+        return []
+    part = result["predict_224px"]
+    settings = part["settings"]
+    rows = [[k, f"{v:.1f}", f"[{min(part['raw'][k]):.1f} .. {max(part['raw'][k]):.1f}]"]
+            for k, v in part["images_per_second"].items()]  # fmt: skip
+    photo = "x".join(map(str, settings["photo"]))
+    return ["", f"## Predict: a folder of {settings['images']} JPEGs ({photo}) at {settings['image_size']} px, "
+            f"batch {settings['batch_size']}, {settings['workers']} loader workers", "",
+            *_table(["contender", "images/s", "[min .. max]"], rows), "",
+            "`predict`: make predict-folder's Trainer.predict (decoding in the loader workers); `forward`: the "
+            "forward pass alone on the same images decoded beforehand; `served`: our TorchServe, one image a "
+            "request at concurrency 8."]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

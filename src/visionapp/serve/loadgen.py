@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.parse
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,20 +32,20 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class KeepAliveClient:
-    """POSTs one body over one keep-alive connection per thread, as real clients and load tools do; a connection the
+    """POSTs bodies over one keep-alive connection per thread, as real clients and load tools do; a connection the
     server closed while idle is reopened once."""
 
-    def __init__(self, url: str, key: str, body: bytes, timeout: float) -> None:
-        self.url, self.body, self.timeout = urllib.parse.urlsplit(url), body, timeout
+    def __init__(self, url: str, key: str, timeout: float) -> None:
+        self.url, self.timeout = urllib.parse.urlsplit(url), timeout
         self.headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/octet-stream"}
         self.local = threading.local()
 
-    def post(self, retry: bool = True) -> int:
+    def post(self, body: bytes, retry: bool = True) -> int:
         if getattr(self.local, "conn", None) is None:
             host, port = self.url.hostname or "127.0.0.1", self.url.port
             self.local.conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
         try:
-            self.local.conn.request("POST", self.url.path, body=self.body, headers=self.headers)
+            self.local.conn.request("POST", self.url.path, body=body, headers=self.headers)
             response = self.local.conn.getresponse()
             response.read()
             return response.status
@@ -52,28 +53,37 @@ class KeepAliveClient:
             self.local.conn.close()
             self.local.conn = None
             if retry:
-                return self.post(retry=False)
+                return self.post(body, retry=False)
             raise
 
 
 def run_load(
-    url: str, key: str, body: bytes, *, requests: int, concurrency: int, max_seconds: float, timeout: float = 60
+    url: str,
+    key: str,
+    body: bytes | Sequence[bytes],
+    *,
+    requests: int,
+    concurrency: int,
+    max_seconds: float,
+    timeout: float = 60,
 ) -> dict:
-    """`requests` POSTs of `body` from `concurrency` threads, stopped after max_seconds: statuses and latencies."""
+    """`requests` POSTs from `concurrency` threads, stopped after max_seconds: statuses and latencies. `body` is
+    the one image every request sends, or a list of them taken in turn (a folder's files)."""
+    bodies = [body] if isinstance(body, bytes) else list(body)
     statuses: Counter[str] = Counter()
     latencies: list[float] = []
     lock = threading.Lock()
     deadline = time.monotonic() + max_seconds
-    client = KeepAliveClient(url, key, body, timeout)
+    client = KeepAliveClient(url, key, timeout)
 
-    def one(_: int) -> None:
+    def one(i: int) -> None:
         if time.monotonic() > deadline:
             with lock:
                 statuses["skipped (time limit)"] += 1
             return
         t = time.perf_counter()
         try:
-            label = str(client.post())
+            label = str(client.post(bodies[i % len(bodies)]))
         except (OSError, http.client.HTTPException) as e:
             label = f"connection error: {type(e).__name__}"
         with lock:

@@ -1,0 +1,126 @@
+"""make bench's predict part: a folder of photo-sized JPEGs (640 x 480, generated) scored at 224 px three ways,
+alternated over rounds, images/s each:
+
+  predict   the predict stage as make predict-folder runs it (Trainer.predict, loader workers decoding the JPEGs)
+  forward   the model's forward pass alone on the same images already decoded and preprocessed, at the same batch
+            size: the ceiling
+  served    our TorchServe (the same eager weights at 224 px), the folder sent one image a request at concurrency 8
+
+    python -m visionapp.bench.predict --bundle runs/latest/bundle [--images 512] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from visionapp import shapes
+from visionapp.bench.serve import Server, resized_archive
+from visionapp.bundle import load_bundle
+from visionapp.predict.__main__ import parser as predict_parser
+from visionapp.predict.__main__ import predict_folder
+from visionapp.serve.loadgen import run_load
+from visionapp.transforms import load_image
+
+SIZE = 224
+PHOTO = (640, 480)
+
+
+def photo_folder(root: Path, n: int) -> list[Path]:
+    """n JPEGs of the shapes at a camera's 640 x 480, as a folder of photos to score."""
+    root.mkdir(parents=True)
+    files = []
+    for i in range(n):
+        img, _, _ = shapes.render(i, "test", seed=11, size=240)
+        files.append(root / f"IMG_{i:05d}.jpg")
+        img.resize(PHOTO).save(files[-1], quality=90)
+    return files
+
+
+def forward_ceiling(bundle_dir: Path, files: list[Path], batch_size: int) -> float:
+    """images/s of the calibrated forward alone over the folder's images, decoded and preprocessed beforehand."""
+    bundle = load_bundle(bundle_dir)
+    x = torch.stack([bundle.transform(load_image(f)) for f in files])
+    with torch.inference_mode():
+        bundle.probabilities(x[:batch_size])  # warm
+        start = time.perf_counter()
+        for batch in x.split(batch_size):
+            bundle.probabilities(batch)
+        return len(x) / (time.perf_counter() - start)
+
+
+def run(args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        tmpdir = Path(tmp)
+        mar, bundle_dir = resized_archive(Path(args.bundle), SIZE, tmpdir)  # eager, as the server's
+        files = photo_folder(tmpdir / "photos", args.images)
+        bodies = [f.read_bytes() for f in files]
+        raw: dict[str, list[float]] = {"predict": [], "forward": [], "served": []}
+        with Server(mar, tmpdir / "served") as server:
+            run_load(server.url(), server.key, bodies, requests=min(len(bodies), 64), concurrency=8, max_seconds=300)
+            for i in range(args.rounds):
+                out = tmpdir / f"round{i}" / "predictions.csv"
+                predict_args = predict_parser().parse_args(
+                    ["--bundle", str(bundle_dir), "--images", str(tmpdir / "photos"), "--out", str(out),
+                     "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--compiled", "no"]
+                )  # fmt: skip
+                summary = predict_folder(predict_args)
+                raw["predict"].append(summary["scored"] / summary["seconds"])
+                raw["forward"].append(forward_ceiling(bundle_dir, files, args.batch_size))
+                r = run_load(server.url(), server.key, bodies, requests=len(bodies), concurrency=8, max_seconds=600)
+                raw["served"].append(r["requests_per_second"])
+    median = {k: statistics.median(v) for k, v in raw.items()}
+    return {
+        "images_per_second": median,
+        "raw": raw,
+        "predict.vs_forward_ceiling_224px": median["predict"] / median["forward"],
+        "predict.vs_served_c8_224px": median["predict"] / median["served"],
+        "settings": {
+            "images": args.images,
+            "photo": list(PHOTO),
+            "image_size": SIZE,
+            "batch_size": args.batch_size,
+            "workers": args.workers,
+            "rounds": args.rounds,
+            "concurrency": 8,
+        },
+    }
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", default="runs/latest/bundle")
+    ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default="bench/predict_results.json")
+    return ap
+
+
+def print_table(result: dict) -> None:
+    for k, v in result["images_per_second"].items():
+        low, high = min(result["raw"][k]), max(result["raw"][k])
+        print(f"  {k:8s} {v:8.1f} images/s [{low:.1f} .. {high:.1f}]")
+    for k in ("predict.vs_forward_ceiling_224px", "predict.vs_served_c8_224px"):
+        print(f"  {k:36s} {result[k]:.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    result = run(args)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print_table(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

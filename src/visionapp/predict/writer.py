@@ -1,0 +1,154 @@
+"""Where the rows go: each rank appends to its own shard as each batch ends (flushed, so a crash loses at most the
+batch in flight); at the end rank 0 merges the shards into the output, sorted by path, each image once. What is
+in the output, its shards and its errors file is done: running the same command again skips it."""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import lightning as L
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from visionapp.errors import UserError
+from visionapp.predict.module import Scores
+
+ERROR_HEADER = ["path", "error"]
+
+
+def header(topk: int) -> list[str]:
+    return ["path", *(f"{kind}_{j}" for j in range(1, topk + 1) for kind in ("class", "probability"))]
+
+
+@dataclass(frozen=True)
+class Output:
+    """predictions.csv, its errors file (predictions.errors.csv) and the ranks' shards beside them."""
+
+    path: Path
+
+    @property
+    def errors(self) -> Path:
+        return self.path.with_name(f"{self.path.stem}.errors.csv")
+
+    def shard(self, rank: int, errors: bool = False) -> Path:
+        return self.path.with_name(f".{(self.errors if errors else self.path).name}.rank{rank}")
+
+    def shards(self, errors: bool = False) -> list[Path]:
+        base = self.errors if errors else self.path
+        return sorted(self.path.parent.glob(f".{base.name}.rank*"))
+
+    def done(self, topk: int) -> set[str]:
+        """The paths already scored or listed as errors, by this output or a run that stopped before merging."""
+        expected = header(topk)
+        seen: set[str] = set()
+        for path in [self.path, *self.shards()]:
+            for row in _rows(path, expected):
+                seen.add(row[0])
+        for path in [self.errors, *self.shards(errors=True)]:
+            seen.update(row[0] for row in _rows(path, ERROR_HEADER))
+        return seen
+
+    def merge(self, topk: int) -> tuple[int, int]:
+        """The output and the errors file rewritten whole from themselves and every shard: sorted by path, each
+        path once; then the shards go. The numbers of rows and of errors."""
+        counts = []
+        for target, shards, head in ((self.path, self.shards(), header(topk)),
+                                     (self.errors, self.shards(errors=True), ERROR_HEADER)):  # fmt: skip
+            rows = {row[0]: row for path in (target, *shards) for row in _rows(path, head)}
+            if rows or target.exists():
+                tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+                with tmp.open("w", newline="") as f:
+                    csv.writer(f).writerows([head, *(rows[p] for p in sorted(rows))])
+                os.replace(tmp, target)
+            for shard in shards:
+                shard.unlink()
+            counts.append(len(rows))
+        return counts[0], counts[1]
+
+
+def _rows(path: Path, expected: list[str]) -> Iterator[list[str]]:
+    if not path.is_file():
+        return
+    with path.open(newline="") as f:
+        reader = csv.reader(f)
+        first = next(reader, None)
+        if first is not None and first != expected:
+            raise UserError(
+                f"{path} has the columns {', '.join(first[:5])}...: written with another --topk or by something "
+                f"else; give another --out, or the same --topk as before"
+            )
+        yield from (row for row in reader if row)
+
+
+class RowWriter(BasePredictionWriter):
+    """One CSV row per image: its path relative to the folder, then the top-k classes and their calibrated
+    probabilities. Unreadable files go to the errors file with the reason (with strict, they stop the run)."""
+
+    def __init__(self, output: Output, files: list[str], class_names: list[str], topk: int, strict: bool) -> None:
+        super().__init__(write_interval="batch")
+        self.output, self.files, self.class_names, self.topk, self.strict = output, files, class_names, topk, strict
+        self._open: list[TextIO] = []
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        rank = trainer.global_rank
+        self.rows = self._writer(self.output.shard(rank), header(self.topk))
+        self.errors = self._writer(self.output.shard(rank, errors=True), ERROR_HEADER)
+
+    def _writer(self, path: Path, head: list[str]) -> Any:
+        new = not path.exists()
+        f = path.open("a", newline="")
+        self._open.append(f)
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(head)
+        return writer
+
+    def write_on_batch_end(self, trainer, pl_module, prediction: Scores, batch_indices, batch, batch_idx, dl_idx):
+        for i, why in prediction.failures:
+            if self.strict:
+                raise UserError(f"{self.files[i]} cannot be read as an image ({why}); --strict stops here")
+            self.errors.writerow([self.files[i], why])
+        for i, p, c in zip(prediction.indices, prediction.probabilities.tolist(), prediction.classes.tolist(),
+                           strict=True):  # fmt: skip
+            self.rows.writerow([self.files[i], *(v for j in range(self.topk)
+                                                 for v in (self.class_names[c[j]], f"{p[j]:.6f}"))])  # fmt: skip
+        for f in self._open:
+            f.flush()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for f in self._open:
+            f.close()
+        self._open.clear()
+
+
+class Progress(L.Callback):
+    """Images scored, images/s and the time left, every few seconds: on one line in a terminal, as plain lines in
+    a log (rank 0 speaks for all: the ranks go at the same pace)."""
+
+    def __init__(self, total: int, every: float = 5.0) -> None:
+        self.total, self.every, self.done = total, every, 0
+        self.tty = sys.stdout.isatty()
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start = self.last = time.perf_counter()
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs: Scores, batch, batch_idx, dataloader_idx=0) -> None:
+        self.done += (len(outputs.indices) + len(outputs.failures)) * trainer.world_size
+        now = time.perf_counter()
+        if trainer.is_global_zero and (now - self.last >= self.every or self.done >= self.total):
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            left = max(self.total - self.done, 0) / max(rate, 1e-9)
+            line = (f"scored {min(self.done, self.total):,}/{self.total:,} images, {rate:,.1f} images/s, "
+                    f"{time.strftime('%H:%M:%S', time.gmtime(left))} left")  # fmt: skip
+            print(f"\r{line}   " if self.tty else line, end="" if self.tty else "\n", flush=True)
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.tty and trainer.is_global_zero:
+            print(flush=True)
