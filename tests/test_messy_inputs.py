@@ -225,3 +225,14 @@ def test_pretrained_weights_from_the_cache_are_loaded_as_data_only(torch_home: P
     cached.write_bytes(pickle.dumps(argparse.Namespace(a=1)))  # an object: unpickling it would run its code
     _, info = build_model("resnet18", num_classes=3, weights="DEFAULT")
     assert not info.pretrained and "Unpickl" in (info.reason or ""), info
+
+
+@pytest.mark.parametrize("module", ["visionapp.explain", "visionapp.run_report"])
+def test_the_other_entry_points_name_a_missing_or_unfinished_run_in_one_line(module: str, tmp_path: Path) -> None:
+    (tmp_path / "run" / "bundle").mkdir(parents=True)
+    (tmp_path / "run" / "metrics.json").write_text("{}")
+    (tmp_path / "run" / INCOMPLETE).write_text("fit started and has not finished\n")
+    r = subprocess.run([sys.executable, "-m", module, "--run", str(tmp_path / "run")], capture_output=True, text=True,
+                       timeout=120)  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "unfinished run" in r.stderr

@@ -36,6 +36,10 @@ TEST_FILES = "test_files.txt"
 INCOMPLETE = "INCOMPLETE"
 
 
+class BundleNotFound(UserError, FileNotFoundError):
+    """A path given as a bundle that is not one."""
+
+
 class IncompleteRun(UserError):
     """The run directory of a fit that did not finish."""
 
@@ -176,7 +180,7 @@ def load_bundle(
     directory = Path(directory)
     check_complete(directory)
     if not (directory / META_FILE).is_file():
-        raise FileNotFoundError(
+        raise BundleNotFound(
             f"{directory} is not a bundle (no {META_FILE}); train first (make train) "
             "or pass a run's bundle/ folder, e.g. runs/latest/bundle"
         )

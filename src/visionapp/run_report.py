@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from visionapp.attribution.maps import explain, overlay_png
-from visionapp.bundle import load_bundle, run_test_images
+from visionapp.bundle import check_complete, load_bundle, run_test_images
+from visionapp.errors import UserError, run_main
 from visionapp.transforms import load_image
 
 MISTAKES = 6
@@ -66,6 +67,9 @@ def _png(path: Path) -> bytes | None:
 def build(run: Path) -> Path:
     """Write run/report.html from the run directory and its bundle; returns its path."""
     run = Path(run)
+    check_complete(run / "bundle")
+    if not (run / "metrics.json").is_file():
+        raise UserError(f"{run} is not a run folder (no metrics.json); train first (make train) or pass runs/<name>")
     metrics = json.loads((run / "metrics.json").read_text())
     meta = json.loads((run / "bundle" / "model.json").read_text())
     parts = [f"<h1>Run {html.escape(run.resolve().name)}</h1>", metrics_section(metrics, meta)]
@@ -167,4 +171,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

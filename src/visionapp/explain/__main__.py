@@ -2,7 +2,8 @@
 
 import sys
 
+from visionapp.errors import run_main
 from visionapp.explain.quality import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -25,6 +25,7 @@ from rich.progress import track
 from visionapp.attribution.maps import Explanation, explain, target_index
 from visionapp.attribution.methods import METHODS, check_method
 from visionapp.bundle import load_bundle
+from visionapp.errors import run_main
 from visionapp.imagefiles import expand
 from visionapp.transforms import load_image
 
@@ -108,4 +109,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from visionapp.errors import run_main
+
 TEMPLATES = Path("serve/k8s")
 SERVER_CONFIG = Path("serve/config.properties")
 KUBERNETES_VERSION = "1.30"  # the schemas the built-in kinds are checked against (a version clusters still run)
@@ -191,4 +193,4 @@ def write(manifests: dict[str, str], out: Path, mar: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

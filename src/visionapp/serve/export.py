@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from visionapp.bundle import META_FILE, Bundle, compiled_file, cpu_isa, load_bundle, run_test_images, write_meta
+from visionapp.errors import run_main
 from visionapp.transforms import load_image
 
 TOLERANCE = 1e-4
@@ -147,4 +148,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))
