@@ -61,3 +61,17 @@ def test_kubernetes_dry_run_spec(tmp_path: Path) -> None:
     assert "-m visionapp fit --config configs/train.yaml" in " ".join(spec.split())
     assert "--trainer.max_epochs=9" in spec and "--trainer.devices=2" in spec
     assert "cpu: 4000m" in spec and "nvidia.com/gpu: '1'" in spec and "memory: 16384M" in spec
+
+
+@pytest.mark.slow
+def test_kubernetes_dry_run_spec_of_the_predict_job() -> None:
+    proc = subprocess.run(
+        ["make", "-s", "launch-predict-k8s", "IMAGE=registry.example/visionapp:7", "NNODES=2", "NPROC=1",
+         "IMAGES=/data/photos", "OUT=/data/predictions.csv", "DRYRUN=1", "ARGS=--topk 3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    spec = " ".join(proc.stdout.split())
+    assert "kind: Job" in spec and spec.count("image: registry.example/visionapp:7") == 2  # one task per node
+    assert "--nnodes 2 --nproc_per_node 1" in spec and "-m visionapp.predict --bundle runs/latest/bundle" in spec
+    assert "--images /data/photos --out /data/predictions.csv --devices 1 --num-nodes 2 --topk 3" in spec

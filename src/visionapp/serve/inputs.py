@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 from PIL import Image
 
-from visionapp.imagefiles import FORMATS_TEXT
+from visionapp.imagefiles import FORMATS_TEXT, IMAGE_FORMATS
 from visionapp.transforms import load_image
 
 OPTION_KEYS = {"topk", "target", "method"}
@@ -150,7 +150,7 @@ def decode_image(raw: bytes, budget: int | None = None) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             if budget is not None:
-                with Image.open(io.BytesIO(raw)) as probe:  # reads the header only
+                with Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS) as probe:  # reads the header only
                     pixels = probe.width * probe.height
                 if pixels > budget:
                     raise BadInput(
