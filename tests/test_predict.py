@@ -49,6 +49,10 @@ def odd_folder(root: Path, trained_run: Path) -> Path:
     return root
 
 
+def predict_args(run: Path, images: Path, out: Path, *more: str) -> list[str]:
+    return ["--bundle", str(run / "bundle"), "--images", str(images), "--out", str(out), *more]
+
+
 def read(path: Path) -> list[list[str]]:
     with path.open(newline="") as f:
         return list(csv.reader(f))[1:]
@@ -57,18 +61,7 @@ def read(path: Path) -> list[list[str]]:
 def test_a_folder_of_every_kind_is_scored_as_load_bundle_scores_it(trained_run: Path, tmp_path: Path) -> None:
     root = odd_folder(tmp_path / "photos", trained_run)
     out = tmp_path / "out" / "predictions.csv"
-    args = [
-        "--bundle",
-        str(trained_run / "bundle"),
-        "--images",
-        str(root),
-        "--out",
-        str(out),
-        "--batch-size",
-        "4",
-        "--workers",
-        "1",
-    ]
+    args = predict_args(trained_run, root, out, "--batch-size", "4", "--workers", "1")
     assert predict_main(args) == 0
     rows, errors = read(out), read(out.with_name("predictions.errors.csv"))
     paths = [r[0] for r in rows]
@@ -93,18 +86,7 @@ def test_strict_stops_at_the_first_bad_file_and_a_rerun_finishes_the_rest(traine
     root = odd_folder(tmp_path / "photos", trained_run)
     (root / "notes.txt").unlink()
     out = tmp_path / "predictions.csv"
-    args = [
-        "--bundle",
-        str(trained_run / "bundle"),
-        "--images",
-        str(root),
-        "--out",
-        str(out),
-        "--batch-size",
-        "2",
-        "--workers",
-        "0",
-    ]
+    args = predict_args(trained_run, root, out, "--batch-size", "2", "--workers", "0")
     assert predict_main([*args, "--strict"]) == 2  # one `error:` line, exit status 2
     shards = list(tmp_path.glob(".predictions.csv.rank*"))
     assert shards and read(shards[0]), "the batches before the bad file were written"
@@ -126,12 +108,7 @@ def test_two_processes_through_torchx_score_each_image_once(trained_run: Path, t
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     alone = tmp_path / "alone.csv"
-    assert (
-        predict_main(
-            ["--bundle", str(trained_run / "bundle"), "--images", str(root), "--out", str(alone), "--workers", "0"]
-        )
-        == 0
-    )
+    assert predict_main(predict_args(trained_run, root, alone, "--workers", "0")) == 0
     two, one = read(out), read(alone)
     assert [r[0] for r in two] == [r[0] for r in one]  # each image once, in the same stable order
     for a, b in zip(two, one, strict=True):
@@ -142,12 +119,7 @@ def test_two_processes_through_torchx_score_each_image_once(trained_run: Path, t
 def test_rows_equal_the_served_answers(trained_run: Path, tmp_path: Path) -> None:
     root = odd_folder(tmp_path / "photos", trained_run)
     out = tmp_path / "predictions.csv"
-    assert (
-        predict_main(
-            ["--bundle", str(trained_run / "bundle"), "--images", str(root), "--out", str(out), "--workers", "0"]
-        )
-        == 0
-    )
+    assert predict_main(predict_args(trained_run, root, out, "--workers", "0")) == 0
     rows = {r[0]: r for r in read(out)}
     build_archive(trained_run / "bundle", name="classifier", out=tmp_path / "store", model_config=MODEL_CONFIG)
     with LocalServer(tmp_path / "store", tmp_path / "serve", checkout=ROOT) as server:

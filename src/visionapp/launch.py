@@ -45,25 +45,28 @@ def train(
     """
     name = run_name or time.strftime("%Y%m%d-%H%M%S") + f"-ddp{nnodes * nproc}"
     overlay = ("--config", config) if config != BASE_CONFIG else ()
+    args = ["fit", "--config", BASE_CONFIG, *overlay, "--config", ddp_config, f"--trainer.devices={nproc}",
+            f"--trainer.num_nodes={nnodes}", f"--run_name={name}", *overrides]  # fmt: skip
+    return _ddp(args, "visionapp", "visionapp-train", nnodes, nproc, image, cpu, gpu, memMB, max_retries)
+
+
+def _ddp(
+    args: list[str], module: str, name: str, nnodes: int, nproc: int, image: str, cpu: int, gpu: int, memMB: int,
+    max_retries: int,
+) -> specs.AppDef:  # fmt: skip
+    """`python -m module *args` under torchrun on nnodes x nproc processes, each with its share of the CPUs."""
     return dist.ddp(
-        "fit",
-        "--config", BASE_CONFIG,
-        *overlay,
-        "--config", ddp_config,
-        f"--trainer.devices={nproc}",
-        f"--trainer.num_nodes={nnodes}",
-        f"--run_name={name}",
-        *overrides,
-        m="visionapp",
+        *args,
+        m=module,
         image=image,
-        name="visionapp-train",
+        name=name,
         j=f"{nnodes}x{nproc}",
         cpu=cpu,
         gpu=gpu,
         memMB=memMB,
         max_retries=max_retries,
         env={"OMP_NUM_THREADS": str(max(1, cpu // nproc)), "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
+    )
 
 
 def predict(
@@ -94,16 +97,6 @@ def predict(
         memMB: memory per node in MB
         max_retries: restarts of the job on failure (a restart resumes: what is written is skipped)
     """
-    return dist.ddp(
-        "--bundle", bundle, "--images", images, "--out", out, "--devices", str(nproc), "--num-nodes", str(nnodes),
-        *options,
-        m="visionapp.predict",
-        image=image,
-        name="visionapp-predict",
-        j=f"{nnodes}x{nproc}",
-        cpu=cpu,
-        gpu=gpu,
-        memMB=memMB,
-        max_retries=max_retries,
-        env={"OMP_NUM_THREADS": str(max(1, cpu // nproc)), "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
+    args = ["--bundle", bundle, "--images", images, "--out", out, "--devices", str(nproc), "--num-nodes", str(nnodes),
+            *options]  # fmt: skip
+    return _ddp(args, "visionapp.predict", "visionapp-predict", nnodes, nproc, image, cpu, gpu, memMB, max_retries)

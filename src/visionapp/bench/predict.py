@@ -12,7 +12,6 @@ alternated over rounds, images/s each:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from visionapp import shapes
+from visionapp.bench import run_part
 from visionapp.bench.serve import Server, resized_archive
 from visionapp.bundle import load_bundle
 from visionapp.predict.__main__ import parser as predict_parser
@@ -114,12 +114,7 @@ def print_table(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    result = run(args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print_table(result)
-    return 0
+    return run_part(parser(), run, print_table, argv)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ import psutil
 import torch
 import yaml
 
+from visionapp.bench import run_part
 from visionapp.bundle import TEST_FILES, load_bundle
 from visionapp.serve.archive import build_archive
 from visionapp.serve.client import call
@@ -454,12 +455,7 @@ def print_table(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    result = run(args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print_table(result)
-    return 0
+    return run_part(parser(), run, print_table, argv)
 
 
 if __name__ == "__main__":

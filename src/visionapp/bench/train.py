@@ -23,7 +23,6 @@ On CUDA all run as `make train` does there: bf16 autocast, channels_last model a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -36,6 +35,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from visionapp.bench import run_part
 from visionapp.train.data import ShapesDataModule
 from visionapp.train.module import ImageClassifier
 from visionapp.transforms import load_image
@@ -345,13 +345,7 @@ def print_table(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    result = run(args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    if "input_scan" not in result:
-        print_table(result)
-    return 0
+    return run_part(parser(), run, lambda result: None if "input_scan" in result else print_table(result), argv)
 
 
 if __name__ == "__main__":
