@@ -28,7 +28,7 @@ from visionapp.bundle import load_bundle
 from visionapp.errors import UserError, run_main
 from visionapp.predict.folder import FolderImages, collate
 from visionapp.predict.module import BundlePredictor
-from visionapp.predict.writer import Output, Progress, RowWriter
+from visionapp.predict.writer import ERROR_HEADER, Output, Progress, RowWriter, open_for_append
 
 
 def parser() -> argparse.ArgumentParser:
@@ -59,10 +59,10 @@ def predict_folder(args: argparse.Namespace) -> dict[str, float]:
     output = Output(Path(args.out))
     output.path.parent.mkdir(parents=True, exist_ok=True)
     done = output.done(topk)
-    found = imagefiles.walk_files(root)
-    todo = [f for f in found if f.relative_to(root).as_posix() not in done]
+    found = {f: f.relative_to(root).as_posix() for f in imagefiles.walk_files(root)}  # file → its row's path
+    todo = [f for f, name in found.items() if name not in done]
     images = [f for f in todo if imagefiles.is_image_file(f)]
-    names = [f.relative_to(root).as_posix() for f in images]
+    names = [found[f] for f in images]
     trainer = L.Trainer(
         accelerator="gpu" if gpu else "cpu", devices=args.devices, num_nodes=args.num_nodes,
         strategy="ddp" if args.devices * args.num_nodes > 1 else "auto",
@@ -94,21 +94,20 @@ def list_other_files(output: Output, files: list[Path], root: Path, strict: bool
     if files and strict:
         raise UserError(f"{files[0]} is not an image file ({len(files)} such under {root}); --strict stops here")
     if files:
-        import csv
-
-        shard = output.shard(0, errors=True)
-        new = not shard.exists()
-        with shard.open("a", newline="") as f:
-            writer = csv.writer(f)
-            if new:
-                writer.writerow(["path", "error"])
-            exts = ", ".join(imagefiles.IMAGE_EXTENSIONS)
-            writer.writerows([f.relative_to(root).as_posix(), f"not an image file (images are {exts})"] for f in files)
+        f, writer = open_for_append(output.shard(0, errors=True), ERROR_HEADER)
+        with f:
+            why = f"not an image file (images are {', '.join(imagefiles.IMAGE_EXTENSIONS)})"
+            writer.writerows([file.relative_to(root).as_posix(), why] for file in files)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return run_main(lambda: 0 if predict_folder(args) is not None else 1)
+
+    def score() -> int:
+        predict_folder(args)
+        return 0
+
+    return run_main(score)
 
 
 if __name__ == "__main__":

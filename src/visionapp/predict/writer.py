@@ -72,6 +72,16 @@ class Output:
         return counts[0], counts[1]
 
 
+def open_for_append(path: Path, head: list[str]) -> tuple[TextIO, Any]:
+    """A CSV file opened to append rows to, and its writer; a new file gets `head` first."""
+    new = not path.exists()
+    f = path.open("a", newline="")
+    writer = csv.writer(f)
+    if new:
+        writer.writerow(head)
+    return f, writer
+
+
 def _rows(path: Path, expected: list[str]) -> Iterator[list[str]]:
     if not path.is_file():
         return
@@ -101,12 +111,8 @@ class RowWriter(BasePredictionWriter):
         self.errors = self._writer(self.output.shard(rank, errors=True), ERROR_HEADER)
 
     def _writer(self, path: Path, head: list[str]) -> Any:
-        new = not path.exists()
-        f = path.open("a", newline="")
+        f, writer = open_for_append(path, head)
         self._open.append(f)
-        writer = csv.writer(f)
-        if new:
-            writer.writerow(head)
         return writer
 
     def write_on_batch_end(self, trainer, pl_module, prediction: Scores, batch_indices, batch, batch_idx, dl_idx):
