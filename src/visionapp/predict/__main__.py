@@ -85,7 +85,10 @@ def predict_folder(args: argparse.Namespace) -> dict[str, float]:
     if not trainer.is_global_zero:
         return {}
     rows, errors = output.merge(topk)
-    print(f"{output.path}: {rows:,} images scored; {output.errors}: {errors:,} files that could not be", flush=True)
+    print(
+        f"{output.path}: {rows:,} images scored; {output.errors}: {errors:,} files not scored, with the reason",
+        flush=True,
+    )
     return {"rows": rows, "errors": errors, "scored": len(images), "seconds": seconds if images else 0.0}
 
 
