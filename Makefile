@@ -125,14 +125,26 @@ $(MODEL_STORE)/$(MODEL_NAME).mar: $(if $(MANAGED),$(ARCHIVE_STAMP) $(RUN_BUNDLE)
 
 FORCE:
 
-serve: $(STAMP) java-check $(MODEL_STORE)/$(MODEL_NAME).mar ## TorchServe in the foreground (INFERENCE_PORT=8080 MANAGEMENT_PORT=8081 METRICS_PORT=8082)
+# SERVER=kserve: the same bundle and limits served by KServe's Python model server (visionapp.serve.kserve_server)
+# on INFERENCE_PORT, loopback only; it has no token authorisation, no .mar and no Java.
+SERVER ?= torchserve
+KSERVE_ARGS = --bundle $(RUN)/bundle --model-config $(MODEL_CONFIG) --model_name $(MODEL_NAME) \
+              --host 127.0.0.1 --http_port $(INFERENCE_PORT) --enable_grpc false
+server-check:
+	@case "$(SERVER)" in torchserve|kserve) ;; *) echo "SERVER must be torchserve or kserve, not '$(SERVER)'"; exit 2;; esac
+
+serve: server-check serve-$(SERVER) ## serve RUN in the foreground (SERVER=torchserve|kserve INFERENCE_PORT=8080 MANAGEMENT_PORT=8081 METRICS_PORT=8082)
+serve-bg: server-check serve-bg-$(SERVER) ## serve RUN in the background, return once the model answers (SERVER=torchserve|kserve)
+stop: server-check stop-$(SERVER) ## stop the background server make serve-bg started (same SERVER and INFERENCE_PORT)
+
+serve-torchserve: $(STAMP) java-check $(MODEL_STORE)/$(MODEL_NAME).mar
 	@mkdir -p $(SERVE_DIR)
 	@echo "Starting TorchServe; once the model is loaded, call it with:"
 	@echo "  curl -H \"Authorization: Bearer \$$(python3 -c 'import json;print(json.load(open(\"$(SERVE_DIR)/key_file.json\"))[\"inference\"][\"key\"])')\" -T photo.jpg http://127.0.0.1:$(INFERENCE_PORT)/predictions/$(MODEL_NAME)"
 	@echo "  (the inference key is in $(SERVE_DIR)/key_file.json; or: make predict IMG=photo.jpg)"
 	cd $(SERVE_DIR) && $(TS_ENV) $(TORCHSERVE) --start --foreground $(TS_ARGS)
 
-serve-bg: $(STAMP) java-check $(MODEL_STORE)/$(MODEL_NAME).mar ## TorchServe in the background, returns once a worker is ready (management API)
+serve-bg-torchserve: $(STAMP) java-check $(MODEL_STORE)/$(MODEL_NAME).mar
 	@mkdir -p $(SERVE_DIR)
 	cd $(SERVE_DIR) && $(TS_ENV) $(TORCHSERVE) --start $(TS_ARGS) > torchserve.out 2>&1
 	$(PY) -m visionapp.serve.client wait --port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --dir $(SERVE_DIR) \
@@ -140,15 +152,36 @@ serve-bg: $(STAMP) java-check $(MODEL_STORE)/$(MODEL_NAME).mar ## TorchServe in 
 	  || { cd $(SERVE_DIR) && TMPDIR=$(abspath $(SERVE_DIR)) $(TORCHSERVE) --stop; echo "TorchServe did not start; stopped it. See $(SERVE_DIR)/"; exit 1; }
 	@echo "key: $(SERVE_DIR)/key_file.json; stop with: make stop INFERENCE_PORT=$(INFERENCE_PORT)"
 
-stop: ## stop the background TorchServe started with make serve-bg (same INFERENCE_PORT)
+stop-torchserve:
 	cd $(SERVE_DIR) && TMPDIR=$(abspath $(SERVE_DIR)) $(TORCHSERVE) --stop
+
+serve-kserve: $(STAMP)
+	@echo "Starting KServe's model server; once ready, call it with:"
+	@echo "  curl -T photo.jpg http://127.0.0.1:$(INFERENCE_PORT)/predictions/$(MODEL_NAME)   (or make predict SERVER=kserve IMG=photo.jpg)"
+	$(PY) -m visionapp.serve.kserve_server $(KSERVE_ARGS)
+
+serve-bg-kserve: $(STAMP)
+	@mkdir -p $(SERVE_DIR)
+	@test ! -s $(SERVE_DIR)/kserve.pid || ! kill -0 $$(cat $(SERVE_DIR)/kserve.pid) 2>/dev/null \
+	  || { echo "a server from $(SERVE_DIR) is running (pid $$(cat $(SERVE_DIR)/kserve.pid)): make stop SERVER=kserve INFERENCE_PORT=$(INFERENCE_PORT)"; exit 1; }
+	nohup $(PY) -m visionapp.serve.kserve_server $(KSERVE_ARGS) > $(SERVE_DIR)/kserve.out 2>&1 & echo $$! > $(SERVE_DIR)/kserve.pid
+	$(PY) -m visionapp.serve.client wait --server kserve --port $(INFERENCE_PORT) --model $(MODEL_NAME) --timeout $(WAIT_TIMEOUT) \
+	  || { $(MAKE) -s stop-kserve SERVE_DIR=$(SERVE_DIR); tail -20 $(SERVE_DIR)/kserve.out; echo "KServe's server did not start; stopped it. See $(SERVE_DIR)/kserve.out"; exit 1; }
+	@echo "stop with: make stop SERVER=kserve INFERENCE_PORT=$(INFERENCE_PORT)"
+
+# SIGTERM: KServe's server drains and exits; waits for it (30 s), then kills it
+stop-kserve:
+	@test -s $(SERVE_DIR)/kserve.pid || { echo "no $(SERVE_DIR)/kserve.pid: nothing to stop"; exit 0; }; \
+	pid=$$(cat $(SERVE_DIR)/kserve.pid); kill $$pid 2>/dev/null; \
+	for i in $$(seq 60); do kill -0 $$pid 2>/dev/null || break; sleep 0.5; done; \
+	kill -9 $$pid 2>/dev/null; rm -f $(SERVE_DIR)/kserve.pid; echo "stopped KServe's server (pid $$pid)"
 
 IMG ?=
 predict: $(STAMP) ## send IMG=photo.jpg to the running server (finds and renews the key); EXPLAIN=1 for a heatmap
 	@test -n "$(IMG)" || { echo "usage: make predict IMG=photo.jpg [EXPLAIN=1 TARGET=star]"; exit 2; }
-	$(PY) -m visionapp.serve.client $(if $(EXPLAIN),explain --save $(basename $(notdir $(IMG)))_heatmap.png $(if $(TARGET),--target $(TARGET)),predict) $(IMG) --port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --dir $(SERVE_DIR) --model $(MODEL_NAME)
+	$(PY) -m visionapp.serve.client $(if $(EXPLAIN),explain --save $(basename $(notdir $(IMG)))_heatmap.png $(if $(TARGET),--target $(TARGET)),predict) $(IMG) --port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --dir $(SERVE_DIR) --model $(MODEL_NAME) --server $(SERVER)
 
-.PHONY: archive export java-check serve serve-bg stop predict FORCE
+.PHONY: archive export java-check server-check serve serve-bg stop serve-torchserve serve-bg-torchserve stop-torchserve serve-kserve serve-bg-kserve stop-kserve predict FORCE
 
 # ---- predict a folder: Lightning's Trainer.predict over the run's bundle ---------------------------------------
 IMAGES ?=

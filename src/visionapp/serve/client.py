@@ -1,8 +1,10 @@
-"""A small client for the TorchServe deployment: finds the inference key itself.
+"""A small client for the served model: finds TorchServe's inference key itself (KServe's server has none).
 
 python -m visionapp.serve.client predict photo.jpg [more.jpg ...] [--port 8080] [--dir logs/serve-8080]
 python -m visionapp.serve.client explain photo.jpg [--target star] [--method occlusion] [--save heatmap.png]
 python -m visionapp.serve.client wait [--timeout 120]        # until the model answers (used by make serve-bg)
+python -m visionapp.serve.client ready                       # exit 0 if the model answers now (a readiness probe)
+Add --server kserve for KServe's model server.
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ def call(
     headers: dict[str, str] | None = None,
 ) -> tuple[int, bytes]:
     req = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET", headers=headers or {})
-    req.add_header("Authorization", f"Bearer {key}")
+    if key:
+        req.add_header("Authorization", f"Bearer {key}")
     if body is not None:
         req.add_header("Content-Type", content_type)
     try:
@@ -80,24 +83,33 @@ def call(
         return e.code, e.read()
 
 
-def wait_ready(base: str, management: str, serve_dir: Path, model: str, timeout: float) -> None:
-    """Until a worker of `model` is READY, as the management API describes it (any handler, no request sent)."""
+def is_ready(base: str, management: str, serve_dir: Path, model: str, server: str = "torchserve") -> bool:
+    """Whether `model` answers now. KServe's server: its keyless /v2/health/ready. TorchServe: a worker of the
+    model is READY, as the management API describes it (with the management key from the server's folder); the
+    handler marks a worker ready only after a warm-up prediction, so both mean the model has answered once."""
+    try:
+        if server == "kserve":
+            return call(f"{base}/v2/models/{model}/ready", "", timeout=5)[0] == 200
+        key = json.loads((serve_dir / "key_file.json").read_text())["management"]["key"]
+        status, body = call(f"{management}/models/{model}", key, timeout=5)
+        return status == 200 and any(w.get("status") == "READY" for w in json.loads(body)[0].get("workers", []))
+    except (OSError, ValueError, KeyError):  # not up yet: no key file, connection refused, no answer
+        return False
+
+
+def wait_ready(base: str, management: str, serve_dir: Path, model: str, timeout: float, server: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            key = json.loads((serve_dir / "key_file.json").read_text())["management"]["key"]
-            status, body = call(f"{management}/models/{model}", key, timeout=5)
-            if status == 200 and any(w.get("status") == "READY" for w in json.loads(body)[0].get("workers", [])):
-                return
-        except (OSError, ValueError, KeyError):  # not up yet: no key file, connection refused, no answer
-            pass
+        if is_ready(base, management, serve_dir, model, server):
+            return
         time.sleep(0.5)
-    raise SystemExit(f"TorchServe at {base} did not become ready in {timeout:.0f}s; see its logs/")
+    raise SystemExit(f"the {server} server at {base} did not become ready in {timeout:.0f}s; see its logs")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["predict", "explain", "wait"])
+    ap.add_argument("command", choices=["predict", "explain", "wait", "ready"])
+    ap.add_argument("--server", choices=["torchserve", "kserve"], default="torchserve")
     ap.add_argument("images", nargs="*")
     ap.add_argument("--port", type=int, default=8080, help="inference port")
     ap.add_argument("--management-port", type=int, default=None, help="management port (default port + 1)")
@@ -110,20 +122,25 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_intermixed_args(argv)  # images may follow the options, as `make predict` passes them
     base = f"http://127.0.0.1:{args.port}"
     serve_dir = Path(args.dir or f"logs/serve-{args.port}")
+    management = f"http://127.0.0.1:{args.management_port or args.port + 1}"
+    if args.command == "ready":
+        return 0 if is_ready(base, management, serve_dir, args.model, args.server) else 1
     if args.command == "wait":
-        management = f"http://127.0.0.1:{args.management_port or args.port + 1}"
-        wait_ready(base, management, serve_dir, args.model, args.timeout)
+        wait_ready(base, management, serve_dir, args.model, args.timeout, args.server)
         print(f"ready: {base}/predictions/{args.model}")
         return 0
     if not args.images:
         ap.error("give at least one image")
-    management = f"http://127.0.0.1:{args.management_port or args.port + 1}"
     options = {f"X-{k}": v for k, v in (("Target", args.target), ("Method", args.method)) if v}
     endpoint = "predictions" if args.command == "predict" else "explanations"
     url = f"{base}/{endpoint}/{args.model}"
     failed = 0
     for img in args.images:
-        status, body = call_with_key(url, serve_dir, management, Path(img).read_bytes(), headers=options)
+        body_bytes = Path(img).read_bytes()
+        if args.server == "kserve":
+            status, body = call(url, "", body_bytes, headers=options)
+        else:
+            status, body = call_with_key(url, serve_dir, management, body_bytes, headers=options)
         answer: Any = json.loads(body) if body.startswith((b"{", b"[")) else body.decode(errors="replace")
         if args.command == "explain" and status == 200 and args.save:
             Path(args.save).write_bytes(base64.b64decode(answer["heatmap_png_base64"]))

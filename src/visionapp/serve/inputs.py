@@ -1,9 +1,10 @@
-"""Request parsing and the worker's thread count for the TorchServe handler (visionapp.serve.handler), kept in the
-package so they are unit-tested and shipped inside the .mar with the rest of the code the handler imports.
+"""Request parsing, limits and the worker's thread count for the serving core (visionapp.serve.core), kept apart
+so they are unit-tested and shipped inside the .mar with the rest of the code the handler imports.
 
-A request row from TorchServe maps names to values: the raw body ("body" or "data": bytes), multipart
-form fields (one per file), or a JSON body already decoded into a dict. (TorchServe does not pass the
-query string on; options come as X-* headers, form fields or JSON keys.)
+A request row maps names to values, as TorchServe hands them to its handler (and the KServe adapter builds
+them): the raw body ("body" or "data": bytes), multipart form fields (one per file), or a JSON body already
+decoded into a dict. (TorchServe does not pass the query string on; options come as X-* headers, form fields
+or JSON keys.) A JSON body with "inputs" is an Open Inference Protocol request (`parse_v2`).
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ class Request:
     many: bool = False  # answer with a list (several images) or one object
     error: BadInput | None = None
     rows: list[int] = field(default_factory=list)  # this request's rows in the batch tensor
+    id: str | None = None  # an Open Inference Protocol request's id, echoed in its answer
 
 
 def shown(value: str, limit: int = 40) -> str:
@@ -176,6 +178,8 @@ def decode_image(raw: bytes, budget: int | None = None) -> Image.Image:
 
 
 def _b64(s: Any) -> bytes:
+    if not isinstance(s, str | bytes):
+        raise BadInput(f"image data must be base64 strings, got {type(s).__name__}")
     try:
         return base64.b64decode(_text(s), validate=True)
     except (binascii.Error, ValueError):
@@ -192,17 +196,9 @@ def parse_request(
     any is decoded, their decoded size before each decode (`limits`; explanations have their own count).
     Anything this cannot use is a BadInput in `error`, never an exception.
     """
-    max_images, limit_key = limits.images(explain)
 
     def check_count(n: int) -> None:
-        if n > max_images:
-            kind = "an explanation" if explain else "a prediction"
-            raise BadInput(
-                f"{n} images in {kind} request; the limit is {max_images} ({limit_key} in serve/model-config.yaml, "
-                "then make archive); split them over several requests",
-                413,
-                "too_many_images",
-            )
+        _check_count(n, limits, explain)
 
     req = Request()
     for name, value in (headers or {}).items():
@@ -217,11 +213,76 @@ def parse_request(
             raise BadInput("empty body: send an image, e.g. curl -T photo.jpg <url>", kind="empty_body")
         check_count(len(raws))
         req.many = req.many or len(raws) > 1
-        budget = limits.max_pixels
-        for r in raws:
-            img = decode_image(r, budget)
-            budget -= img.width * img.height
-            req.images.append(img)
+        _decode_all(raws, req, limits)
+    except BadInput as e:
+        req.error = e
+    return req
+
+
+def _check_count(n: int, limits: Limits, explain: bool) -> None:
+    """413 for more images in one request than the limit allows, before any is decoded."""
+    max_images, limit_key = limits.images(explain)
+    if n > max_images:
+        kind = "an explanation" if explain else "a prediction"
+        raise BadInput(
+            f"{n} images in {kind} request; the limit is {max_images} ({limit_key} in serve/model-config.yaml, "
+            "then make archive); split them over several requests",
+            413,
+            "too_many_images",
+        )
+
+
+def _decode_all(raws: list[bytes], req: Request, limits: Limits) -> None:
+    """Decode a request's images in order, each checked against what is left of its pixel budget first."""
+    budget = limits.max_pixels
+    for r in raws:
+        img = decode_image(r, budget)
+        budget -= img.width * img.height
+        req.images.append(img)
+
+
+def is_v2(row: dict[str, Any]) -> bool:
+    """Whether a TorchServe request row holds an Open Inference Protocol request (a JSON body with "inputs")."""
+    body = row.get("body", row.get("data"))
+    return isinstance(body, dict) and "inputs" in body
+
+
+V2_EXAMPLE = '{"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": ["<base64 image>"]}]}'
+
+
+def parse_v2(body: Any, limits: Limits = Limits()) -> Request:
+    """An Open Inference Protocol inference request → images + options (never raises: errors go in `error`).
+
+    One input of datatype BYTES and shape [N]: its N elements are images, base64 strings over REST or raw bytes
+    over gRPC. Options are request parameters: topk (and for explanations target, method). The request id is
+    kept to be echoed. Counted before any is decoded, each decode checked against the pixel budget, as
+    `parse_request` does.
+    """
+    req = Request(many=True)
+    try:
+        if not isinstance(body, dict):
+            raise BadInput(f"an inference request is a JSON object: {V2_EXAMPLE}")
+        if body.get("id") is not None:
+            req.id = _text(body["id"])
+        params = body.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise BadInput('"parameters" must be an object, e.g. {"topk": 3}')
+        req.options = {k: _text(v) for k, v in params.items() if k in OPTION_KEYS}
+        inputs = body.get("inputs")
+        if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+            raise BadInput(f'"inputs" must hold exactly one input, the images: {V2_EXAMPLE}')
+        tensor = inputs[0]
+        if tensor.get("datatype") != "BYTES":
+            raise BadInput(f"the images input must have datatype BYTES, got {shown(_text(tensor.get('datatype')))}")
+        data = tensor.get("data")
+        if not isinstance(data, list) or not data:
+            raise BadInput(f'the images input needs "data": a list of base64 images: {V2_EXAMPLE}', kind="empty_body")
+        if tensor.get("shape") != [len(data)]:
+            raise BadInput(f"the images input's shape must be [{len(data)}] (one element per image), "
+                           f"got {shown(_text(tensor.get('shape')))}")  # fmt: skip
+        _check_count(len(data), limits, explain=False)
+        raws = [bytes(v) if isinstance(v, bytes | bytearray) else _b64(v) for v in data]
+        _decode_all(raws, req, limits)
     except BadInput as e:
         req.error = e
     return req

@@ -1,0 +1,214 @@
+"""The serving core: what a server does with a request once its bytes have arrived, knowing no server.
+
+Request parsing and limits (visionapp.serve.inputs), batched calibrated top-k predictions, Captum explanations,
+error answers and metrics live here; each server is a thin adapter over one `ServingCore`: TorchServe's handler
+(visionapp.serve.handler) and KServe's model server (visionapp.serve.kserve_server). Both speak the project's
+own API (`/predictions`, `/explanations`: raw image bodies, multipart forms, JSON with base64) and the Open
+Inference Protocol (KServe v2): one BYTES input `images` of shape [N] (base64 strings over REST, raw bytes over
+gRPC), answered by `labels` (BYTES) and `probabilities` (FP32, calibrated), both of shape [N, k].
+
+Metrics go through the adapter's `Metrics` (TorchServe's metrics API, or prometheus_client under KServe) with
+the same names and labels, so one dashboard reads both: ImagesPerRequest{Endpoint} (histogram),
+Predictions{Class} (the top-1 class of each predicted image), ExplanationSeconds{Method} (histogram, per
+explained image), BadInputs{Kind} (4xx answers).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from PIL import Image
+
+from visionapp.attribution.maps import explain, overlay_png
+from visionapp.attribution.methods import METHODS
+from visionapp.bundle import load_bundle
+from visionapp.serve.inputs import MAX_PIXELS, BadInput, Limits, Request, shown, status_phrase, worker_threads
+
+log = logging.getLogger(__name__)
+
+# The Open Inference Protocol's names for this model's tensors (GET /v2/models/<name> lists them).
+V2_INPUT, V2_LABELS, V2_PROBABILITIES = "images", "labels", "probabilities"
+
+
+class Metrics(Protocol):
+    def add(self, name: str, value: float, unit: str, histogram: bool = False, **dimensions: str) -> None:
+        """Add `value` to the counter (or observe it in the histogram) `name` with these label values."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A request's error answer: its HTTP status, a message that names the problem, and the short ASCII reason
+    phrase for the status line."""
+
+    status: int
+    message: str
+
+    @property
+    def phrase(self) -> str:
+        return status_phrase(self.message)
+
+    def native(self) -> dict[str, Any]:
+        """The body as /predictions and /explanations answer it (TorchServe's error shape)."""
+        kind = "BadInput" if self.status < 500 else "InternalServerError"
+        return {"code": self.status, "type": kind, "message": self.message}
+
+    def v2(self) -> dict[str, str]:
+        """The body as the Open Inference Protocol answers an error."""
+        return {"error": self.message}
+
+
+class ServingCore:
+    """One loaded bundle, answering parsed requests. Not thread-safe: each server calls it from one thread."""
+
+    def __init__(self, model_dir: str | Path, device: torch.device, model_config: dict[str, Any] | None,
+                 name: str, version: str = "1") -> None:  # fmt: skip
+        self.name, self.version, self.device = name, version, device
+        config = model_config or {}
+        threads = ""
+        if device.type == "cpu":
+            # Share the cores between this model's workers instead of each worker taking all of them.
+            torch.set_num_threads(worker_threads(int(config.get("minWorkers", 1))))
+            threads = f", torch threads: {torch.get_num_threads()}"
+        Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+        self.limits = Limits.from_model_config(config)
+        # Predictions run the compiled model (make export) where it fits this device, torch and CPU; explanations
+        # always run the eager one (Captum needs its gradients).
+        self.bundle = load_bundle(model_dir, map_location=device, compiled="auto")
+        self.bundle.model.to(device)
+        self.class_names = self.bundle.class_names
+        log.info(
+            "loaded %s with classes %s on %s%s; predictions: %s; %s", self.bundle.meta["arch"], self.class_names,
+            device, threads, self.bundle.compiled_note, self.limits,
+        )  # fmt: skip
+
+    def warm_up(self) -> None:
+        """One prediction of a plain grey image through the whole path, before the server says it is ready: a
+        readiness probe then means the model answers (the first forward also pays the one-time costs here)."""
+        size = self.bundle.meta.get("image_size", 224)
+        answers = self.predict([Request(images=[Image.new("RGB", (size, size), (128, 128, 128))])], NO_METRICS)
+        if isinstance(answers[0], Failure):
+            raise RuntimeError(f"the warm-up prediction failed: {answers[0].message}")
+        log.info("warm-up prediction answered: %s", answers[0])
+
+    # --- predictions: every request of a batch in one forward pass ----------------------------------------------
+    def predict(self, requests: list[Request], metrics: Metrics) -> list[list[dict[str, float]] | Failure]:
+        """Per request, one {class: probability} (top-k, best first) per image, or its Failure."""
+        out: list[list[dict[str, float]] | Failure] = [[] for _ in requests]
+        ready: list[tuple[int, Request, int]] = []
+        tensors: list[torch.Tensor] = []
+        for idx, req in enumerate(requests):
+            try:
+                k = self.topk(req)
+                for img in req.images:
+                    req.rows.append(len(tensors))
+                    tensors.append(self.bundle.transform(img))
+                ready.append((idx, req, k))
+            except Exception as e:
+                out[idx] = self.failure(e, metrics)
+        if not tensors:
+            return out
+        try:
+            with torch.inference_mode():
+                probs = self.bundle.probabilities(torch.stack(tensors).to(self.device)).cpu()  # calibrated
+        except Exception as e:  # the forward itself failed: every request in it gets the fault
+            for idx, _, _ in ready:
+                out[idx] = self.failure(e, metrics)
+            return out
+        for idx, req, k in ready:
+            answers = []
+            for row in req.rows:
+                p, i = probs[row].topk(k)
+                metrics.add("Predictions", 1, "count", Class=self.class_names[int(i[0])])
+                answers.append({self.class_names[c]: round(float(v), 6) for v, c in zip(p, i, strict=True)})
+            out[idx] = answers
+        return out
+
+    # --- explanations ---------------------------------------------------------------------------------------------
+    def explain(self, req: Request, metrics: Metrics) -> list[dict[str, Any]]:
+        """One answer per image: the class explained, its probability, the prediction and the heatmap overlay."""
+        method = req.options.get("method", "integrated_gradients")
+        if method not in METHODS:
+            raise BadInput(f"unknown method {shown(method)}; choose one of {', '.join(METHODS)}", kind="bad_option")
+        target = req.options.get("target")
+        if target is not None and target not in self.class_names:
+            names = ", ".join(self.class_names[:20]) + (", ..." if len(self.class_names) > 20 else "")
+            raise BadInput(
+                f"unknown class {shown(target)} in target; this model's classes are: {names}", kind="bad_option"
+            )
+        answers = []
+        for img in req.images:
+            # Attributions at the model's input size whatever the image's; the overlay is drawn at a bounded size.
+            start = time.perf_counter()
+            ex = explain(
+                self.bundle, img, method, target=target, device=self.device, max_pixels=self.limits.max_heatmap_pixels
+            )
+            metrics.add("ExplanationSeconds", time.perf_counter() - start, "s", histogram=True, Method=method)
+            answers.append(
+                {
+                    "class": ex.target,
+                    "probability": round(ex.target_probability, 6),
+                    "predicted": ex.predicted,
+                    "predicted_probability": round(ex.probability, 6),
+                    "method": method,
+                    "heatmap_png_base64": base64.b64encode(overlay_png(ex.image, ex.attr_map)).decode("ascii"),
+                    "heatmap_size": list(ex.image.size),  # width, height: at most maxHeatmapPixels
+                }
+            )
+        return answers
+
+    # --- the Open Inference Protocol --------------------------------------------------------------------------------
+    def v2_answer(self, req: Request, answers: list[dict[str, float]]) -> dict[str, Any]:
+        """An inference response: `labels` and `probabilities`, each [N, k], row i for image i, best first."""
+        k = len(answers[0]) if answers else 0
+        labels = [name for a in answers for name in a]
+        probabilities = [p for a in answers for p in a.values()]
+        response: dict[str, Any] = {"model_name": self.name, "model_version": self.version}
+        if req.id is not None:
+            response["id"] = req.id
+        response["outputs"] = [
+            {"name": V2_LABELS, "datatype": "BYTES", "shape": [len(answers), k], "data": labels},
+            {"name": V2_PROBABILITIES, "datatype": "FP32", "shape": [len(answers), k], "data": probabilities},
+        ]
+        return response
+
+    @staticmethod
+    def v2_tensors() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The model metadata's inputs and outputs (-1: any size)."""
+        inputs = [{"name": V2_INPUT, "datatype": "BYTES", "shape": [-1]}]
+        outputs = [{"name": V2_LABELS, "datatype": "BYTES", "shape": [-1, -1]},
+                   {"name": V2_PROBABILITIES, "datatype": "FP32", "shape": [-1, -1]}]  # fmt: skip
+        return inputs, outputs
+
+    # --- helpers ------------------------------------------------------------------------------------------------
+    def topk(self, req: Request) -> int:
+        n = len(self.class_names)
+        raw = req.options.get("topk", str(min(5, n)))
+        try:
+            k = int(raw)
+        except ValueError:
+            raise BadInput(f"topk must be an integer, got {shown(raw)}", kind="bad_option") from None
+        if not 1 <= k <= n:
+            raise BadInput(f"topk must be between 1 and {n} (the number of classes), got {k}", kind="bad_option")
+        return k
+
+    def failure(self, e: Exception, metrics: Metrics) -> Failure:
+        """4xx naming the problem for input we cannot use, 500 for a fault (its traceback in the log)."""
+        if isinstance(e, BadInput):
+            metrics.add("BadInputs", 1, "count", Kind=e.kind)
+            return Failure(e.status, str(e))
+        log.exception("a request failed; the others are answered")
+        return Failure(500, f"internal error ({type(e).__name__}); the traceback is in the server's log")
+
+
+class _NoMetrics:
+    def add(self, name: str, value: float, unit: str, histogram: bool = False, **dimensions: str) -> None:
+        pass
+
+
+NO_METRICS: Metrics = _NoMetrics()

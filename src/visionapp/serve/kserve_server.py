@@ -1,0 +1,250 @@
+"""KServe's Python model server for a visionapp bundle: a thin adapter over the serving core (visionapp.serve.core).
+
+    python -m visionapp.serve.kserve_server --bundle runs/latest/bundle --model_name classifier \
+        --host 127.0.0.1 --http_port 8080 --enable_grpc false        # what make serve SERVER=kserve runs
+
+The same bundle and model config as TorchServe's .mar, the same answers, through `kserve.Model` + `ModelServer`
+(maintained, KServe-native): the Open Inference Protocol (`/v2/models/<name>/infer`, metadata, `/v2/health/live`
+and `/v2/health/ready`, gRPC where enabled), KServe's v1 verbs (`/v1/models/<name>:predict` and `:explain`,
+with a raw image or this project's JSON body), Prometheus metrics on `/metrics`, and the project's own
+`/predictions/<name>` and `/explanations/<name>` as TorchServe answers them, so clients need not change.
+
+KServe's server has no token authorisation: locally it listens on loopback only (`--host`; upstream binds every
+interface, which is what a pod needs), in a cluster a NetworkPolicy admits only the ingress (make k8s). Ready
+(`/v2/health/ready`) only once the model has loaded and answered a warm-up prediction. Requests are not batched
+(KServe's batcher is a separate sidecar): each runs alone, one at a time, on the model's own thread, so the
+event loop keeps answering probes and metrics while a long explanation runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import kserve
+import torch
+import yaml
+from fastapi import Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from kserve.errors import InvalidInput
+from kserve.model_server import app
+from kserve.protocol.infer_type import InferRequest, InferResponse, to_http_parameters
+from prometheus_client import Counter, Histogram
+
+from visionapp.serve.core import Failure, ServingCore
+from visionapp.serve.inputs import Request, parse_request, parse_v2
+
+log = logging.getLogger(__name__)
+MAX_REQUEST_BYTES = 10 * 1024 * 1024  # as TorchServe's max_request_size (serve/config.properties): 413 above
+
+
+class ServingError(Exception):
+    """A request's Failure, raised out of the model so that the app answers it with its status."""
+
+    def __init__(self, failure: Failure, native: bool = False) -> None:
+        super().__init__(failure.message)
+        self.failure, self.native = failure, native
+
+
+class PrometheusMetrics:
+    """The core's metrics as prometheus_client series on the server's /metrics: the names and labels
+    TorchServe's metrics API gives them (serve/metrics.yaml), so one dashboard reads both servers."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.series: dict[str, Counter | Histogram] = {}
+
+    def add(self, name: str, value: float, unit: str, histogram: bool = False, **dimensions: str) -> None:
+        labels = {**dimensions, "ModelName": self.model, "Level": "Model"}
+        if name not in self.series:
+            doc, names = f"{name} ({unit})", list(labels)
+            if not histogram:
+                self.series[name] = Counter(name, doc, labelnames=names)
+            else:  # images per request: powers of two up to the limit; seconds: prometheus_client's defaults
+                buckets = (1, 2, 4, 8, 16, 32, 64, float("inf")) if unit == "count" else Histogram.DEFAULT_BUCKETS
+                self.series[name] = Histogram(name, doc, labelnames=names, buckets=buckets)
+        series = self.series[name].labels(**labels)
+        if isinstance(series, Histogram):
+            series.observe(value)
+        else:
+            series.inc(value)
+
+
+class ClassifierModel(kserve.Model):
+    def __init__(self, name: str, bundle: Path, model_config: dict[str, Any], version: str = "1") -> None:
+        super().__init__(name)
+        self.bundle, self.model_config, self.version = bundle, model_config, version
+        self.metrics = PrometheusMetrics(name)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="model")  # the model runs one request at a time
+        self.core: ServingCore | None = None
+
+    def load(self) -> bool:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.core = ServingCore(self.bundle, device, self.model_config, self.name, self.version)
+        self.core.warm_up()
+        self.ready = True  # /v2/health/ready: loaded and answered a prediction
+        return self.ready
+
+    def get_input_types(self) -> list[dict[str, Any]]:
+        return ServingCore.v2_tensors()[0]
+
+    def get_output_types(self) -> list[dict[str, Any]]:
+        return ServingCore.v2_tensors()[1]
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    # --- predictions: v2 (InferRequest), v1 and the project's own API (a request row) -------------------------------
+    async def predict(self, payload: Any, headers: dict[str, str] | None = None) -> Any:
+        if isinstance(payload, InferRequest):
+            req = parse_v2(_v2_body(payload), self._core.limits)
+            answers = await self._predict(req, "predictions")
+            return InferResponse.from_rest(self._core.v2_answer(req, answers))
+        req = parse_request({"body": payload}, _options(headers), self._core.limits)
+        return {"predictions": await self._predict(req, "predictions")}
+
+    async def predict_native(self, row: dict[str, Any], headers: dict[str, str]) -> Any:
+        """POST /predictions/<name>: TorchServe's answer, one object per image or a list for several."""
+        req = parse_request(row, headers, self._core.limits)
+        answers = await self._predict(req, "predictions", native=True)
+        return answers if req.many else answers[0]
+
+    async def _predict(self, req: Request, endpoint: str, native: bool = False) -> list[dict[str, float]]:
+        self._check(req, endpoint, native)
+        (answer,) = await self._run(self._core.predict, [req], self.metrics)
+        if isinstance(answer, Failure):
+            raise ServingError(answer, native)
+        return answer
+
+    # --- explanations: v1 :explain and the project's own /explanations --------------------------------------------
+    async def explain(self, payload: Any, headers: dict[str, str] | None = None) -> Any:
+        return await self.explain_native({"body": payload}, _options(headers))
+
+    async def explain_native(self, row: dict[str, Any], headers: dict[str, str], native: bool = False) -> Any:
+        req = parse_request(row, headers, self._core.limits, explain=True)
+        self._check(req, "explanations", native)
+        try:
+            answers = await self._run(self._core.explain, req, self.metrics)
+        except Exception as e:
+            raise ServingError(self._core.failure(e, self.metrics), native) from None
+        return answers if req.many else answers[0]
+
+    def _check(self, req: Request, endpoint: str, native: bool) -> None:
+        if req.error is not None:
+            raise ServingError(self._core.failure(req.error, self.metrics), native)
+        self.metrics.add("ImagesPerRequest", len(req.images), "count", histogram=True, Endpoint=endpoint)
+
+    @property
+    def _core(self) -> ServingCore:
+        if self.core is None:
+            raise RuntimeError("the model is not loaded")
+        return self.core
+
+
+def _v2_body(r: InferRequest) -> dict[str, Any]:
+    """A decoded InferRequest as the JSON the protocol sends over REST; gRPC's raw bytes stay bytes."""
+    inputs = []
+    for t in r.inputs:
+        data = [bytes(b) for b in t.as_numpy().ravel()] if r.from_grpc and t.datatype == "BYTES" else t.data
+        inputs.append({"name": t.name, "datatype": t.datatype, "shape": list(t.shape), "data": data})
+    params = r.parameters
+    if params is not None and not isinstance(params, dict):  # gRPC's InferParameter map
+        params = to_http_parameters(params)
+    return {"id": r.id, "inputs": inputs, "parameters": params or {}}
+
+
+def _options(headers: dict[str, str] | None) -> dict[str, str]:
+    return {k: v for k, v in (headers or {}).items() if k.lower().startswith("x-")}
+
+
+# --- the app around the model: the project's own routes, errors as each API answers them, a request size limit ---
+def add_routes(model: ClassifierModel) -> None:
+    async def predictions(request: HTTPRequest) -> Any:
+        return await model.predict_native(await _row(request), dict(request.headers))
+
+    async def explanations(request: HTTPRequest) -> Any:
+        return await model.explain_native(await _row(request), dict(request.headers), native=True)
+
+    # POST, and PUT as curl -T sends (TorchServe takes both)
+    app.add_api_route(f"/predictions/{model.name}", predictions, methods=["POST", "PUT"])
+    app.add_api_route(f"/explanations/{model.name}", explanations, methods=["POST", "PUT"])
+
+    @app.exception_handler(ServingError)
+    async def serving_error(_: HTTPRequest, e: ServingError) -> JSONResponse:
+        return JSONResponse(e.failure.native() if e.native else e.failure.v2(), status_code=e.failure.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: HTTPRequest, e: RequestValidationError) -> JSONResponse:
+        where = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()[:3])
+        return JSONResponse({"error": f"not an inference request ({where})"}, status_code=400)
+
+    @app.exception_handler(InvalidInput)
+    async def invalid_input(_: HTTPRequest, e: InvalidInput) -> JSONResponse:
+        return JSONResponse({"error": str(e)}, status_code=400)
+
+    @app.middleware("http")
+    async def limit_size(request: HTTPRequest, call_next: Any) -> Any:
+        """Refused from the headers, before the body is read: too big (413), or of unknown length (411)."""
+        if request.method in ("POST", "PUT"):
+            length = request.headers.get("content-length")
+            if length is None:
+                return JSONResponse({"error": "send a Content-Length (no chunked uploads)"}, status_code=411)
+            if not length.isdigit() or int(length) > MAX_REQUEST_BYTES:
+                message = f"request body over {MAX_REQUEST_BYTES} bytes; send smaller images"
+                return JSONResponse({"error": message}, status_code=413)
+        return await call_next(request)
+
+
+async def _row(request: HTTPRequest) -> dict[str, Any]:
+    """The request as a TorchServe row: multipart fields by name, a JSON body decoded, else the raw bytes."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        form = await request.form()
+        return {k: (await v.read()) if hasattr(v, "read") else v for k, v in form.multi_items()}
+    body = await request.body()
+    if ctype.startswith("application/json"):
+        try:
+            return {"body": json.loads(body)}
+        except ValueError:
+            raise ServingError(Failure(400, "the body is not valid JSON"), native=True) from None
+    return {"body": body}
+
+
+class ModelServerOn(kserve.ModelServer):
+    """KServe's ModelServer on the address given: upstream's REST server binds every interface (what a pod needs);
+    make serve binds loopback, as it does TorchServe."""
+
+    def __init__(self, host: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.host = host
+
+    async def _serve(self) -> None:
+        if self._rest_server is not None:  # created by start(), not yet listening: the host it will bind
+            self._rest_server.config.host = self.host
+        await super()._serve()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(parents=[kserve.model_server.parser], description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bundle", type=Path, required=True, help="a run's bundle folder (runs/<run>/bundle)")
+    ap.add_argument("--model-config", type=Path, default=None, help="serve/model-config.yaml: its handler limits")
+    ap.add_argument("--model-version", default=None, help="the version metadata names (default: the run's name)")
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
+    args = ap.parse_args(argv)
+    config = yaml.safe_load(args.model_config.read_text()) if args.model_config else {}
+    version = args.model_version or args.bundle.resolve().parent.name
+    model = ClassifierModel(args.model_name, args.bundle, config or {}, version)
+    model.load()
+    add_routes(model)
+    server = ModelServerOn(args.host, http_port=args.http_port, grpc_port=args.grpc_port, enable_grpc=args.enable_grpc)
+    server.start([model])
+
+
+if __name__ == "__main__":
+    main()
