@@ -1,5 +1,6 @@
-"""End to end: the real TorchServe, started by `make serve-bg` on free ports with token authorisation on,
-real HTTP requests, stopped by `make stop` with no process left behind."""
+"""End to end: the real servers, started by `make serve-bg` on free ports (TorchServe with token authorisation on,
+and KServe's model server over the same serving core), real HTTP requests, stopped by `make stop` with no process
+left behind. The tests that take `server` run against each of the two."""
 
 from __future__ import annotations
 
@@ -37,13 +38,13 @@ from visionapp.transforms import load_image
 pytestmark = pytest.mark.slow
 
 
-def start_server(mar_dir: Path, serve_dir: Path, *extra_vars: str) -> Server:
-    return Server(mar_dir, serve_dir, "classifier", *extra_vars).start()
+def start_server(mar_dir: Path, serve_dir: Path, *extra_vars: str, server: str = "torchserve") -> Server:
+    return Server(mar_dir, serve_dir, "classifier", *extra_vars, server=server).start()
 
 
 def stop_server(server: Server) -> None:
     before = server.processes()
-    assert before, "no TorchServe process found for this server"
+    assert before, "no server process found"
     server.stop()
     _, alive = psutil.wait_procs(before, timeout=30)
     assert not alive and not server.processes(), f"left behind: {alive or server.processes()}"
@@ -56,11 +57,25 @@ def model_store(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return store
 
 
-@pytest.fixture(scope="module")
-def server(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    s = start_server(model_store, tmp_path_factory.mktemp("serve"))
+@pytest.fixture(scope="module", params=["torchserve", "kserve"])
+def server(
+    request: pytest.FixtureRequest, model_store: Path, trained_run: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """The same archive's bundle and model config, served by each server in turn."""
+    make_vars = (f"RUN={trained_run}", f"MODEL_CONFIG={MODEL_CONFIG}")
+    s = start_server(model_store, tmp_path_factory.mktemp("serve"), *make_vars, server=request.param)
     yield s
     stop_server(s)
+
+
+def torchserve_only(server: Server, why: str) -> None:
+    if server.server != "torchserve":
+        pytest.skip(f"TorchServe only: {why}")
+
+
+def model_process(server: Server) -> psutil.Process:
+    """The process that runs the model: TorchServe's worker, or KServe's server itself."""
+    return next(p for p in server.processes() if server.server == "kserve" or "ts.sock" in " ".join(p.info["cmdline"]))
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +134,132 @@ def test_served_probabilities_equal_in_process(server: Server, sample: dict[str,
         expected = dict(zip(bundle.class_names, probs.tolist(), strict=True))
         for name, p in answer.items():  # type: ignore[union-attr]
             assert p == pytest.approx(expected[name], abs=1e-4)
+
+
+# --- the Open Inference Protocol (KServe v2), on both servers ---------------------------------------------------
+def v2_request(images: list[bytes], **parameters: object) -> dict:
+    data = [base64.b64encode(i).decode() for i in images]
+    images = {"name": "images", "datatype": "BYTES", "shape": [len(data)], "data": data}
+    body: dict = {"id": "req-7", "inputs": [images]}
+    if parameters:
+        body["parameters"] = parameters
+    return body
+
+
+def v2_post(server: Server, body: object) -> tuple[int, dict]:
+    url = f"http://127.0.0.1:{server.port}/v2/models/classifier/infer"
+    status, raw = call(url, server.key, json.dumps(body).encode(), "application/json")
+    return status, json.loads(raw)
+
+
+def test_v2_infer_answers_labels_and_probabilities_as_in_process(
+    server: Server, sample: dict[str, bytes], trained_run: Path
+) -> None:
+    names = ["star", "circle", "cross"]
+    status, answer = v2_post(server, v2_request([sample[n] for n in names], topk=3))
+    assert status == 200, answer
+    assert answer["id"] == "req-7" and answer["model_name"] == "classifier"
+    outputs = {o["name"]: o for o in answer["outputs"]}
+    assert outputs["labels"]["datatype"] == "BYTES" and outputs["probabilities"]["datatype"] == "FP32"
+    assert outputs["labels"]["shape"] == outputs["probabilities"]["shape"] == [3, 3]
+    bundle = load_bundle(trained_run / "bundle")
+    with torch.no_grad():
+        probs = bundle.probabilities(torch.stack([bundle.transform(load_image(sample[n])) for n in names]))
+    labels, values = outputs["labels"]["data"], outputs["probabilities"]["data"]
+    for row in range(len(names)):
+        assert values[row * 3 : row * 3 + 3] == sorted(values[row * 3 : row * 3 + 3], reverse=True)  # best first
+        for label, p in zip(labels[row * 3 : row * 3 + 3], values[row * 3 : row * 3 + 3], strict=True):
+            assert p == pytest.approx(float(probs[row, bundle.class_names.index(label)]), abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        ({"inputs": 5}, 400, "inputs"),  # (a body without "inputs" is this project's own JSON on TorchServe)
+        ({"inputs": []}, 400, "exactly one input"),
+        ({"inputs": [{"name": "images", "datatype": "FP32", "shape": [1], "data": [1.0]}]}, 400, "BYTES"),
+        ({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [2], "data": ["aGk="]}]}, 400, "shape"),
+        ({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": ["***"]}]}, 400, "base64"),
+        ({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": ["aGk="]}]}, 400, "not an image"),
+        ("topk", 400, "topk"),
+        ("many", 413, "maxImagesPerPrediction"),
+    ],
+)
+def test_v2_errors_answer_with_an_error_that_names_the_problem(
+    server: Server, sample: dict[str, bytes], body: object, status: int, words: str
+) -> None:
+    if body == "topk":
+        body = v2_request([sample["star"]], topk="\xe9" * 200)  # a hostile value, cut when echoed
+    elif body == "many":
+        body = v2_request([sample["star"]] * 65)  # counted before any is decoded
+    got, answer = v2_post(server, body)
+    assert got == status and set(answer) == {"error"}, (got, answer)
+    assert words.lower() in answer["error"].lower() and len(answer["error"]) < 400, answer
+    assert v2_post(server, v2_request([sample["cross"]]))[0] == 200  # and the next request is served
+
+
+def top1(trained_run: Path, image: bytes) -> str:
+    bundle = load_bundle(trained_run / "bundle")
+    with torch.no_grad():
+        return bundle.class_names[int(bundle.probabilities(bundle.transform(load_image(image))[None])[0].argmax())]
+
+
+def test_a_v2_client_no_one_here_wrote_gets_the_answer(
+    server: Server, sample: dict[str, bytes], trained_run: Path
+) -> None:
+    """The kserve SDK's REST client (httpx), protocol v2, against each server (TorchServe: with its key)."""
+    import asyncio
+
+    from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+
+    async def infer() -> object:
+        client = InferenceRESTClient(RESTConfig(protocol="v2", timeout=60))
+        images = InferInput("images", [1], "BYTES", [base64.b64encode(sample["triangle"]).decode()])
+        # the client sends its JSON without a content type, which KServe's own server then reads as binary
+        headers = {"Content-Type": "application/json"}
+        if server.key:
+            headers["Authorization"] = f"Bearer {server.key}"
+        try:
+            return await client.infer(f"http://127.0.0.1:{server.port}", InferRequest("classifier", [images]),
+                                      model_name="classifier", headers=headers)  # fmt: skip
+        finally:
+            await client.close()
+
+    response = asyncio.run(infer())
+    labels = next(o for o in response.outputs if o.name == "labels")  # type: ignore[attr-defined]
+    assert labels.data[0] == top1(trained_run, sample["triangle"])
+
+
+def test_v1_explain_verb_answers_a_heatmap(server: Server, sample: dict[str, bytes], trained_run: Path) -> None:
+    """KServe's explain verb, POST /v1/models/<name>:explain with the image as the body, on both servers."""
+    url = f"http://127.0.0.1:{server.port}/v1/models/classifier:explain"
+    status, raw = call(url, server.key, sample["square"], headers={"X-Method": "layer_gradcam"})
+    assert status == 200, raw[:300]
+    answer = json.loads(raw)
+    assert answer["method"] == "layer_gradcam" and answer["heatmap_png_base64"]
+    assert answer["predicted"] == top1(trained_run, sample["square"])
+
+
+def test_readiness_means_the_model_answered_and_needs_no_key(server: Server) -> None:
+    """KServe's server: the protocol's health and metadata endpoints, no key. TorchServe: its frontend checks the
+    key on every path of the inference port and has no /v2/health routes, so the probe is the project's client run
+    inside the pod (the management key read from the server's folder); both say ready only after the warm-up."""
+    ready = subprocess.run([sys.executable, "-m", "visionapp.serve.client", "ready", "--server", server.server,
+                            "--port", str(server.port), "--management-port", str(server.management_port),
+                            "--dir", str(server.dir)], timeout=60)  # fmt: skip
+    assert ready.returncode == 0
+    if server.server == "torchserve":
+        assert "warm-up prediction answered" in (server.dir / "model_log.log").read_text()
+        return
+    base = f"http://127.0.0.1:{server.port}"
+    assert json.loads(call(f"{base}/v2/health/live", "")[1]) == {"live": True}
+    assert json.loads(call(f"{base}/v2/health/ready", "")[1]) == {"ready": True}
+    assert json.loads(call(f"{base}/v2/models/classifier/ready", "")[1])["ready"] is True
+    status, raw = call(f"{base}/v2/models/classifier", "")
+    metadata = json.loads(raw)
+    assert status == 200 and [i["name"] for i in metadata["inputs"]] == ["images"]
+    assert {o["name"] for o in metadata["outputs"]} == {"labels", "probabilities"}
+    assert "warm-up prediction answered" in (server.dir / "kserve.out").read_text()
 
 
 # --- every image Pillow can open is served ---------------------------------------------------------------------
@@ -193,8 +334,8 @@ def test_bad_input_gets_a_4xx_that_names_it(
 
 
 def test_body_over_the_size_limit_gets_413(server: Server, sample: dict[str, bytes]) -> None:
-    # TorchServe's frontend refuses it from the Content-Length alone (max_request_size, 10 MiB), before any
-    # byte of the body is read; curl -T sends the same Expect: 100-continue for large uploads.
+    # Both servers refuse it from the Content-Length alone (10 MiB: TorchServe's max_request_size, the KServe
+    # adapter's own check), before any byte of the body is read; curl -T sends the same Expect: 100-continue.
     conn = http.client.HTTPConnection("127.0.0.1", server.port)
     conn.putrequest("POST", "/predictions/classifier")
     conn.putheader("Authorization", f"Bearer {server.key}")
@@ -207,6 +348,7 @@ def test_body_over_the_size_limit_gets_413(server: Server, sample: dict[str, byt
 
 
 def test_requests_without_or_with_a_wrong_token_are_refused(server: Server, sample: dict[str, bytes]) -> None:
+    torchserve_only(server, "KServe's server has no token authorisation; it listens on loopback only")
     url = server.url()
     status, raw = call(url, "", sample["star"])
     assert status in (400, 401) and b"Token Authorization failed" in raw
@@ -250,7 +392,7 @@ def test_a_camera_sized_photo_is_explained_at_a_bounded_cost(server: Server) -> 
     """24 megapixels explained: the overlay comes back at most maxHeatmapPixels (aspect kept, size said), the answer
     stays small and the worker's memory grows by less than 500 MB."""
     photo = _photo(6000, 4000)
-    worker = next(p for p in server.processes() if "ts.sock" in " ".join(p.info["cmdline"]))
+    worker = model_process(server)
     server.post(photo, endpoint="explanations", headers={"X-Method": "layer_gradcam"})  # the first allocates once
     before = worker.memory_info().rss
     status, raw = call(server.url("explanations"), server.key, photo, headers={"X-Method": "integrated_gradients"})
@@ -270,6 +412,7 @@ def test_logs_keep_access_and_metrics_without_per_request_chatter(server: Server
     ts_log.log holds start-up and warnings, not TorchServe's per-batch scheduling lines (its default config logs
     ~20 per request, each written twice); the console (torchserve.out for make serve-bg) shows the handler's own
     log but not the worker's per-batch line."""
+    torchserve_only(server, "its log4j2 configuration")
     access = server.dir / "access_log.log"
     before = access.read_text().count("POST /predictions/classifier") if access.exists() else 0
     for _ in range(3):
@@ -313,11 +456,13 @@ def test_prometheus_metrics_count_what_was_served(server: Server, sample: dict[s
         return scrape(server).get((name, frozenset(model | set(labels))), 0.0)
 
     predictions, explained = (("Endpoint", "predictions"),), (("Method", "layer_gradcam"),)
+    # the same names and labels on both servers
     series = [("ImagesPerRequest_count", predictions), ("ImagesPerRequest_sum", predictions),
               ("ExplanationSeconds_count", explained), ("ExplanationSeconds_sum", explained),
               ("BadInputs_total", (("Kind", "not_an_image"),)), ("BadInputs_total", (("Kind", "bad_option"),)),
               *[("Predictions_total", (("Class", c),)) for c in sample]]  # fmt: skip
     before = {k: m(*k) for k in series}
+    torchserve = server.server == "torchserve"
     requests_before = sum(v for (n, _), v in scrape(server).items() if n == "ts_inference_requests_total")
 
     top1 = []
@@ -343,9 +488,10 @@ def test_prometheus_metrics_count_what_was_served(server: Server, sample: dict[s
     assert counted == {k: v for k, v in expected.items() if v is not None}
     assert got[("ExplanationSeconds_sum", explained)] > 0  # seconds spent explaining
     samples = scrape(server)
-    requests = sum(v for (n, _), v in samples.items() if n == "ts_inference_requests_total")
-    assert requests - requests_before == 5  # every request the frontend answered, 4xx included
-    assert any(n.startswith("ts_queue_latency_microseconds") for n, _ in samples)  # the HPA signal
+    if torchserve:
+        requests = sum(v for (n, _), v in samples.items() if n == "ts_inference_requests_total")
+        assert requests - requests_before == 5  # every request the frontend answered, 4xx included
+        assert any(n.startswith("ts_queue_latency_microseconds") for n, _ in samples)  # the HPA signal
 
 
 # --- load and faults -------------------------------------------------------------------------------------------
@@ -368,6 +514,7 @@ def test_make_predict_as_the_readme_gives_it(server: Server, sample: dict[str, b
 
 
 def test_load_with_a_worker_killed_midway(server: Server, sample: dict[str, bytes]) -> None:
+    torchserve_only(server, "KServe's server runs the model in its own process, which Kubernetes restarts")
     url = server.url()
     warm = run_load(url, server.key, sample["star"], requests=48, concurrency=16, max_seconds=60)
     assert warm["ok"] == 48, warm

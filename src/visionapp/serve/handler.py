@@ -30,7 +30,7 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from visionapp.serve.core import Failure, ServingCore
-from visionapp.serve.inputs import BadInput, Request, is_v2, parse_request, parse_v2
+from visionapp.serve.inputs import BadInput, Request, parse_request, parse_v2, v2_body
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +69,14 @@ class ImageClassifierHandler(BaseHandler):
         explanations: list[tuple[int, Request]] = []
         for idx, row in enumerate(data):
             explain_it = context.get_request_header(idx, "explain") == "True"
-            v2 = is_v2(row)
+            v2_request = v2_body(row)
+            v2 = v2_request is not None
             try:
                 if v2 and explain_it:
                     raise BadInput("the Open Inference Protocol has no explain verb here; POST the image to "
                                    f"/explanations/{self.core.name}", kind="bad_body")  # fmt: skip
                 if v2:
-                    req = parse_v2(row.get("body", row.get("data")), self.core.limits)
+                    req = parse_v2(v2_request, self.core.limits)
                 else:
                     req = parse_request(row, context.get_all_request_header(idx), self.core.limits, explain_it)
                 if req.error is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import math
 import os
 import warnings
@@ -241,10 +242,18 @@ def _decode_all(raws: list[bytes], req: Request, limits: Limits) -> None:
         req.images.append(img)
 
 
-def is_v2(row: dict[str, Any]) -> bool:
-    """Whether a TorchServe request row holds an Open Inference Protocol request (a JSON body with "inputs")."""
+def v2_body(row: dict[str, Any]) -> dict[str, Any] | None:
+    """A TorchServe request row's Open Inference Protocol request (a JSON object with "inputs"), else None.
+
+    TorchServe decodes the body only when it is sent as application/json; clients that send the JSON without
+    that header (the kserve SDK's REST client does) arrive as bytes, and no image starts with "{"."""
     body = row.get("body", row.get("data"))
-    return isinstance(body, dict) and "inputs" in body
+    if isinstance(body, bytes | bytearray) and body.lstrip()[:1] == b"{":
+        try:
+            body = json.loads(body)
+        except ValueError:
+            return None
+    return body if isinstance(body, dict) and "inputs" in body else None
 
 
 V2_EXAMPLE = '{"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": ["<base64 image>"]}]}'

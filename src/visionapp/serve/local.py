@@ -1,5 +1,6 @@
-"""A TorchServe on free loopback ports, started with `make serve-bg` and stopped with `make stop`: the same
-config as `make serve`, for the end-to-end tests and the benchmarks.
+"""A server on free loopback ports, started with `make serve-bg` and stopped with `make stop`: the same config as
+`make serve`, for the end-to-end tests and the benchmarks. TorchServe by default; server="kserve" for KServe's
+model server (the make variables RUN and MODEL_CONFIG then name what it serves).
 
     with LocalServer(Path("model_store"), Path("/tmp/serve")) as s:
         status, answer = s.post(Path("photo.png").read_bytes())
@@ -35,19 +36,28 @@ def free_ports(n: int) -> list[int]:
 
 class LocalServer:
     def __init__(
-        self, store: Path, serve_dir: Path, model: str = "classifier", *extra_vars: str, checkout: Path = Path()
+        self,
+        store: Path,
+        serve_dir: Path,
+        model: str = "classifier",
+        *extra_vars: str,
+        checkout: Path = Path(),
+        server: str = "torchserve",
     ) -> None:
         """`store` holds `<model>.mar`; `serve_dir` gets the server's keys, logs and pid file; `extra_vars` are
         more make variables (e.g. TORCHSERVE=... for another launcher); `checkout` is the project's folder, whose
         Makefile starts and stops the server (default: the working directory, as for every make target)."""
+        self.server = server
         self.checkout = Path(checkout)
         ports = free_ports(len(PORTS))
         self.port, self.worker_port = ports[PORTS.index("INFERENCE")], ports[PORTS.index("WORKER")]
         self.management_port = ports[PORTS.index("MANAGEMENT")]
-        self.metrics_port = ports[PORTS.index("METRICS")]
+        # KServe's server answers /metrics on its one HTTP port
+        self.metrics_port = self.port if server == "kserve" else ports[PORTS.index("METRICS")]
         self.model, self.dir = model, Path(serve_dir)
         self.make_vars = [f"{name}_PORT={p}" for name, p in zip(PORTS, ports, strict=True)]
-        self.make_vars += [f"MODEL_STORE={store}", f"MODEL_NAME={model}", f"SERVE_DIR={self.dir}", *extra_vars]
+        self.make_vars += [f"MODEL_STORE={store}", f"MODEL_NAME={model}", f"SERVE_DIR={self.dir}", f"SERVER={server}"]
+        self.make_vars += extra_vars
         self.key = ""
 
     def start(self: S) -> S:
@@ -58,7 +68,7 @@ class LocalServer:
         except BaseException:
             self.stop(check=False)
             raise
-        self.key = inference_key(self.dir)
+        self.key = inference_key(self.dir) if self.server == "torchserve" else ""  # KServe's server has no keys
         return self
 
     def stop(self, check: bool = True) -> None:
@@ -92,10 +102,17 @@ class LocalServer:
         return status, json.loads(raw)
 
     def processes(self) -> list[psutil.Process]:
-        """This server's Java frontend (its command line does not name the directory; make serve-bg starts it
-        from there) and its Python worker(s) (named by their socket); each with the command line read here in
-        `.info["cmdline"]`."""
+        """KServe's: the process in its pid file and its children. TorchServe's: its Java frontend (its command
+        line does not name the directory; make serve-bg starts it from there) and its Python worker(s) (named by
+        their socket). Each with the command line read here in `.info["cmdline"]`."""
         found = []
+        if self.server == "kserve":
+            with suppress(OSError, ValueError, psutil.Error):
+                main = psutil.Process(int((self.dir / "kserve.pid").read_text()))
+                found = [main, *main.children(recursive=True)]
+                for p in found:
+                    p.info = {"cmdline": p.cmdline()}
+            return found
         for p in psutil.process_iter(["cmdline"]):
             cmd = " ".join(p.info["cmdline"] or [])
             with suppress(psutil.Error):  # a process that ended meanwhile
