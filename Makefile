@@ -177,9 +177,9 @@ stop-kserve:
 	kill -9 $$pid 2>/dev/null; rm -f $(SERVE_DIR)/kserve.pid; echo "stopped KServe's server (pid $$pid)"
 
 IMG ?=
-predict: $(STAMP) ## send IMG=photo.jpg to the running server (finds and renews the key); EXPLAIN=1 for a heatmap
+predict: $(STAMP) ## send IMG=photo.jpg to the running server (finds and renews the key); EXPLAIN=1 for a heatmap, V2=1 over the Open Inference Protocol
 	@test -n "$(IMG)" || { echo "usage: make predict IMG=photo.jpg [EXPLAIN=1 TARGET=star]"; exit 2; }
-	$(PY) -m visionapp.serve.client $(if $(EXPLAIN),explain --save $(basename $(notdir $(IMG)))_heatmap.png $(if $(TARGET),--target $(TARGET)),predict) $(IMG) --port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --dir $(SERVE_DIR) --model $(MODEL_NAME) --server $(SERVER)
+	$(PY) -m visionapp.serve.client $(if $(EXPLAIN),explain --save $(basename $(notdir $(IMG)))_heatmap.png $(if $(TARGET),--target $(TARGET)),$(if $(V2),infer,predict)) $(IMG) --port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --dir $(SERVE_DIR) --model $(MODEL_NAME) --server $(SERVER)
 
 .PHONY: archive export java-check server-check serve serve-bg stop serve-torchserve serve-bg-torchserve stop-torchserve serve-kserve serve-bg-kserve stop-kserve predict FORCE
 
@@ -245,23 +245,36 @@ base-image: need-engine ## a Debian bookworm base image made locally with mmdebs
 	mmdebstrap --variant=minbase --include=ca-certificates bookworm - | $(ENGINE) $(ENGINE_FLAGS) import - $(LOCAL_BASE)
 	@echo "now: make image-serve IMAGE=... BASE_IMAGE=$(LOCAL_BASE)"
 
-image-serve: need-image need-engine $(MODEL_STORE)/$(MODEL_NAME).mar ## the serving image with RUN's .mar baked in (IMAGE=visionapp-serve:1 [BASE_IMAGE=...])
+image-serve: need-image need-engine server-check image-serve-$(SERVER) ## the serving image with RUN's model baked in (IMAGE=visionapp-serve:1 [SERVER=kserve BASE_IMAGE=...])
+image-serve-torchserve: $(MODEL_STORE)/$(MODEL_NAME).mar
 	$(ENGINE) $(ENGINE_FLAGS) build -f serve/Dockerfile -t $(IMAGE) --build-arg BASE_IMAGE=$(BASE_IMAGE) \
 	  --build-arg MAR=$(MODEL_STORE)/$(MODEL_NAME).mar --build-arg MODEL_NAME=$(MODEL_NAME) $(BUILD_FLAGS) .
+# KServe's server bakes the run's bundle, staged in the model store (runs/ is outside the build context)
+image-serve-kserve:
+	@test -f $(RUN)/bundle/model.json || { echo "no $(RUN)/bundle: make train first (or RUN=runs/<run>)"; exit 1; }
+	rm -rf $(MODEL_STORE)/$(MODEL_NAME).bundle && mkdir -p $(MODEL_STORE) && cp -rL $(RUN)/bundle $(MODEL_STORE)/$(MODEL_NAME).bundle
+	$(ENGINE) $(ENGINE_FLAGS) build -f serve/Dockerfile.kserve -t $(IMAGE) --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+	  --build-arg BUNDLE=$(MODEL_STORE)/$(MODEL_NAME).bundle --build-arg MODEL_CONFIG=$(MODEL_CONFIG) \
+	  --build-arg MODEL_NAME=$(MODEL_NAME) --build-arg MODEL_VERSION=$(notdir $(realpath $(RUN))) $(BUILD_FLAGS) .
 
 # The image run as a user would, on loopback: host networking with TorchServe bound to 127.0.0.1 on this
 # Makefile's ports, token authorisation on (the key is read from the container into SERVE_DIR for the client).
 CONTAINER_ENV = -e TS_INFERENCE_ADDRESS=http://127.0.0.1:$(INFERENCE_PORT) -e TS_MANAGEMENT_ADDRESS=http://127.0.0.1:$(MANAGEMENT_PORT) \
   -e TS_METRICS_ADDRESS=http://127.0.0.1:$(METRICS_PORT) -e TS_GRPC_INFERENCE_PORT=$(GRPC_INFERENCE_PORT) \
   -e TS_GRPC_MANAGEMENT_PORT=$(GRPC_MANAGEMENT_PORT)
-image-run: need-image need-engine $(STAMP) ## start IMAGE in a container on loopback (INFERENCE_PORT...), return once the model is ready
+image-run: need-image need-engine server-check $(STAMP) ## start IMAGE in a container on loopback (INFERENCE_PORT... [SERVER=kserve]), return once the model is ready
 	@mkdir -p $(SERVE_DIR)
+ifeq ($(SERVER),kserve)
+	$(ENGINE) $(ENGINE_FLAGS) run -d --rm --name $(CONTAINER) --network host $(RUN_FLAGS) $(IMAGE) \
+	  --host 127.0.0.1 --http_port $(INFERENCE_PORT) --enable_grpc false
+else
 	$(ENGINE) $(ENGINE_FLAGS) run -d --rm --name $(CONTAINER) --network host $(CONTAINER_ENV) $(RUN_FLAGS) $(IMAGE)
 	@for i in $$(seq $(WAIT_TIMEOUT)); do $(ENGINE) $(ENGINE_FLAGS) exec $(CONTAINER) cat key_file.json > $(SERVE_DIR)/key_file.json 2>/dev/null && break; sleep 1; done
-	$(PY) -m visionapp.serve.client wait --port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --dir $(SERVE_DIR) \
-	  --model $(MODEL_NAME) --timeout $(WAIT_TIMEOUT) \
+endif
+	$(PY) -m visionapp.serve.client wait --server $(SERVER) --port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) \
+	  --dir $(SERVE_DIR) --model $(MODEL_NAME) --timeout $(WAIT_TIMEOUT) \
 	  || { $(ENGINE) $(ENGINE_FLAGS) logs $(CONTAINER) | tail -30; $(ENGINE) $(ENGINE_FLAGS) stop $(CONTAINER); exit 1; }
-	@echo "container $(CONTAINER) is serving; make predict IMG=... INFERENCE_PORT=$(INFERENCE_PORT); make image-stop"
+	@echo "container $(CONTAINER) is serving; make predict IMG=... INFERENCE_PORT=$(INFERENCE_PORT) SERVER=$(SERVER); make image-stop"
 
 image-stop: ## stop the container make image-run started (same INFERENCE_PORT)
 	$(ENGINE) $(ENGINE_FLAGS) stop $(CONTAINER)
@@ -269,9 +282,9 @@ image-stop: ## stop the container make image-run started (same INFERENCE_PORT)
 image-check: need-image ## the image answers one real prediction from a container: image-run, predict IMG, image-stop
 	@test -n "$(IMG)" || { echo "usage: make image-check IMAGE=visionapp-serve:1 IMG=photo.png"; exit 2; }
 	$(MAKE) image-run
-	$(MAKE) predict; status=$$?; $(MAKE) image-stop; exit $$status
+	$(MAKE) predict && $(MAKE) predict V2=1; status=$$?; $(MAKE) image-stop; exit $$status
 
-.PHONY: need-engine need-image base-image image-serve image-run image-stop image-check
+.PHONY: need-engine need-image base-image image-serve image-serve-torchserve image-serve-kserve image-run image-stop image-check
 
 # Kubernetes (Deployment, Service, NetworkPolicy, HPA) and KServe (ServingRuntime, InferenceService) for IMAGE,
 # rendered from RUN and validated (Kubernetes' schemas, KServe's SDK models) before they are written.
@@ -279,8 +292,9 @@ REPLICAS     ?= 2
 MAX_REPLICAS ?=
 STORAGE_URI  ?=
 DEPLOY_DIR   ?= deploy
-k8s: need-image $(STAMP) $(MODEL_STORE)/$(MODEL_NAME).mar ## manifests for IMAGE into deploy/ (REPLICAS=2 [CPUS=2 MEM_MB=8192 GPUS=0 STORAGE_URI=... DRYRUN=1])
+k8s: need-image server-check $(STAMP) $(if $(filter torchserve,$(SERVER)),$(MODEL_STORE)/$(MODEL_NAME).mar) ## manifests for IMAGE into deploy/ (REPLICAS=2 [SERVER=kserve CPUS=2 MEM_MB=8192 GPUS=0 STORAGE_URI=... DRYRUN=1])
 	$(PY) -m visionapp.serve.deploy --bundle $(RUN)/bundle --mar $(MODEL_STORE)/$(MODEL_NAME).mar --image $(IMAGE) \
+	  --server $(SERVER) --model-config $(MODEL_CONFIG) \
 	  --replicas $(REPLICAS) --cpus $(CPUS) --mem-mb $(MEM_MB) --gpus $(GPUS) --out $(DEPLOY_DIR) \
 	  $(if $(MAX_REPLICAS),--max-replicas $(MAX_REPLICAS)) $(if $(STORAGE_URI),--storage-uri $(STORAGE_URI)) $(if $(DRYRUN),--dry-run)
 

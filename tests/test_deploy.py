@@ -36,17 +36,25 @@ def make_k8s(run: Path, store: Path, out: Path, *extra: str) -> subprocess.Compl
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-def manifests(out: Path) -> dict[str, dict]:
-    """kind -> the one document of that kind, from what kubectl apply -f deploy/k8s/ and deploy/kserve/ read."""
-    docs = [
-        d
-        for folder in ("k8s", "kserve")
-        for f in sorted((out / folder).glob("*.yaml"))
-        for d in documents(f.read_text())
-    ]
+def manifests(out: Path, folder: str) -> dict[str, dict]:
+    """kind -> the one document of that kind, from what kubectl apply -f deploy/<folder>/ reads."""
+    docs = [d for f in sorted((out / folder).glob("*.yaml")) for d in documents(f.read_text())]
     kinds = {d["kind"]: d for d in docs}
     assert len(kinds) == len(docs), [d["kind"] for d in docs]
     return kinds
+
+
+def management_unreachable(doc: dict) -> None:
+    """Every TorchServe container of a rendered object binds its management API to the pod's loopback, and no
+    NetworkPolicy or Service admits its port."""
+    spec = doc["spec"].get("template", {}).get("spec", doc["spec"])
+    for c in spec.get("containers", []):
+        env = {e["name"]: e.get("value") for e in c.get("env", [])}
+        if "TS_DISABLE_TOKEN_AUTHORIZATION" in env:  # a TorchServe container without tokens
+            assert env.get("TS_MANAGEMENT_ADDRESS") == "http://127.0.0.1:8081", (doc["kind"], env)
+        assert 8081 not in {p["containerPort"] for p in c.get("ports", [])}, doc["kind"]
+    for rule in doc["spec"].get("ingress", []):
+        assert 8081 not in {p["port"] for p in rule["ports"]}, doc["kind"]
 
 
 # --- make k8s --------------------------------------------------------------------------------------------------
@@ -55,11 +63,12 @@ def test_make_k8s_renders_valid_manifests_from_the_run(trained_run: Path, store:
     out = tmp_path / "deploy"
     r = make_k8s(trained_run, store, out, "REPLICAS=3", "CPUS=4", "MEM_MB=6144")
     assert r.returncode == 0, r.stderr
-    kinds = manifests(out)
-    assert set(kinds) == {"Deployment", "Service", "NetworkPolicy", "HorizontalPodAutoscaler", "ServingRuntime",
-                          "InferenceService"}  # fmt: skip
-    for doc in kinds.values():
+    kinds, kserve = manifests(out, "k8s"), manifests(out, "kserve")
+    assert set(kinds) == {"Deployment", "Service", "NetworkPolicy", "HorizontalPodAutoscaler"}
+    assert set(kserve) == {"ServingRuntime", "InferenceService", "NetworkPolicy"}
+    for doc in [*kinds.values(), *kserve.values()]:
         validate(doc)  # as make k8s did before writing; here on what was written
+        management_unreachable(doc)
 
     deployment = kinds["Deployment"]
     pod = deployment["spec"]["template"]["spec"]
@@ -70,7 +79,9 @@ def test_make_k8s_renders_valid_manifests_from_the_run(trained_run: Path, store:
     env = {e["name"]: e["value"] for e in container["env"]}
     # Probes without a token: TorchServe's keys are per process, so the cluster turns them off ...
     assert env["TS_DISABLE_TOKEN_AUTHORIZATION"] == "true"
-    assert container["readinessProbe"]["httpGet"]["path"] == "/ping" and "tcpSocket" in container["livenessProbe"]
+    # ... ready = a worker READY (after its warm-up prediction), asked inside the pod; alive = the port answers
+    assert "/models/classifier" in " ".join(container["readinessProbe"]["exec"]["command"])
+    assert "tcpSocket" in container["livenessProbe"]
     # ... and the NetworkPolicy admits predictions and metrics only, never the management port.
     allowed = {p["port"] for rule in kinds["NetworkPolicy"]["spec"]["ingress"] for p in rule["ports"]}
     assert allowed == {8080, 8082} and {p["containerPort"] for p in container["ports"]} == allowed
@@ -84,7 +95,10 @@ def test_make_k8s_renders_valid_manifests_from_the_run(trained_run: Path, store:
     for series in ("ts_queue_latency_microseconds", "ts_inference_requests_total"):  # as serve/metrics.yaml declares
         assert series in rule["metricsQuery"] and series in (ROOT / "serve" / "metrics.yaml").read_text()
 
-    runtime, isvc = kinds["ServingRuntime"], kinds["InferenceService"]
+    runtime, isvc = kserve["ServingRuntime"], kserve["InferenceService"]
+    # KServe's predictor pods are selected by their own label, not the Deployment's
+    selector = kserve["NetworkPolicy"]["spec"]["podSelector"]["matchLabels"]
+    assert selector == {"serving.kserve.io/inferenceservice": "classifier"}
     assert runtime["spec"]["containers"][0]["image"] == IMAGE
     assert isvc["spec"]["predictor"]["model"]["runtime"] == runtime["metadata"]["name"]
     assert isvc["spec"]["predictor"]["model"]["modelFormat"]["name"] == "pytorch"
@@ -114,13 +128,37 @@ def test_make_k8s_gpus_and_dry_run(trained_run: Path, store: Path, tmp_path: Pat
     assert r.returncode == 2 and "usage: make k8s IMAGE=" in r.stdout
 
 
+@pytest.mark.slow
+def test_make_k8s_server_kserve_needs_no_torchserve(trained_run: Path, tmp_path: Path) -> None:
+    """SERVER=kserve: an InferenceService on a ServingRuntime that runs KServe's model server in the project's image
+    (no .mar, no TorchServe runtime), ready on the protocol's model-ready path; the storage holds the bundle."""
+    out = tmp_path / "deploy"
+    r = make_k8s(trained_run, tmp_path / "no-store", out, "SERVER=kserve")
+    assert r.returncode == 0, r.stderr
+    assert not (out / "k8s").exists() and not (tmp_path / "no-store").exists()  # nothing archived
+    kserve = manifests(out, "kserve")
+    assert set(kserve) == {"ServingRuntime", "InferenceService", "NetworkPolicy"}
+    for doc in kserve.values():
+        validate(doc)
+        management_unreachable(doc)
+    (container,) = kserve["ServingRuntime"]["spec"]["containers"]
+    assert container["image"] == IMAGE and "v2" in kserve["ServingRuntime"]["spec"]["protocolVersions"]
+    assert "--bundle=/mnt/models/bundle" in container["args"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/models/classifier/ready"
+    assert "torchserve" not in yaml.safe_dump(kserve).lower()
+    assert kserve["InferenceService"]["spec"]["predictor"]["model"]["runtime"] == "classifier-kserve"
+    storage = out / "kserve" / "storage"
+    assert (storage / "bundle" / "model.pt").read_bytes() == (trained_run / "bundle" / "model.pt").read_bytes()
+    assert (storage / "model-config.yaml").is_file()
+
+
 # --- the validators can fail ----------------------------------------------------------------------------------
 def _rendered(name: str) -> dict:
     from visionapp.serve.deploy import render
 
     values = {"name": "classifier", "model": "classifier", "image": IMAGE, "version": "run", "replicas": 1,
               "max_replicas": 2, "cpus": "2", "mem_mb": 4096, "queue_ms": "100", "storage_uri": "pvc://m/run",
-              "monitoring_namespace": "monitoring", "gpu": ""}  # fmt: skip
+              "monitoring_namespace": "monitoring", "gpu": "", "runtime": "classifier-torchserve"}  # fmt: skip
     return documents(render(values, templates=ROOT / "serve" / "k8s")[name])[0]
 
 
@@ -154,13 +192,13 @@ def test_a_broken_manifest_is_refused_with_the_field_named(manifest: str, path: 
 
 
 # --- the serving image's inputs (no engine needed) -------------------------------------------------------------
-def dockerfile_copies() -> list[str]:
-    """The sources of serve/Dockerfile's COPY lines, with its ARG defaults filled in."""
-    text = DOCKERFILE.read_text()
+def dockerfile_copies(dockerfile: Path = DOCKERFILE) -> list[str]:
+    """The sources of a Dockerfile's COPY lines, with its ARG defaults filled in."""
+    text = dockerfile.read_text()
     args = dict(re.findall(r"^ARG (\w+)=(\S+)", text, re.M))
     sources = []
     for line in re.findall(r"^COPY (.+)$", text, re.M):
-        *src, _dest = line.split()
+        *src, _dest = line.replace("\\", " ").split()
         sources += [re.sub(r"\$\{(\w+)\}", lambda m: args[m[1]], s) for s in src]
     return sources
 
@@ -184,8 +222,8 @@ def test_what_the_image_copies_exists(tmp_path: Path) -> None:
 
 
 def test_the_image_configures_torchserve_as_make_serve_does() -> None:
-    """The TS_* variables the image sets name real settings of config.properties, bind all interfaces, and
-    point at the files it copies; TorchServe's metrics config is the one make serve passes."""
+    """The TS_* variables the image sets name real settings of config.properties, bind all interfaces but the
+    management API's, and point at the files it copies; TorchServe's metrics config is the one make serve passes."""
     text = DOCKERFILE.read_text()
     env = dict(re.findall(r"^(?:ENV)?\s*(TS_\w+)=(\S+?)\s*\\?$", text, re.M))  # the ENV block's lines
     assert len(env) >= 5, env
@@ -194,11 +232,58 @@ def test_the_image_configures_torchserve_as_make_serve_does() -> None:
     properties.add("metrics_config")  # passed by make serve as TS_METRICS_CONFIG
     for name in env:
         assert name.removeprefix("TS_").lower() in properties, name
-    for port, name in ((8080, "INFERENCE"), (8081, "MANAGEMENT"), (8082, "METRICS")):
-        assert env[f"TS_{name}_ADDRESS"] == f"http://0.0.0.0:{port}" and "EXPOSE 8080 8081 8082" in text
+    for port, name in ((8080, "INFERENCE"), (8082, "METRICS")):
+        assert env[f"TS_{name}_ADDRESS"] == f"http://0.0.0.0:{port}" and "EXPOSE 8080 8082\n" in text
+    assert env["TS_MANAGEMENT_ADDRESS"] == "http://127.0.0.1:8081"  # token or not, never reachable from outside
     assert env["TS_METRICS_CONFIG"] == "/home/model-server/config/metrics.yaml" and "serve/metrics.yaml" in text
     assert "TS_METRICS_CONFIG ?= serve/metrics.yaml" in (ROOT / "Makefile").read_text()
     assert "USER model-server" in text and "--foreground" in text
+
+
+def closure(names: list[str]) -> set[str]:
+    """The distributions `names` install, with everything they require."""
+    seen: set[str] = set()
+    todo = list(names)
+    while todo:
+        name = todo.pop().lower().replace("_", "-")
+        if name in seen:
+            continue
+        seen.add(name)
+        for r in md.requires(name) or []:
+            req = Requirement(r)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return seen
+
+
+def requirements(path: Path) -> list[Requirement]:
+    return [Requirement(ln) for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+def test_the_kserve_image_has_what_its_server_imports(tmp_path: Path) -> None:
+    """serve/Dockerfile.kserve copies files that exist and are in the build context, and its requirements cover
+    every distribution KServe's server module loads."""
+    copies = dockerfile_copies(ROOT / "serve" / "Dockerfile.kserve")
+    assert "runs/latest/bundle" in copies  # the default; make image-serve SERVER=kserve stages RUN's bundle
+    for src in set(copies) - {"runs/latest/bundle"}:
+        assert (ROOT / src).exists(), src
+    r = subprocess.run(["make", "-n", "image-serve", "IMAGE=x", "ENGINE=docker", "SERVER=kserve"], cwd=ROOT,
+                       capture_output=True, text=True)  # fmt: skip
+    assert "--build-arg BUNDLE=model_store/classifier.bundle" in r.stdout and "Dockerfile.kserve" in r.stdout, r.stdout
+    probe = ("import sys, json, importlib.metadata as md; before = set(sys.modules); "
+             "import visionapp.serve.kserve_server; dists = md.packages_distributions(); "
+             "new = {m.split('.')[0] for m in set(sys.modules) - before}; "
+             "print(json.dumps(sorted({d for m in new for d in dists.get(m, [])})))")  # fmt: skip
+    loaded = set(json.loads(subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
+                                           text=True, check=True).stdout.splitlines()[-1]))  # fmt: skip
+    installed = closure([r.name for r in requirements(ROOT / "serve" / "requirements-kserve.txt")])
+    # imported here only because this venv has them (each importer tries them and goes on without): kubernetes'
+    # dynamic client tries kubernetes-validate (and its jsonschema), uvicorn watchfiles, httpx's CLI rich
+    optional = {"kubernetes-validate", "jsonschema", "jsonschema-specifications", "referencing", "rpds-py",
+                "importlib-resources", "watchfiles", "rich", "pygments"}  # fmt: skip
+    installed |= optional
+    missing = {d for d in loaded if d.lower().replace("_", "-") not in installed and d != "visionapp"}
+    assert not missing, f"KServe's server loads {sorted(missing)}: add them to serve/requirements-kserve.txt"
 
 
 @pytest.mark.slow
@@ -213,22 +298,7 @@ def test_the_image_installs_what_the_mar_imports(store: Path, tmp_path: Path) ->
              "print(json.dumps(sorted({d for m in new for d in dists.get(m, [])})))")  # fmt: skip
     loaded = set(json.loads(subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
                                            text=True, check=True).stdout.splitlines()[-1]))  # fmt: skip
-    reqs = [Requirement(ln) for ln in (ROOT / "serve" / "requirements.txt").read_text().splitlines()
-            if ln.strip() and not ln.startswith("#")]  # fmt: skip
-
-    def closure(names: list[str]) -> set[str]:
-        seen: set[str] = set()
-        todo = list(names)
-        while todo:
-            name = todo.pop().lower().replace("_", "-")
-            if name in seen:
-                continue
-            seen.add(name)
-            for r in md.requires(name) or []:
-                req = Requirement(r)
-                if req.marker is None or req.marker.evaluate({"extra": ""}):
-                    todo.append(req.name)
-        return seen
+    reqs = requirements(ROOT / "serve" / "requirements.txt")
 
     installed = closure([r.name for r in reqs])
     missing = {d for d in loaded if d.lower().replace("_", "-") not in installed and d != "visionapp"}

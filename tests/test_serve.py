@@ -231,9 +231,10 @@ def test_a_v2_client_no_one_here_wrote_gets_the_answer(
 
 
 def test_v1_explain_verb_answers_a_heatmap(server: Server, sample: dict[str, bytes], trained_run: Path) -> None:
-    """KServe's explain verb, POST /v1/models/<name>:explain with the image as the body, on both servers."""
+    """KServe's explain verb, POST /v1/models/<name>:explain with the image as the body, on both servers (with an
+    image content type: KServe's v1 reads application/octet-stream as JSON)."""
     url = f"http://127.0.0.1:{server.port}/v1/models/classifier:explain"
-    status, raw = call(url, server.key, sample["square"], headers={"X-Method": "layer_gradcam"})
+    status, raw = call(url, server.key, sample["square"], "image/png", headers={"X-Method": "layer_gradcam"})
     assert status == 200, raw[:300]
     answer = json.loads(raw)
     assert answer["method"] == "layer_gradcam" and answer["heatmap_png_base64"]

@@ -190,6 +190,11 @@ def test_no_option_header_can_hurt_the_worker(gathering: LocalServer, trained_ru
     workers = _model_pids(gathering)
     good = ("predictions", image, "application/octet-stream", {})
     for endpoint, header, value, option in HOSTILE_OPTIONS:
+        if gathering.server == "kserve" and any(c < " " for c in value):
+            # uvicorn's HTTP parser refuses control characters in a header value before any code of ours runs
+            status, raw = call(gathering.url(endpoint), "", image, headers={header: value})
+            assert status == 400 and b"Invalid HTTP request" in raw, (status, raw)
+            continue
         answers = _together(gathering, [good, (endpoint, image, "application/octet-stream", {header: value}), good])
         assert answers[0][0] == 200 and answers[2][0] == 200, answers
         status, answer = answers[1]

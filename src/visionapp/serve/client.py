@@ -2,6 +2,7 @@
 
 python -m visionapp.serve.client predict photo.jpg [more.jpg ...] [--port 8080] [--dir logs/serve-8080]
 python -m visionapp.serve.client explain photo.jpg [--target star] [--method occlusion] [--save heatmap.png]
+python -m visionapp.serve.client infer photo.jpg [more.jpg ...]  # the same over the Open Inference Protocol (v2)
 python -m visionapp.serve.client wait [--timeout 120]        # until the model answers (used by make serve-bg)
 python -m visionapp.serve.client ready                       # exit 0 if the model answers now (a readiness probe)
 Add --server kserve for KServe's model server.
@@ -108,7 +109,7 @@ def wait_ready(base: str, management: str, serve_dir: Path, model: str, timeout:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["predict", "explain", "wait", "ready"])
+    ap.add_argument("command", choices=["predict", "explain", "infer", "wait", "ready"])
     ap.add_argument("--server", choices=["torchserve", "kserve"], default="torchserve")
     ap.add_argument("images", nargs="*")
     ap.add_argument("--port", type=int, default=8080, help="inference port")
@@ -132,15 +133,20 @@ def main(argv: list[str] | None = None) -> int:
     if not args.images:
         ap.error("give at least one image")
     options = {f"X-{k}": v for k, v in (("Target", args.target), ("Method", args.method)) if v}
-    endpoint = "predictions" if args.command == "predict" else "explanations"
-    url = f"{base}/{endpoint}/{args.model}"
+    endpoint = {"predict": "predictions", "explain": "explanations"}.get(args.command)
+    url = f"{base}/{endpoint}/{args.model}" if endpoint else f"{base}/v2/models/{args.model}/infer"
     failed = 0
     for img in args.images:
         body_bytes = Path(img).read_bytes()
+        if args.command == "infer":
+            data = base64.b64encode(body_bytes).decode("ascii")
+            images = {"name": "images", "datatype": "BYTES", "shape": [1], "data": [data]}
+            body_bytes = json.dumps({"id": Path(img).name, "inputs": [images]}).encode()
+        ctype = "application/json" if args.command == "infer" else "application/octet-stream"
         if args.server == "kserve":
-            status, body = call(url, "", body_bytes, headers=options)
+            status, body = call(url, "", body_bytes, ctype, headers=options)
         else:
-            status, body = call_with_key(url, serve_dir, management, body_bytes, headers=options)
+            status, body = call_with_key(url, serve_dir, management, body_bytes, content_type=ctype, headers=options)
         answer: Any = json.loads(body) if body.startswith((b"{", b"[")) else body.decode(errors="replace")
         if args.command == "explain" and status == 200 and args.save:
             Path(args.save).write_bytes(base64.b64decode(answer["heatmap_png_base64"]))

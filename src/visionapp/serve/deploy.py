@@ -3,11 +3,13 @@
     python -m visionapp.serve.deploy --bundle runs/latest/bundle --mar model_store/classifier.mar \
         --image registry.example/visionapp-serve:1 --replicas 2 [--cpus 2 --mem-mb 4096 --gpus 0] [--out deploy]
 
-Fills the templates in serve/k8s/ and writes, under --out (default deploy/, not committed):
+Fills the templates in serve/k8s/ and writes, under --out (default deploy/, not committed), for TorchServe:
   k8s/        deployment.yaml service.yaml networkpolicy.yaml hpa.yaml      kubectl apply -f deploy/k8s/
-  kserve/     runtime.yaml inferenceservice.yaml                          kubectl apply -f deploy/kserve/
+  kserve/     runtime.yaml inferenceservice.yaml networkpolicy.yaml       kubectl apply -f deploy/kserve/
   kserve/storage/config/config.properties, kserve/storage/model-store/<model>.mar   (upload to STORAGE_URI)
   prometheus-adapter-rule.yaml   the rule that makes the HPA's queue-latency metric (not a Kubernetes object)
+and with --server kserve (KServe's model server in the image from serve/Dockerfile.kserve) only the kserve/ part,
+its storage layout being bundle/ (the run's bundle) and model-config.yaml.
 Every manifest is validated before anything is written: the built-in kinds against Kubernetes' schemas
 (kubernetes-validate, strict: unknown fields are errors), KServe's kinds against the models of KServe's own
 SDK (unknown fields, wrong types, missing required fields). --dry-run prints them instead.
@@ -31,26 +33,34 @@ from visionapp.errors import run_main
 TEMPLATES = Path("serve/k8s")
 SERVER_CONFIG = Path("serve/config.properties")
 KUBERNETES_VERSION = "1.30"  # the schemas the built-in kinds are checked against (a version clusters still run)
-# template file -> where its rendering goes under --out
-MANIFESTS = {
-    "deployment.yaml": "k8s/deployment.yaml",
-    "service.yaml": "k8s/service.yaml",
-    "networkpolicy.yaml": "k8s/networkpolicy.yaml",
-    "hpa.yaml": "k8s/hpa.yaml",
-    "kserve-runtime.yaml": "kserve/runtime.yaml",
+# per server: template file -> where its rendering goes under --out
+KSERVE_COMMON = {
     "kserve-inferenceservice.yaml": "kserve/inferenceservice.yaml",
+    "kserve-networkpolicy.yaml": "kserve/networkpolicy.yaml",
+}
+MANIFESTS = {
+    "torchserve": {
+        "deployment.yaml": "k8s/deployment.yaml",
+        "service.yaml": "k8s/service.yaml",
+        "networkpolicy.yaml": "k8s/networkpolicy.yaml",
+        "hpa.yaml": "k8s/hpa.yaml",
+        "kserve-runtime.yaml": "kserve/runtime.yaml",
+        **KSERVE_COMMON,
+    },
+    "kserve": {"kserve-server-runtime.yaml": "kserve/runtime.yaml", **KSERVE_COMMON},
 }
 ADAPTER_RULE = ("prometheus-adapter-rule.yaml", "prometheus-adapter-rule.yaml")
 KSERVE_MODELS = {"InferenceService": "V1beta1InferenceService", "ServingRuntime": "V1alpha1ServingRuntime"}
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
-def render(values: dict[str, Any], templates: Path = TEMPLATES) -> dict[str, str]:
+def render(values: dict[str, Any], templates: Path = TEMPLATES, server: str = "torchserve") -> dict[str, str]:
     """Each manifest's text: its template with `values` filled in (comments kept, for whoever reads deploy/)."""
     if not DNS_LABEL.fullmatch(values["name"]):
         raise ValueError(f"name {values['name']!r}: Kubernetes names are lower-case letters, digits and '-' (≤ 63)")
     out = {}
-    for template, target in (*MANIFESTS.items(), ADAPTER_RULE):
+    extra = [ADAPTER_RULE] if server == "torchserve" else []  # the HPA's metric: TorchServe's queue latency
+    for template, target in (*MANIFESTS[server].items(), *extra):
         try:
             out[target] = string.Template((templates / template).read_text()).substitute(values)
         except KeyError as e:
@@ -120,6 +130,8 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", default="runs/latest/bundle")
     ap.add_argument("--mar", default="model_store/classifier.mar", help="the archive the image serves")
+    ap.add_argument("--server", choices=sorted(MANIFESTS), default="torchserve", help="the server in the image")
+    ap.add_argument("--model-config", default="serve/model-config.yaml", help="kserve: its limits, in the storage")
     ap.add_argument("--image", required=True, help="the serving image (make image-serve IMAGE=...), pushed")
     ap.add_argument("--name", default=None, help="Kubernetes name (default: the .mar's model name)")
     ap.add_argument("--replicas", type=int, default=2)
@@ -138,14 +150,14 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     bundle, mar = Path(args.bundle), Path(args.mar)
-    for f in (bundle / "model.json", mar):
+    for f in (bundle / "model.json", *([mar] if args.server == "torchserve" else [])):
         if not f.is_file():
             raise SystemExit(f"{f} is missing: make train, then make archive (RUN=... for another run)")
     if args.replicas < 1 or (args.max_replicas is not None and args.max_replicas < args.replicas):
         raise SystemExit("REPLICAS must be ≥ 1 and MAX_REPLICAS ≥ REPLICAS")
     values = template_values(args, mar.stem, bundle.resolve().parent.name)
     try:
-        manifests = render(values)
+        manifests = render(values, server=args.server)
         for target, text in manifests.items():
             if target != ADAPTER_RULE[1]:
                 for doc in documents(text):
@@ -156,12 +168,16 @@ def main(argv: list[str] | None = None) -> int:
         for target, text in manifests.items():
             print(f"---\n# ---- {args.out}/{target}\n{text}")  # one YAML stream
         return 0
-    write(manifests, Path(args.out), mar)
-    print(json.dumps({"image": args.image, "replicas": args.replicas, "run": values["run"]}))
+    write(manifests, Path(args.out))
+    storage = write_storage(Path(args.out), args.server, mar, bundle, Path(args.model_config))
+    print(json.dumps({"image": args.image, "replicas": args.replicas, "run": values["run"], "server": args.server}))
     for target in manifests:
         print(f"  {Path(args.out) / target}")
-    print(f"  {Path(args.out) / 'kserve' / 'storage'}/  (upload to {values['storage_uri']})")
-    print(f"apply: kubectl apply -f {args.out}/k8s/   or, with KServe: kubectl apply -f {args.out}/kserve/")
+    print(f"  {storage}/  (upload to {values['storage_uri']})")
+    if args.server == "torchserve":
+        print(f"apply: kubectl apply -f {args.out}/k8s/   or, with KServe: kubectl apply -f {args.out}/kserve/")
+    else:
+        print(f"apply, with KServe: kubectl apply -f {args.out}/kserve/")
     return 0
 
 
@@ -169,6 +185,7 @@ def template_values(args: argparse.Namespace, model: str, run_name: str) -> dict
     """What the templates' {placeholders} become."""
     return {
         "name": args.name or model, "model": model, "image": args.image, "version": run_name[:63], "run": run_name,
+        "runtime": f"{args.name or model}-{args.server}",
         "replicas": args.replicas, "max_replicas": args.max_replicas or 4 * args.replicas,
         "cpus": f"{args.cpus:g}", "mem_mb": args.mem_mb, "queue_ms": f"{args.queue_ms:g}",
         "storage_uri": args.storage_uri or f"pvc://visionapp-models/{run_name}",
@@ -177,19 +194,30 @@ def template_values(args: argparse.Namespace, model: str, run_name: str) -> dict
     }  # fmt: skip
 
 
-def write(manifests: dict[str, str], out: Path, mar: Path) -> None:
-    """The manifests under out/, and KServe's storage layout (config/config.properties, model-store/<name>.mar)."""
+def write(manifests: dict[str, str], out: Path) -> None:
     for target, text in manifests.items():
         path = out / target
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
+
+
+def write_storage(out: Path, server: str, mar: Path, bundle: Path, model_config: Path) -> Path:
+    """KServe's storage layout for the runtime: TorchServe's config/config.properties + model-store/<name>.mar, or
+    KServe's model server's bundle/ + model-config.yaml. Replaced whole: nothing of another run stays in it."""
     storage = out / "kserve" / "storage"
-    (storage / "config").mkdir(parents=True, exist_ok=True)
-    (storage / "model-store").mkdir(parents=True, exist_ok=True)
-    # the project's server config as it is: the image's TS_* variables and the ServingRuntime's env bind it to all
-    # interfaces and to /mnt/models/model-store
-    shutil.copy2(SERVER_CONFIG, storage / "config" / "config.properties")
-    shutil.copy2(mar, storage / "model-store" / mar.name)
+    shutil.rmtree(storage, ignore_errors=True)
+    storage.mkdir(parents=True)
+    if server == "torchserve":
+        # the project's server config as it is: the image's TS_* variables and the ServingRuntime's env bind it
+        # and point it at /mnt/models/model-store
+        (storage / "config").mkdir()
+        (storage / "model-store").mkdir()
+        shutil.copy2(SERVER_CONFIG, storage / "config" / "config.properties")
+        shutil.copy2(mar, storage / "model-store" / mar.name)
+    else:
+        shutil.copytree(bundle, storage / "bundle")
+        shutil.copy2(model_config, storage / "model-config.yaml")
+    return storage
 
 
 if __name__ == "__main__":

@@ -237,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model-version", default=None, help="the version metadata names (default: the run's name)")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
     args = ap.parse_args(argv)
+    # the serving core's log lines (the model loaded, its warm-up) beside KServe's own, which do not propagate
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = yaml.safe_load(args.model_config.read_text()) if args.model_config else {}
     version = args.model_version or args.bundle.resolve().parent.name
     model = ClassifierModel(args.model_name, args.bundle, config or {}, version)
