@@ -64,7 +64,9 @@ def test_make_bench_writes_every_key(trained_run: Path, tmp_path: Path) -> None:
                                                                "input_device", "loop_device"}  # fmt: skip
     assert result["serve_224px"]["settings"]["image_size"] == 224  # the same weights, served at 224 px
     serve = result["serve"]["median"]
-    assert set(serve) == {"inprocess", "ours", "compiled", "stock"}
+    assert set(serve) == {"inprocess", "ours", "compiled", "stock", "kserve"}
+    assert serve["kserve"]["c8"]["batch"] == 1  # KServe's server runs each request alone
+    assert serve["kserve"]["c8"]["cores_busy"]["worker"] > 0  # its one process, found
     for part in ("serve", "serve_224px"):  # the compiled model: exported for each size, its forward timed alone
         assert result[part]["export"]["max_abs_diff"] <= 1e-4 and set(result[part]["forward_speedup"]) == {"b1", "b8"}
     for contender in serve.values():
@@ -118,7 +120,7 @@ def test_serve_bench_variant_is_one_more_contender(trained_run: Path, tmp_path: 
             "--variant", f"batch2:MODEL_STORE={tmp_path / 'store2'}", "--no-compiled", "--out", str(out)]  # fmt: skip
     assert serve_bench.main(args) == 0
     result = json.loads(out.read_text())
-    assert list(result["median"]) == ["inprocess", "ours", "stock", "builtin-logs", "batch2"]
+    assert list(result["median"]) == ["inprocess", "ours", "stock", "kserve", "builtin-logs", "batch2"]
     for name in ("ours", "stock", "builtin-logs"):
         assert 1 <= result["median"][name]["c8"]["batch"] <= 8, name
     assert 1 <= result["median"]["batch2"]["c8"]["batch"] <= 2

@@ -172,8 +172,8 @@ def serve_parts(args: argparse.Namespace, run_dir: Path, image: Path) -> dict:
     own_size = json.loads((run_dir / "bundle" / "model.json").read_text())["image_size"]
 
     def serve_part(step: int, size: int) -> dict:
-        print(f"[{step}/5] serve at {size} px: in process / our TorchServe / stock TorchServe, {args.rounds} rounds",
-              flush=True)  # fmt: skip
+        print(f"[{step}/5] serve at {size} px: in process / our TorchServe / KServe / stock TorchServe, "
+              f"{args.rounds} rounds", flush=True)  # fmt: skip
         resize = [] if size == own_size else ["--image-size", str(size)]  # else the .mar as given
         part = serve_bench.run(serve_bench.parser().parse_args([*serve_argv, *resize]))
         serve_bench.print_table(part)

@@ -1,4 +1,5 @@
-"""Serving: our handler in process vs our TorchServe deployment vs TorchServe's stock handler, same weights.
+"""Serving: our handler in process vs our TorchServe deployment vs KServe's model server vs TorchServe's stock
+handler, same weights.
 
     python -m visionapp.bench.serve --mar model_store/classifier.mar --bundle runs/latest/bundle --image photo.png
 
@@ -7,6 +8,8 @@ Contenders, alternated within each of --rounds rounds:
              request for latency; a batch of min(c, batchSize) requests for throughput at concurrency c
   ours       our .mar in TorchServe (make serve-bg), HTTP from a keep-alive load generator on loopback
   compiled   the same with the model compiled ahead of time (make export: AOTInductor) in the .mar
+  kserve     the same bundle and model config in KServe's Python model server (make serve-bg SERVER=kserve),
+             the same serving core; it does not batch requests (KServe's batcher is a separate sidecar)
   stock      TorchServe's built-in `image_classifier` handler serving the same state_dict (a model file
              for the architecture, index_to_name.json; its own Resize(256)/CenterCrop(224) preprocessing),
              with the same model-config.yaml and server config: the peer users would start from
@@ -186,11 +189,15 @@ class _Uncounted:
 class Server(LocalServer):
     """A server from `make serve-bg` on free ports (visionapp.serve.local), with what the bench measures it by."""
 
-    def __init__(self, mar: Path, serve_dir: Path, *extra_vars: str) -> None:
-        super().__init__(mar.parent, serve_dir, mar.stem, *extra_vars)
+    def __init__(self, mar: Path, serve_dir: Path, *extra_vars: str, server: str = "torchserve") -> None:
+        super().__init__(mar.parent, serve_dir, mar.stem, *extra_vars, server=server)
+        self.answered = 0  # requests sent by load(): KServe's server runs each alone
 
     def batches(self) -> int:
-        """Batches the worker has received so far: TorchServe's worker logs one line per batch."""
+        """Batches the model has run so far: TorchServe's worker logs one line per batch; KServe's server runs
+        one per request."""
+        if self.server == "kserve":
+            return self.answered
         log = self.dir / "model_log.log"
         return log.read_text().count("Backend received inference") if log.exists() else 0
 
@@ -199,7 +206,8 @@ class Server(LocalServer):
         out = {"frontend": 0.0, "worker": 0.0, "client": sum(psutil.Process().cpu_times()[:2])}
         for p in self.processes():
             with suppress(psutil.Error):  # a process that ended meanwhile
-                role = "worker" if "model_service_worker" in " ".join(p.info["cmdline"] or []) else "frontend"
+                cmd = " ".join(p.info["cmdline"] or [])
+                role = "worker" if "model_service_worker" in cmd or "kserve_server" in cmd else "frontend"
                 out[role] += sum(p.cpu_times()[:2])
         return out
 
@@ -220,6 +228,7 @@ class Server(LocalServer):
     def load(self, body: bytes, *, requests: int, concurrency: int) -> dict:
         batches, before = self.batches(), self.cpu_seconds()  # reading the log is not the client's load
         r = run_load(self.url(), self.key, body, requests=requests, concurrency=concurrency, max_seconds=300)
+        self.answered += requests
         after = self.cpu_seconds()
         if r["ok"] != requests:
             raise SystemExit(f"{self.model}: {r['ok']} of {requests} requests succeeded: {r['statuses']}")
@@ -320,7 +329,7 @@ def run(args: argparse.Namespace) -> dict:
         image_size = json.loads((bundle / "model.json").read_text())["image_size"]
         stock_mar = stock_archive(bundle, tmpdir / "stock_store")
         compiled_mar, export_record = compiled_archive(bundle, tmpdir) if args.compiled else (None, None)
-        rounds, explain_bytes = measure_servers(args, body, mar, stock_mar, compiled_mar, tmpdir)
+        rounds, explain_bytes = measure_servers(args, body, mar, bundle, stock_mar, compiled_mar, tmpdir)
         # the forward alone, with the servers stopped: eager vs the package the compiled server ran
         forward_ms = (forward_times(tmpdir / "compiled" / "bundle", (1, MODEL_CONFIG["batchSize"]), args.rounds)
                       if args.compiled else None)  # fmt: skip
@@ -331,6 +340,13 @@ def run(args: argparse.Namespace) -> dict:
         "spread": spread,
         "explanation_response_bytes": explain_bytes,
         **ratios(median, "ours", "serve"),
+        # KServe's model server against the same handler in process and against ours on TorchServe (both eager)
+        "serve.kserve_p50_vs_inprocess_c1": (
+            median["kserve"]["latency_ms"]["p50"] / median["inprocess"]["latency_ms"]["p50"]
+        ),
+        "serve.kserve_throughput_vs_torchserve_c8": (
+            median["kserve"]["c8"]["images_per_s"] / median["ours"]["c8"]["images_per_s"]
+        ),
         "explain.response_bytes_vs_stock": explain_bytes["ours"] / explain_bytes["stock"],
         "settings": {"image": args.image, "mar": args.mar, "bundle": args.bundle,
                      "image_size": image_size, "rounds": args.rounds,
@@ -353,16 +369,24 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def measure_servers(
-    args: argparse.Namespace, body: bytes, mar: Path, stock_mar: Path, compiled_mar: Path | None, tmpdir: Path
+    args: argparse.Namespace,
+    body: bytes,
+    mar: Path,
+    bundle: Path,
+    stock_mar: Path,
+    compiled_mar: Path | None,
+    tmpdir: Path,
 ) -> tuple[list[dict], dict]:
-    """Start every server (ours, compiled, stock, the --variant ones), warm each, then the rounds side by side with
-    the handler in process; the rounds and each server's /explanations answer size."""
+    """Start every server (ours, compiled, stock, KServe's with `bundle`, the --variant ones), warm each, then the
+    rounds side by side with the handler in process; the rounds and each server's /explanations answer size."""
     handle = in_process_handler(mar, tmpdir)
     with ExitStack() as stack:
         servers = {"ours": stack.enter_context(Server(mar, tmpdir / "ours"))}
         if compiled_mar is not None:
             servers["compiled"] = stack.enter_context(Server(compiled_mar, tmpdir / "compiled"))
         servers["stock"] = stack.enter_context(Server(stock_mar, tmpdir / "stock"))
+        served_bundle = f"RUN={bundle.resolve().parent}", f"MODEL_CONFIG={MODEL_CONFIG_FILE.resolve()}"
+        servers["kserve"] = stack.enter_context(Server(mar, tmpdir / "kserve", *served_bundle, server="kserve"))
         for name, make_vars in args.variant:
             if name in servers:
                 raise SystemExit(f"--variant {name}: the name is given twice")
@@ -417,11 +441,11 @@ def variant(spec: str) -> tuple[str, list[str]]:
     if (
         not sep
         or not name
-        or name in ("inprocess", "ours", "compiled", "stock")
+        or name in ("inprocess", "ours", "compiled", "stock", "kserve")
         or not all("=" in v for v in make_vars)
     ):
         raise argparse.ArgumentTypeError(
-            f"{spec!r}: expected NAME:VAR=VALUE[,VAR=VALUE], NAME not inprocess/ours/compiled/stock "
+            f"{spec!r}: expected NAME:VAR=VALUE[,VAR=VALUE], NAME not inprocess/ours/compiled/stock/kserve "
             "(e.g. builtin-logs:TS_LOG_CONFIG=)"
         )
     return name, make_vars
