@@ -1,5 +1,5 @@
-"""Request parsing and the worker's threads of the TorchServe handler, without a server (the end-to-end suite is
-test_serve.py)."""
+"""Request parsing (the project's own API and the Open Inference Protocol) and the worker's threads, without a
+server (the end-to-end suite is test_serve.py, against both servers)."""
 
 import base64
 import io
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from visionapp.serve.inputs import cgroup_cpu_quota, parse_request, worker_threads
+from visionapp.serve.inputs import Limits, cgroup_cpu_quota, parse_request, parse_v2, v2_body, worker_threads
 
 
 def _png(size: tuple[int, int] = (8, 6)) -> bytes:
@@ -107,3 +107,44 @@ def test_long_or_hostile_values_are_quoted_short_and_the_status_phrase_is_ascii(
     assert shown("a\x01b") == "'a\\x01b'"
     phrase = status_phrase("unknown class 'é\x00'")
     assert phrase.isascii() and len(phrase.encode()) == len(phrase) and "\\xe9" in phrase
+
+
+# --- the Open Inference Protocol -----------------------------------------------------------------------------------
+def _v2(data: list, **extra: object) -> dict:
+    return {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [len(data)], "data": data}], **extra}
+
+
+def test_v2_base64_over_rest_and_raw_bytes_over_grpc_are_images() -> None:
+    b64 = base64.b64encode(_png()).decode()
+    req = parse_v2(_v2([b64, _png((3, 3))], id="r-1", parameters={"topk": 2}))
+    assert req.error is None and [i.size for i in req.images] == [(8, 6), (3, 3)]
+    assert req.id == "r-1" and req.options == {"topk": "2"} and req.many
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (None, "JSON object"),
+        ({"inputs": "x"}, "exactly one input"),
+        ({"inputs": [{"datatype": "FP32", "shape": [1], "data": [1.0]}]}, "BYTES"),
+        ({"inputs": [{"datatype": "BYTES", "shape": [3], "data": ["aGk="]}]}, "shape must be [1]"),
+        ({"inputs": [{"datatype": "BYTES", "shape": [1], "data": [7]}]}, "base64 strings"),
+        ({**_v2(["aGk="]), "parameters": [1]}, "parameters"),
+    ],
+)
+def test_v2_requests_it_cannot_use_name_the_problem(body: object, words: str) -> None:
+    req = parse_v2(body)
+    assert req.error is not None and req.error.status == 400 and words in str(req.error), req.error
+
+
+def test_v2_images_are_counted_before_any_is_decoded() -> None:
+    req = parse_v2(_v2(["not even base64"] * 3), Limits(max_images_prediction=2))
+    assert req.error is not None and req.error.status == 413 and "maxImagesPerPrediction" in str(req.error)
+
+
+def test_a_v2_request_is_found_in_a_torchserve_row_json_or_not() -> None:
+    body = _v2(["aGk="])
+    assert v2_body({"body": body}) == body
+    assert v2_body({"body": b'  {"inputs": []}'}) == {"inputs": []}  # JSON sent without its content type
+    assert v2_body({"body": {"data": "aGk="}}) is None and v2_body({"body": _png()}) is None
+    assert v2_body({"body": b"{not json"}) is None
