@@ -127,9 +127,13 @@ FORCE:
 
 # SERVER=kserve: the same bundle and limits served by KServe's Python model server (visionapp.serve.kserve_server)
 # on INFERENCE_PORT, loopback only; it has no token authorisation, no .mar and no Java.
+# KSERVE_GRPC_PORT=8081 turns its gRPC endpoint on: KServe's gRPC server binds every interface (it has no address
+# option), so it is off by default.
 SERVER ?= torchserve
+KSERVE_GRPC_PORT ?=
 KSERVE_ARGS = --bundle $(RUN)/bundle --model-config $(MODEL_CONFIG) --model_name $(MODEL_NAME) \
-              --host 127.0.0.1 --http_port $(INFERENCE_PORT) --enable_grpc false
+              --host 127.0.0.1 --http_port $(INFERENCE_PORT) \
+              $(if $(KSERVE_GRPC_PORT),--grpc_port $(KSERVE_GRPC_PORT),--enable_grpc false)
 server-check:
 	@case "$(SERVER)" in torchserve|kserve) ;; *) echo "SERVER must be torchserve or kserve, not '$(SERVER)'"; exit 2;; esac
 

@@ -33,6 +33,7 @@ from visionapp.serve.client import call
 from visionapp.serve.inputs import worker_threads
 from visionapp.serve.loadgen import run_load
 from visionapp.serve.local import LocalServer as Server
+from visionapp.serve.local import free_ports
 from visionapp.transforms import load_image
 
 pytestmark = pytest.mark.slow
@@ -63,6 +64,8 @@ def server(
 ) -> Iterator[Server]:
     """The same archive's bundle and model config, served by each server in turn."""
     make_vars = (f"RUN={trained_run}", f"MODEL_CONFIG={MODEL_CONFIG}")
+    if request.param == "kserve":  # with its gRPC endpoint on
+        make_vars += (f"KSERVE_GRPC_PORT={free_ports(1)[0]}",)
     s = start_server(model_store, tmp_path_factory.mktemp("serve"), *make_vars, server=request.param)
     yield s
     stop_server(s)
@@ -228,6 +231,34 @@ def test_a_v2_client_no_one_here_wrote_gets_the_answer(
     response = asyncio.run(infer())
     labels = next(o for o in response.outputs if o.name == "labels")  # type: ignore[attr-defined]
     assert labels.data[0] == top1(trained_run, sample["triangle"])
+
+
+def test_v2_over_grpc_takes_raw_bytes(server: Server, sample: dict[str, bytes], trained_run: Path) -> None:
+    """KServe's server over gRPC: the image's bytes as they are (raw_input_contents), the same answer."""
+    if server.server != "kserve":
+        pytest.skip("KServe's server only: TorchServe's gRPC API is its own, not the Open Inference Protocol")
+    import asyncio
+
+    from kserve import InferenceGRPCClient, InferInput, InferRequest
+
+    grpc_port = next(v.split("=")[1] for v in server.make_vars if v.startswith("KSERVE_GRPC_PORT="))
+
+    async def infer() -> object:
+        client = InferenceGRPCClient(f"127.0.0.1:{grpc_port}")
+        images = InferInput("images", [1], "BYTES")
+        images.set_data_from_numpy(np.array([sample["circle"]], dtype=np.object_), binary_data=True)
+        try:
+            return await client.infer(InferRequest("classifier", [images], request_id="g-1", parameters={"topk": 2}))
+        finally:
+            await client.close()
+
+    response = asyncio.run(infer())
+    labels = next(o for o in response.outputs if o.name == "labels")  # type: ignore[attr-defined]
+    assert response.id == "g-1" and list(labels.shape) == [1, 2]  # type: ignore[attr-defined]
+    assert labels.as_numpy().ravel()[0] in (
+        top1(trained_run, sample["circle"]),
+        top1(trained_run, sample["circle"]).encode(),
+    )
 
 
 def test_v1_explain_verb_answers_a_heatmap(server: Server, sample: dict[str, bytes], trained_run: Path) -> None:
