@@ -66,8 +66,11 @@ report: $(STAMP) ## rebuild RUN's report.html (metrics, calibration, mistakes, q
 # ---- archive and serve ---------------------------------------------------------------------------------------
 MODEL_NAME      ?= classifier
 MODEL_STORE     ?= model_store
-# TorchServe's per-model settings (batching, workers, timeouts), packed into the .mar by make archive
+# TorchServe's per-model settings (batching, workers, timeouts), packed into the .mar by make archive; the
+# explanations' own (workers, queue, timeout) into <name>-explain.mar, served beside it
 MODEL_CONFIG    ?= serve/model-config.yaml
+EXPLAIN_CONFIG  ?= serve/explain-config.yaml
+EXPLAIN_MODEL    = $(MODEL_NAME)-explain
 INFERENCE_PORT  ?= 8080
 MANAGEMENT_PORT ?= 8081
 METRICS_PORT    ?= 8082
@@ -93,10 +96,13 @@ TS_ENV = TS_INFERENCE_ADDRESS=http://127.0.0.1:$(INFERENCE_PORT) \
          TS_METRICS_CONFIG=$(abspath $(TS_METRICS_CONFIG)) \
          TMPDIR=$(abspath $(SERVE_DIR)) LOG_LOCATION=$(abspath $(SERVE_DIR)) METRICS_LOCATION=$(abspath $(SERVE_DIR))
 TS_ARGS = --ts-config $(abspath $(TS_CONFIG)) $(if $(TS_LOG_CONFIG),--log-config $(abspath $(TS_LOG_CONFIG))) --model-store $(abspath $(MODEL_STORE)) \
-          --models $(MODEL_NAME)=$(MODEL_NAME).mar --ncs
+          --models $(MODEL_NAME)=$(MODEL_NAME).mar $(EXPLAIN_REGISTRATION) --ncs
+# the explanations' registration, where make archive made its archive (a store archived elsewhere may have none)
+EXPLAIN_REGISTRATION = $(if $(wildcard $(MODEL_STORE)/$(EXPLAIN_MODEL).mar),$(EXPLAIN_MODEL)=$(EXPLAIN_MODEL).mar)
 
-archive: $(STAMP) ## pack RUN's bundle into $(MODEL_STORE)/$(MODEL_NAME).mar with torch-model-archiver (MODEL_CONFIG=serve/model-config.yaml)
-	$(PY) -m visionapp.serve.archive --bundle $(RUN)/bundle --name $(MODEL_NAME) --out $(MODEL_STORE) --model-config $(MODEL_CONFIG)
+archive: $(STAMP) ## pack RUN's bundle into $(MODEL_STORE)/$(MODEL_NAME).mar and $(MODEL_NAME)-explain.mar (MODEL_CONFIG, EXPLAIN_CONFIG)
+	$(PY) -m visionapp.serve.archive --bundle $(RUN)/bundle --name $(MODEL_NAME) --out $(MODEL_STORE) \
+	  --model-config $(MODEL_CONFIG) --explain-config $(EXPLAIN_CONFIG)
 	@echo "$(ARCHIVE_INPUTS)" > $(ARCHIVE_STAMP)
 
 EXPORT_ARGS ?=
@@ -113,14 +119,14 @@ java-check:
 # as it is.
 SERVING_CODE := $(wildcard src/visionapp/*.py src/visionapp/serve/*.py src/visionapp/attribution/*.py)
 RUN_BUNDLE = $(wildcard $(RUN)/bundle/model.pt $(RUN)/bundle/model.json $(RUN)/bundle/model.*.pt2)
-ARCHIVE_INPUTS = $(realpath $(RUN)) $(abspath $(MODEL_CONFIG))
+ARCHIVE_INPUTS = $(realpath $(RUN)) $(abspath $(MODEL_CONFIG)) $(abspath $(EXPLAIN_CONFIG))
 ARCHIVE_STAMP = $(MODEL_STORE)/.$(MODEL_NAME).inputs
 MANAGED = $(or $(wildcard $(ARCHIVE_STAMP)),$(if $(wildcard $(MODEL_STORE)/$(MODEL_NAME).mar),,missing))
 $(ARCHIVE_STAMP): FORCE
 	@mkdir -p $(MODEL_STORE)
 	@echo "$(ARCHIVE_INPUTS)" | cmp -s - $@ || echo "$(ARCHIVE_INPUTS)" > $@
 
-$(MODEL_STORE)/$(MODEL_NAME).mar: $(if $(MANAGED),$(ARCHIVE_STAMP) $(RUN_BUNDLE) $(MODEL_CONFIG) $(SERVING_CODE))
+$(MODEL_STORE)/$(MODEL_NAME).mar: $(if $(MANAGED),$(ARCHIVE_STAMP) $(RUN_BUNDLE) $(MODEL_CONFIG) $(EXPLAIN_CONFIG) $(SERVING_CODE))
 	$(MAKE) archive
 
 FORCE:
@@ -131,7 +137,7 @@ FORCE:
 # option), so it is off by default.
 SERVER ?= torchserve
 KSERVE_GRPC_PORT ?=
-KSERVE_ARGS = --bundle $(RUN)/bundle --model-config $(MODEL_CONFIG) --model_name $(MODEL_NAME) \
+KSERVE_ARGS = --bundle $(RUN)/bundle --model-config $(MODEL_CONFIG) --explain-config $(EXPLAIN_CONFIG) --model_name $(MODEL_NAME) \
               --host 127.0.0.1 --http_port $(INFERENCE_PORT) \
               $(if $(KSERVE_GRPC_PORT),--grpc_port $(KSERVE_GRPC_PORT),--enable_grpc false)
 server-check:
@@ -151,9 +157,10 @@ serve-torchserve: $(STAMP) java-check $(MODEL_STORE)/$(MODEL_NAME).mar
 serve-bg-torchserve: $(STAMP) java-check $(MODEL_STORE)/$(MODEL_NAME).mar
 	@mkdir -p $(SERVE_DIR)
 	cd $(SERVE_DIR) && $(TS_ENV) $(TORCHSERVE) --start $(TS_ARGS) > torchserve.out 2>&1
-	$(PY) -m visionapp.serve.client wait --port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --dir $(SERVE_DIR) \
-	  --model $(MODEL_NAME) --timeout $(WAIT_TIMEOUT) \
-	  || { cd $(SERVE_DIR) && TMPDIR=$(abspath $(SERVE_DIR)) $(TORCHSERVE) --stop; echo "TorchServe did not start; stopped it. See $(SERVE_DIR)/"; exit 1; }
+	for model in $(MODEL_NAME) $(if $(EXPLAIN_REGISTRATION),$(EXPLAIN_MODEL)); do \
+	  $(PY) -m visionapp.serve.client wait --port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --dir $(SERVE_DIR) \
+	    --model $$model --timeout $(WAIT_TIMEOUT) \
+	  || { cd $(SERVE_DIR) && TMPDIR=$(abspath $(SERVE_DIR)) $(TORCHSERVE) --stop; echo "TorchServe did not start; stopped it. See $(SERVE_DIR)/"; exit 1; }; done
 	@echo "key: $(SERVE_DIR)/key_file.json; stop with: make stop INFERENCE_PORT=$(INFERENCE_PORT)"
 
 stop-torchserve:
@@ -252,13 +259,15 @@ base-image: need-engine ## a Debian bookworm base image made locally with mmdebs
 image-serve: need-image need-engine server-check image-serve-$(SERVER) ## the serving image with RUN's model baked in (IMAGE=visionapp-serve:1 [SERVER=kserve BASE_IMAGE=...])
 image-serve-torchserve: $(MODEL_STORE)/$(MODEL_NAME).mar
 	$(ENGINE) $(ENGINE_FLAGS) build -f serve/Dockerfile -t $(IMAGE) --build-arg BASE_IMAGE=$(BASE_IMAGE) \
-	  --build-arg MAR=$(MODEL_STORE)/$(MODEL_NAME).mar --build-arg MODEL_NAME=$(MODEL_NAME) $(BUILD_FLAGS) .
+	  --build-arg MAR=$(MODEL_STORE)/$(MODEL_NAME).mar --build-arg EXPLAIN_MAR=$(MODEL_STORE)/$(EXPLAIN_MODEL).mar \
+	  --build-arg MODEL_NAME=$(MODEL_NAME) $(BUILD_FLAGS) .
 # KServe's server bakes the run's bundle, staged in the model store (runs/ is outside the build context)
 image-serve-kserve:
 	@test -f $(RUN)/bundle/model.json || { echo "no $(RUN)/bundle: make train first (or RUN=runs/<run>)"; exit 1; }
 	rm -rf $(MODEL_STORE)/$(MODEL_NAME).bundle && mkdir -p $(MODEL_STORE) && cp -rL $(RUN)/bundle $(MODEL_STORE)/$(MODEL_NAME).bundle
 	$(ENGINE) $(ENGINE_FLAGS) build -f serve/Dockerfile.kserve -t $(IMAGE) --build-arg BASE_IMAGE=$(BASE_IMAGE) \
 	  --build-arg BUNDLE=$(MODEL_STORE)/$(MODEL_NAME).bundle --build-arg MODEL_CONFIG=$(MODEL_CONFIG) \
+	  --build-arg EXPLAIN_CONFIG=$(EXPLAIN_CONFIG) \
 	  --build-arg MODEL_NAME=$(MODEL_NAME) --build-arg MODEL_VERSION=$(notdir $(realpath $(RUN))) $(BUILD_FLAGS) .
 
 # The image run as a user would, on loopback: host networking with TorchServe bound to 127.0.0.1 on this
@@ -298,7 +307,7 @@ STORAGE_URI  ?=
 DEPLOY_DIR   ?= deploy
 k8s: need-image server-check $(STAMP) $(if $(filter torchserve,$(SERVER)),$(MODEL_STORE)/$(MODEL_NAME).mar) ## manifests for IMAGE into deploy/ (REPLICAS=2 [SERVER=kserve CPUS=2 MEM_MB=8192 GPUS=0 STORAGE_URI=... DRYRUN=1])
 	$(PY) -m visionapp.serve.deploy --bundle $(RUN)/bundle --mar $(MODEL_STORE)/$(MODEL_NAME).mar --image $(IMAGE) \
-	  --server $(SERVER) --model-config $(MODEL_CONFIG) \
+	  --server $(SERVER) --model-config $(MODEL_CONFIG) --explain-config $(EXPLAIN_CONFIG) \
 	  --replicas $(REPLICAS) --cpus $(CPUS) --mem-mb $(MEM_MB) --gpus $(GPUS) --out $(DEPLOY_DIR) \
 	  $(if $(MAX_REPLICAS),--max-replicas $(MAX_REPLICAS)) $(if $(STORAGE_URI),--storage-uri $(STORAGE_URI)) $(if $(DRYRUN),--dry-run)
 

@@ -5,16 +5,20 @@ Imported as `from helpers import ...` (pytest puts tests/ on the path); fixtures
 
 from __future__ import annotations
 
+import http.client
 import json
 from pathlib import Path
 
 import lightning as L
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
+from visionapp.serve.local import LocalServer
 from visionapp.train.cli import cli_main
 
 ROOT = Path(__file__).parents[1]
 MODEL_CONFIG = ROOT / "serve" / "model-config.yaml"
+EXPLAIN_CONFIG = ROOT / "serve" / "explain-config.yaml"
 
 # Small enough for 2 CPU cores, big enough that the model really learns (resnet18 at 64 px: 2x2 last map).
 TINY_DATA = [
@@ -62,3 +66,19 @@ class InterruptAt(L.Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.current_epoch == self.epoch:
             raise Interrupted(f"interrupted at the start of epoch {self.epoch}")
+
+
+def scrape(server: LocalServer) -> dict[tuple[str, frozenset], float]:
+    """Every sample of the metrics port's /metrics (Prometheus text format, no token), keyed by name and labels.
+    A direct connection: urllib's global opener keeps whatever proxy an earlier test's environment named."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.metrics_port, timeout=10)
+    conn.request("GET", "/metrics")
+    r = conn.getresponse()
+    assert r.status == 200
+    text = r.read().decode()
+    conn.close()
+    return {
+        (s.name, frozenset((k, v) for k, v in s.labels.items() if k not in ("Hostname", "hostname"))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }

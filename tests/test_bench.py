@@ -6,12 +6,12 @@ import math
 from pathlib import Path
 
 import pytest
-from helpers import MODEL_CONFIG, ROOT
+from helpers import EXPLAIN_CONFIG, MODEL_CONFIG, ROOT
 
 from visionapp.bench import __main__ as bench_run
 from visionapp.bench import serve as serve_bench
 from visionapp.bench import train as train_bench
-from visionapp.serve.archive import build_archive
+from visionapp.serve.archive import build_archives
 
 TINY_TRAIN = ["--image-size", "48", "--num-train", "160", "--steps", "3", "--warmup", "1"]
 
@@ -43,7 +43,8 @@ def test_input_scan_times_each_step_of_the_input(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_make_bench_writes_every_key(trained_run: Path, tmp_path: Path) -> None:
     """`make bench`'s script end to end on a tiny setting: real TorchServe servers (ours and the stock handler)."""
-    mar = build_archive(trained_run / "bundle", name="classifier", out=tmp_path / "store", model_config=MODEL_CONFIG)
+    archives = {"model_config": MODEL_CONFIG, "explain_config": EXPLAIN_CONFIG}
+    mar, _ = build_archives(trained_run / "bundle", name="classifier", out=tmp_path / "store", **archives)
     out = tmp_path / "results.json"
     args = ["--run", str(trained_run), "--mar", str(mar), "--rounds", "1", "--requests", "4", "--concurrency", "1",
             "8", "--serve-warmup", "8", "--train-root", str(tmp_path / "shapes"), "--out", str(out),
@@ -109,10 +110,12 @@ def test_serve_bench_variant_is_one_more_contender(trained_run: Path, tmp_path: 
     """--variant starts one more server with other make variables and measures it in the same rounds, with the
     batches TorchServe formed: here TorchServe's built-in logging, and a .mar archived with another model config
     (batches of at most 2), which the batches it forms must show."""
-    mar = build_archive(trained_run / "bundle", name="classifier", out=tmp_path / "store", model_config=MODEL_CONFIG)
+    archives = {"model_config": MODEL_CONFIG, "explain_config": EXPLAIN_CONFIG}
+    mar, _ = build_archives(trained_run / "bundle", name="classifier", out=tmp_path / "store", **archives)
     config = tmp_path / "batch2.yaml"
     config.write_text((ROOT / "serve" / "model-config.yaml").read_text().replace("batchSize: 8", "batchSize: 2"))
-    build_archive(trained_run / "bundle", name="classifier", out=tmp_path / "store2", model_config=config)
+    build_archives(trained_run / "bundle", name="classifier", out=tmp_path / "store2", model_config=config,
+                   explain_config=EXPLAIN_CONFIG)  # fmt: skip
     image = next((Path(json.loads((trained_run / "metrics.json").read_text())["data_root"]) / "test").rglob("*.png"))
     out = tmp_path / "serve.json"
     args = ["--mar", str(mar), "--bundle", str(trained_run / "bundle"), "--image", str(image), "--rounds", "1",

@@ -17,7 +17,7 @@ import yaml
 from helpers import ROOT
 from packaging.requirements import Requirement
 
-from visionapp.serve.archive import build_archive
+from visionapp.serve.archive import build_archives
 from visionapp.serve.deploy import documents, validate
 
 DOCKERFILE = ROOT / "serve" / "Dockerfile"
@@ -27,7 +27,9 @@ IMAGE = "registry.example/visionapp-serve:1"
 @pytest.fixture(scope="module")
 def store(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("store")
-    build_archive(trained_run / "bundle", name="classifier", out=out, model_config=ROOT / "serve" / "model-config.yaml")
+    serve = ROOT / "serve"
+    configs = {"model_config": serve / "model-config.yaml", "explain_config": serve / "explain-config.yaml"}
+    build_archives(trained_run / "bundle", name="classifier", out=out, **configs)
     return out
 
 
@@ -106,7 +108,8 @@ def test_make_k8s_renders_valid_manifests_from_the_run(trained_run: Path, store:
     assert "/mnt/models/model-store" in args and "/mnt/models/config/config.properties" in args
     # KServe's storage layout, next to the manifests: config/config.properties + model-store/<name>.mar
     storage = out / "kserve" / "storage"
-    assert (storage / "model-store" / "classifier.mar").read_bytes() == (store / "classifier.mar").read_bytes()
+    for mar in ("classifier.mar", "classifier-explain.mar"):  # --models all registers both
+        assert (storage / "model-store" / mar).read_bytes() == (store / mar).read_bytes()
     assert (storage / "config" / "config.properties").read_text() == (ROOT / "serve" / "config.properties").read_text()
 
 
@@ -149,7 +152,7 @@ def test_make_k8s_server_kserve_needs_no_torchserve(trained_run: Path, tmp_path:
     assert kserve["InferenceService"]["spec"]["predictor"]["model"]["runtime"] == "classifier-kserve"
     storage = out / "kserve" / "storage"
     assert (storage / "bundle" / "model.pt").read_bytes() == (trained_run / "bundle" / "model.pt").read_bytes()
-    assert (storage / "model-config.yaml").is_file()
+    assert (storage / "model-config.yaml").is_file() and (storage / "explain-config.yaml").is_file()
 
 
 # --- the validators can fail ----------------------------------------------------------------------------------
@@ -205,9 +208,10 @@ def dockerfile_copies(dockerfile: Path = DOCKERFILE) -> list[str]:
 
 def test_what_the_image_copies_exists(tmp_path: Path) -> None:
     copies = dockerfile_copies()
-    assert "model_store/classifier.mar" in copies  # make archive's default output
+    made = {"model_store/classifier.mar", "model_store/classifier-explain.mar"}  # make archive's default outputs
+    assert made <= set(copies)
     for src in copies:
-        if src != "model_store/classifier.mar":
+        if src not in made:
             assert (ROOT / src).is_file(), src
     ignored = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln and not ln.startswith("#")]
     for src in copies:  # nothing the build needs is left out of its context
@@ -256,6 +260,16 @@ def closure(names: list[str]) -> set[str]:
     return seen
 
 
+def loaded_distributions(module: str, cwd: Path) -> set[str]:
+    """The distributions importing `module` (in a fresh interpreter, from `cwd`) loads."""
+    probe = ("import sys, json, importlib.metadata as md; before = set(sys.modules); "
+             f"import {module}; dists = md.packages_distributions(); "
+             "new = {m.split('.')[0] for m in set(sys.modules) - before}; "
+             "print(json.dumps(sorted({d for m in new for d in dists.get(m, [])})))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", probe], cwd=cwd, capture_output=True, text=True, check=True)
+    return set(json.loads(out.stdout.splitlines()[-1]))
+
+
 def requirements(path: Path) -> list[Requirement]:
     return [Requirement(ln) for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
 
@@ -270,12 +284,7 @@ def test_the_kserve_image_has_what_its_server_imports(tmp_path: Path) -> None:
     r = subprocess.run(["make", "-n", "image-serve", "IMAGE=x", "ENGINE=docker", "SERVER=kserve"], cwd=ROOT,
                        capture_output=True, text=True)  # fmt: skip
     assert "--build-arg BUNDLE=model_store/classifier.bundle" in r.stdout and "Dockerfile.kserve" in r.stdout, r.stdout
-    probe = ("import sys, json, importlib.metadata as md; before = set(sys.modules); "
-             "import visionapp.serve.kserve_server; dists = md.packages_distributions(); "
-             "new = {m.split('.')[0] for m in set(sys.modules) - before}; "
-             "print(json.dumps(sorted({d for m in new for d in dists.get(m, [])})))")  # fmt: skip
-    loaded = set(json.loads(subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
-                                           text=True, check=True).stdout.splitlines()[-1]))  # fmt: skip
+    loaded = loaded_distributions("visionapp.serve.kserve_server", tmp_path)
     installed = closure([r.name for r in requirements(ROOT / "serve" / "requirements-kserve.txt")])
     # imported here only because this venv has them (each importer tries them and goes on without): kubernetes'
     # dynamic client tries kubernetes-validate (and its jsonschema), uvicorn watchfiles, httpx's CLI rich
@@ -292,12 +301,7 @@ def test_the_image_installs_what_the_mar_imports(store: Path, tmp_path: Path) ->
     another requirement), with the lower bounds of pyproject.toml."""
     with zipfile.ZipFile(store / "classifier.mar") as z:
         z.extractall(tmp_path)
-    probe = ("import sys, json, importlib.metadata as md; before = set(sys.modules); import handler; "
-             "dists = md.packages_distributions(); "
-             "new = {m.split('.')[0] for m in set(sys.modules) - before}; "
-             "print(json.dumps(sorted({d for m in new for d in dists.get(m, [])})))")  # fmt: skip
-    loaded = set(json.loads(subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
-                                           text=True, check=True).stdout.splitlines()[-1]))  # fmt: skip
+    loaded = loaded_distributions("handler", tmp_path)
     reqs = requirements(ROOT / "serve" / "requirements.txt")
 
     installed = closure([r.name for r in reqs])

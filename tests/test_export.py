@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import MODEL_CONFIG, ROOT
+from helpers import EXPLAIN_CONFIG, MODEL_CONFIG, ROOT
 
 from visionapp.bundle import TEST_FILES, load_bundle
-from visionapp.serve.archive import build_archive
+from visionapp.serve.archive import build_archive, build_archives
 from visionapp.serve.export import export_bundle
 from visionapp.serve.local import LocalServer
 from visionapp.transforms import load_image
@@ -125,7 +125,8 @@ def test_a_refused_re_export_keeps_the_package_and_record_that_were_there(
 @pytest.fixture(scope="module")
 def compiled_server(exported: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
     store = tmp_path_factory.mktemp("compiled_store")
-    build_archive(exported / "bundle", name="classifier", out=store, model_config=ROOT / "serve" / "model-config.yaml")
+    build_archives(exported / "bundle", name="classifier", out=store, model_config=MODEL_CONFIG,
+                   explain_config=EXPLAIN_CONFIG)  # fmt: skip
     with LocalServer(store, tmp_path_factory.mktemp("serve"), checkout=ROOT) as server:
         yield server
 

@@ -23,12 +23,11 @@ import psutil
 import pytest
 import torch
 import yaml
-from helpers import MODEL_CONFIG, ROOT
+from helpers import EXPLAIN_CONFIG, MODEL_CONFIG, ROOT, scrape
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
 from visionapp.bundle import load_bundle
-from visionapp.serve.archive import build_archive
+from visionapp.serve.archive import build_archive, build_archives
 from visionapp.serve.client import call
 from visionapp.serve.inputs import worker_threads
 from visionapp.serve.loadgen import run_load
@@ -54,7 +53,8 @@ def stop_server(server: Server) -> None:
 @pytest.fixture(scope="module")
 def model_store(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     store = tmp_path_factory.mktemp("model_store")
-    build_archive(trained_run / "bundle", name="classifier", out=store, model_config=MODEL_CONFIG)
+    build_archives(trained_run / "bundle", name="classifier", out=store, model_config=MODEL_CONFIG,
+                   explain_config=EXPLAIN_CONFIG)  # fmt: skip
     return store
 
 
@@ -63,7 +63,7 @@ def server(
     request: pytest.FixtureRequest, model_store: Path, trained_run: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     """The same archive's bundle and model config, served by each server in turn."""
-    make_vars = (f"RUN={trained_run}", f"MODEL_CONFIG={MODEL_CONFIG}")
+    make_vars = (f"RUN={trained_run}", f"MODEL_CONFIG={MODEL_CONFIG}", f"EXPLAIN_CONFIG={EXPLAIN_CONFIG}")
     if request.param == "kserve":  # with its gRPC endpoint on
         make_vars += (f"KSERVE_GRPC_PORT={free_ports(1)[0]}",)
     s = start_server(model_store, tmp_path_factory.mktemp("serve"), *make_vars, server=request.param)
@@ -74,11 +74,6 @@ def server(
 def torchserve_only(server: Server, why: str) -> None:
     if server.server != "torchserve":
         pytest.skip(f"TorchServe only: {why}")
-
-
-def model_process(server: Server) -> psutil.Process:
-    """The process that runs the model: TorchServe's worker, or KServe's server itself."""
-    return next(p for p in server.processes() if server.server == "kserve" or "ts.sock" in " ".join(p.info["cmdline"]))
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +259,7 @@ def test_v2_over_grpc_takes_raw_bytes(server: Server, sample: dict[str, bytes], 
 def test_v1_explain_verb_answers_a_heatmap(server: Server, sample: dict[str, bytes], trained_run: Path) -> None:
     """KServe's explain verb, POST /v1/models/<name>:explain with the image as the body, on both servers (with an
     image content type: KServe's v1 reads application/octet-stream as JSON)."""
-    url = f"http://127.0.0.1:{server.port}/v1/models/classifier:explain"
+    url = f"http://127.0.0.1:{server.port}/v1/models/{server.explain_model}:explain"  # the explanations' own name
     status, raw = call(url, server.key, sample["square"], "image/png", headers={"X-Method": "layer_gradcam"})
     assert status == 200, raw[:300]
     answer = json.loads(raw)
@@ -424,7 +419,7 @@ def test_a_camera_sized_photo_is_explained_at_a_bounded_cost(server: Server) -> 
     """24 megapixels explained: the overlay comes back at most maxHeatmapPixels (aspect kept, size said), the answer
     stays small and the worker's memory grows by less than 500 MB."""
     photo = _photo(6000, 4000)
-    worker = model_process(server)
+    worker = server.model_process(explanations=True)
     server.post(photo, endpoint="explanations", headers={"X-Method": "layer_gradcam"})  # the first allocates once
     before = worker.memory_info().rss
     status, raw = call(server.url("explanations"), server.key, photo, headers={"X-Method": "integrated_gradients"})
@@ -463,28 +458,14 @@ def test_logs_keep_access_and_metrics_without_per_request_chatter(server: Server
 
 
 # --- Prometheus metrics ----------------------------------------------------------------------------------------
-def scrape(server: Server) -> dict[tuple[str, frozenset], float]:
-    """Every sample of the metrics port's /metrics (Prometheus text format, no token), keyed by name and labels.
-    A direct connection: urllib's global opener keeps whatever proxy an earlier test's environment named."""
-    conn = http.client.HTTPConnection("127.0.0.1", server.metrics_port, timeout=10)
-    conn.request("GET", "/metrics")
-    r = conn.getresponse()
-    assert r.status == 200
-    text = r.read().decode()
-    conn.close()
-    return {
-        (s.name, frozenset((k, v) for k, v in s.labels.items() if k not in ("Hostname", "hostname"))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
 def test_prometheus_metrics_count_what_was_served(server: Server, sample: dict[str, bytes]) -> None:
     """TorchServe's own queue and request counters (the autoscaling signal) and the handler's metrics
     (serve/metrics.yaml) move by exactly what this test sends."""
-    model = {("ModelName", "classifier"), ("Level", "Model")}
 
     def m(name: str, labels: tuple[tuple[str, str], ...]) -> float:
+        # explanations are served (and labelled) under their own model name, on both servers
+        explained = name.startswith("ExplanationSeconds") or ("Endpoint", "explanations") in labels
+        model = {("ModelName", server.explain_model if explained else "classifier"), ("Level", "Model")}
         return scrape(server).get((name, frozenset(model | set(labels))), 0.0)
 
     predictions, explained = (("Endpoint", "predictions"),), (("Method", "layer_gradcam"),)

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import ROOT, TINY_DATA, fit, sample_image
+from helpers import EXPLAIN_CONFIG, ROOT, TINY_DATA, fit, sample_image
 from PIL import Image
 
-from visionapp.serve.archive import build_archive
+from visionapp.serve.archive import build_archive, build_archives
 from visionapp.serve.client import call, keys
 from visionapp.serve.local import LocalServer
 
@@ -35,6 +35,12 @@ handler:
   maxImagesPerExplanation: 1
   maxPixelsPerRequest: 20000
 """
+# The explanations' own service (the shipped config) with the same small limits
+GATHERING_EXPLAIN_CONFIG = (
+    EXPLAIN_CONFIG.read_text()
+    .replace("maxImagesPerExplanation: 4", "maxImagesPerExplanation: 1")
+    .replace("maxPixelsPerRequest: 100000000", "maxPixelsPerRequest: 20000")
+)
 
 
 @pytest.fixture(scope="module", params=["torchserve", "kserve"])
@@ -43,11 +49,12 @@ def gathering(
 ) -> Iterator[LocalServer]:
     """Each server with the small limits above (KServe's server does not batch: requests sent together queue)."""
     tmp = tmp_path_factory.mktemp("gathering")
-    config = tmp / "model-config.yaml"
+    config, explain_config = tmp / "model-config.yaml", tmp / "explain-config.yaml"
     config.write_text(GATHERING_CONFIG)
-    build_archive(trained_run / "bundle", out=tmp / "store", model_config=config)
+    explain_config.write_text(GATHERING_EXPLAIN_CONFIG)
+    build_archives(trained_run / "bundle", out=tmp / "store", model_config=config, explain_config=explain_config)
     # RUN names a valid run: an archive made elsewhere is still served as it is, not rebuilt from that run.
-    make_vars = (f"RUN={trained_run}", f"MODEL_CONFIG={config}")
+    make_vars = (f"RUN={trained_run}", f"MODEL_CONFIG={config}", f"EXPLAIN_CONFIG={explain_config}")
     with LocalServer(tmp / "store", tmp / "serve", "classifier", *make_vars, server=request.param) as server:
         yield server
 
@@ -66,7 +73,11 @@ def _together(server: LocalServer, requests: list[tuple[str, bytes, str, dict[st
         return [f.result() for f in futures]
 
 
-def test_a_mixed_batch_answers_each_request_by_its_kind(gathering: LocalServer, trained_run: Path) -> None:
+def test_explanations_sent_with_predictions_are_answered_by_their_own_workers(
+    gathering: LocalServer, trained_run: Path
+) -> None:
+    """Predictions and an explanation sent together: each answered by its kind, the explanation by the
+    explanations' own model (TorchServe: its own registration and worker), the predictions batched together."""
     image = sample_image(trained_run)
     explanation = ("explanations", image, "application/octet-stream", {"X-Method": "layer_gradcam"})
     prediction = ("predictions", image, "application/octet-stream", {})
@@ -77,15 +88,19 @@ def test_a_mixed_batch_answers_each_request_by_its_kind(gathering: LocalServer, 
         if i == 2:
             assert "heatmap_png_base64" in answer and answer["method"] == "layer_gradcam"
         else:
-            assert "heatmap_png_base64" not in answer and set(answer) <= {
-                "circle",
-                "cross",
-                "square",
-                "star",
-                "triangle",
-            }
-    if gathering.server == "torchserve":  # batched together (KServe's server answers one request at a time)
-        assert "mixed batch: 5 predictions, 1 explanations" in (gathering.dir / "model_log.log").read_text()
+            assert "heatmap_png_base64" not in answer
+            assert set(answer) <= {"circle", "cross", "square", "star", "triangle"}
+    if gathering.server == "torchserve":  # never in the predictions' batches any more
+        assert "mixed batch" not in (gathering.dir / "model_log.log").read_text()
+
+
+def test_the_old_explanations_path_names_the_new_one(gathering: LocalServer, trained_run: Path) -> None:
+    if gathering.server != "torchserve":
+        pytest.skip("KServe's server answers explanations under both names")
+    status, raw = call(f"http://127.0.0.1:{gathering.port}/explanations/classifier", gathering.key,
+                       sample_image(trained_run))  # fmt: skip
+    answer = json.loads(raw)
+    assert status == 308 and "/explanations/classifier-explain" in answer["message"], answer
 
 
 def test_odd_requests_fail_alone_in_their_batch(gathering: LocalServer, trained_run: Path) -> None:

@@ -42,6 +42,7 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import Any
@@ -52,13 +53,14 @@ import yaml
 
 from visionapp.bench import run_part
 from visionapp.bundle import TEST_FILES, load_bundle
-from visionapp.serve.archive import build_archive
+from visionapp.serve.archive import build_archives
 from visionapp.serve.client import call
 from visionapp.serve.export import export_bundle
 from visionapp.serve.loadgen import percentile, run_load
 from visionapp.serve.local import LocalServer
 
 MODEL_CONFIG_FILE = Path("serve/model-config.yaml")  # ours, also given to the stock archive
+EXPLAIN_CONFIG_FILE = Path("serve/explain-config.yaml")  # our explanations' own workers and queue
 MODEL_CONFIG = yaml.safe_load(MODEL_CONFIG_FILE.read_text())
 
 # The stock handler loads `--model-file`: one class whose no-argument constructor builds the architecture.
@@ -121,7 +123,14 @@ def resized_archive(bundle: Path, image_size: int, out: Path) -> tuple[Path, Pat
 def eager_archive(bundle: Path, out: Path, **changes: Any) -> tuple[Path, Path]:
     """Our .mar of an eager copy of `bundle` (staged_bundle), and that copy."""
     staging = staged_bundle(bundle, out / "eager" / "bundle", **changes)
-    return build_archive(staging, name="classifier", out=out / "store-eager", model_config=MODEL_CONFIG_FILE), staging
+    return our_archives(staging, out / "store-eager"), staging
+
+
+def our_archives(bundle: Path, out: Path) -> Path:
+    """Our .mar (and the explanations' beside it, as make archive writes them); the predictions' one."""
+    mar, _ = build_archives(bundle, name="classifier", out=out, model_config=MODEL_CONFIG_FILE,
+                            explain_config=EXPLAIN_CONFIG_FILE)  # fmt: skip
+    return mar
 
 
 def compiled_archive(bundle: Path, out: Path) -> tuple[Path, dict]:
@@ -129,7 +138,7 @@ def compiled_archive(bundle: Path, out: Path) -> tuple[Path, dict]:
     and the export's record."""
     staging = staged_bundle(bundle, out / "compiled" / "bundle")
     record = export_bundle(staging, max_batch=MODEL_CONFIG["batchSize"])
-    mar = build_archive(staging, name="classifier", out=out / "store-compiled", model_config=MODEL_CONFIG_FILE)
+    mar = our_archives(staging, out / "store-compiled")
     return mar, record
 
 
@@ -284,6 +293,29 @@ def measure_round(handle, servers: dict[str, Server], body: bytes, args: argpars
     return out
 
 
+def during_explanations(server: Server, body: bytes, requests: int, explanations: int = 4) -> dict[str, float]:
+    """Prediction latency at concurrency 1, idle and while `explanations` occlusion explanations are in flight
+    (sent at once; the predictions counted are those answered before the first explanation finished)."""
+    predict = server.request_once(body)
+    idle = timed(predict, requests)
+    explain_url, done = server.url("explanations"), []
+
+    def explain() -> None:
+        status, _ = call(explain_url, server.key, body, headers={"X-Method": "occlusion"}, timeout=600)
+        done.append((time.perf_counter(), status))
+
+    with ThreadPoolExecutor(explanations) as pool:
+        futures = [pool.submit(explain) for _ in range(explanations)]
+        time.sleep(0.5)  # all of them admitted and running or queued
+        during: list[float] = []
+        while not done and len(during) < 10 * requests:
+            during += timed(predict, 1)
+        for f in futures:
+            f.result()
+    return {"idle_p50_ms": percentile(idle, 50) * 1e3, "during_p50_ms": percentile(during, 50) * 1e3,
+            "during_requests": len(during), "explained": sum(s == 200 for _, s in done)}  # fmt: skip
+
+
 def response_bytes(servers: dict[str, Server], body: bytes) -> dict[str, int]:
     """Bytes of one /explanations answer for the image: our heatmap PNG vs the stock handler's raw tensor."""
     sizes = {}
@@ -329,7 +361,7 @@ def run(args: argparse.Namespace) -> dict:
         image_size = json.loads((bundle / "model.json").read_text())["image_size"]
         stock_mar = stock_archive(bundle, tmpdir / "stock_store")
         compiled_mar, export_record = compiled_archive(bundle, tmpdir) if args.compiled else (None, None)
-        rounds, explain_bytes = measure_servers(args, body, mar, bundle, stock_mar, compiled_mar, tmpdir)
+        rounds, explain_bytes, during = measure_servers(args, body, mar, bundle, stock_mar, compiled_mar, tmpdir)
         # the forward alone, with the servers stopped: eager vs the package the compiled server ran
         forward_ms = (forward_times(tmpdir / "compiled" / "bundle", (1, MODEL_CONFIG["batchSize"]), args.rounds)
                       if args.compiled else None)  # fmt: skip
@@ -346,6 +378,14 @@ def run(args: argparse.Namespace) -> dict:
         ),
         "serve.kserve_throughput_vs_torchserve_c8": (
             median["kserve"]["c8"]["images_per_s"] / median["ours"]["c8"]["images_per_s"]
+        ),
+        # a lone prediction's p50 while 4 occlusion explanations are in flight, against idle: ours on TorchServe
+        "during_explanations": during,
+        "serve.predict_p50_during_explanations_vs_idle": (
+            during["ours"]["during_p50_ms"] / during["ours"]["idle_p50_ms"]
+        ),
+        "serve.kserve_predict_p50_during_explanations_vs_idle": (
+            during["kserve"]["during_p50_ms"] / during["kserve"]["idle_p50_ms"]
         ),
         "explain.response_bytes_vs_stock": explain_bytes["ours"] / explain_bytes["stock"],
         "settings": {"image": args.image, "mar": args.mar, "bundle": args.bundle,
@@ -376,16 +416,18 @@ def measure_servers(
     stock_mar: Path,
     compiled_mar: Path | None,
     tmpdir: Path,
-) -> tuple[list[dict], dict]:
+) -> tuple[list[dict], dict, dict]:
     """Start every server (ours, compiled, stock, KServe's with `bundle`, the --variant ones), warm each, then the
-    rounds side by side with the handler in process; the rounds and each server's /explanations answer size."""
+    rounds side by side with the handler in process; the rounds, each server's /explanations answer size and our
+    servers' prediction latency while explanations run."""
     handle = in_process_handler(mar, tmpdir)
     with ExitStack() as stack:
         servers = {"ours": stack.enter_context(Server(mar, tmpdir / "ours"))}
         if compiled_mar is not None:
             servers["compiled"] = stack.enter_context(Server(compiled_mar, tmpdir / "compiled"))
         servers["stock"] = stack.enter_context(Server(stock_mar, tmpdir / "stock"))
-        served_bundle = f"RUN={bundle.resolve().parent}", f"MODEL_CONFIG={MODEL_CONFIG_FILE.resolve()}"
+        served_bundle = (f"RUN={bundle.resolve().parent}", f"MODEL_CONFIG={MODEL_CONFIG_FILE.resolve()}",
+                         f"EXPLAIN_CONFIG={EXPLAIN_CONFIG_FILE.resolve()}")  # fmt: skip
         servers["kserve"] = stack.enter_context(Server(mar, tmpdir / "kserve", *served_bundle, server="kserve"))
         for name, make_vars in args.variant:
             if name in servers:
@@ -395,7 +437,9 @@ def measure_servers(
             server.load(body, requests=args.warmup, concurrency=8)
         handle([{"body": body}] * 8)
         rounds = [leaves(measure_round(handle, servers, body, args, seed=i)) for i in range(args.rounds)]
-        return rounds, response_bytes(servers, body)
+        # predictions while explanations run, on our two servers (after the rounds: explanations load the CPU)
+        during = {name: during_explanations(servers[name], body, args.requests) for name in ("ours", "kserve")}
+        return rounds, response_bytes(servers, body), during
 
 
 def ratios(median: dict, server: str, prefix: str) -> dict[str, float]:
@@ -470,6 +514,11 @@ def print_table(result: dict) -> None:
     for key in (k for k in med["ours"] if k.startswith("c")):
         print(f"  {key + ' mean batch':22s}" + f"{'':>24s}" + "".join(f"{cell(c, key, 'batch'):>24s}" for c in served))
     print(f"  /explanations bytes: {result['explanation_response_bytes']}")
+    for name, d in result["during_explanations"].items():
+        print(
+            f"  {name}: prediction p50 idle {d['idle_p50_ms']:.1f} ms, with 4 explanations in flight "
+            f"{d['during_p50_ms']:.1f} ms ({d['during_requests']} predictions)"
+        )
     if "forward_ms" in result:
         for b, ms in result["forward_ms"]["eager"].items():
             print(f"  forward {b}: eager {ms:.1f} ms, compiled {result['forward_ms']['compiled'][b]:.1f} ms")

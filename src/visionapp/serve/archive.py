@@ -1,7 +1,9 @@
 """Pack a bundle into a self-contained TorchServe archive with torch-model-archiver.
 
     python -m visionapp.serve.archive --bundle runs/latest/bundle --name classifier --out model_store \
-        --model-config serve/model-config.yaml
+        --model-config serve/model-config.yaml --explain-config serve/explain-config.yaml
+
+writes classifier.mar (predictions) and classifier-explain.mar (explanations, their own workers and queue).
 
 The .mar holds the bundle (model.pt, model.json, and the compiled model.<device>.pt2 packages model.json
 records, from make export), the handler (visionapp/serve/handler.py, as the archive's
@@ -25,6 +27,7 @@ import yaml
 
 from visionapp.bundle import META_FILE, bundle_file, check_complete
 from visionapp.errors import run_main
+from visionapp.serve.inputs import explain_name
 
 PACKAGE = Path(__file__).parents[1]  # the installed visionapp package
 HANDLER = Path(__file__).with_name("handler.py")
@@ -75,6 +78,17 @@ def build_archive(
     return out / f"{name}.mar"
 
 
+def build_archives(
+    bundle: str | Path, *, model_config: str | Path, explain_config: str | Path, name: str = "classifier",
+    out: str | Path = "model_store",
+) -> tuple[Path, Path]:  # fmt: skip
+    """`<name>.mar` for predictions and `<name>-explain.mar` for explanations: the same bundle and code, each with
+    its own model config (workers, batching, queue, timeout), registered side by side so that explanations have
+    workers and a queue of their own (make serve)."""
+    mar = build_archive(bundle, model_config=model_config, name=name, out=out)
+    return mar, build_archive(bundle, model_config=explain_config, name=explain_name(name), out=out)
+
+
 def compiled_packages(bundle: Path) -> list[Path]:
     """The compiled models (make export) model.json records: packed too, the handler picks the one that fits."""
     meta = json.loads((bundle / META_FILE).read_text())
@@ -104,12 +118,15 @@ def main() -> int:
     ap.add_argument("--name", default="classifier")
     ap.add_argument("--out", default="model_store")
     ap.add_argument("--model-config", default="serve/model-config.yaml", help="TorchServe model config (YAML)")
+    ap.add_argument("--explain-config", default="serve/explain-config.yaml", help="the explanations' model config")
     args = ap.parse_args()
     try:
-        mar = build_archive(args.bundle, name=args.name, out=args.out, model_config=args.model_config)
+        mars = build_archives(args.bundle, name=args.name, out=args.out, model_config=args.model_config,
+                              explain_config=args.explain_config)  # fmt: skip
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(str(e)) from None
-    print(f"{mar} ({mar.stat().st_size / 1e6:.1f} MB)")
+    for mar in mars:
+        print(f"{mar} ({mar.stat().st_size / 1e6:.1f} MB)")
     return 0
 
 

@@ -20,6 +20,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from visionapp.serve.inputs import explain_name
+
 
 def keys(serve_dir: str | Path) -> dict[str, Any]:
     """TorchServe writes its keys to key_file.json in the directory it was started from (and rewrites it when
@@ -134,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give at least one image")
     options = {f"X-{k}": v for k, v in (("Target", args.target), ("Method", args.method)) if v}
     endpoint = {"predict": "predictions", "explain": "explanations"}.get(args.command)
-    url = f"{base}/{endpoint}/{args.model}" if endpoint else f"{base}/v2/models/{args.model}/infer"
+    # explanations have a model name of their own (their own workers and queue, on both servers)
+    model = explain_name(args.model) if args.command == "explain" else args.model
+    url = f"{base}/{endpoint}/{model}" if endpoint else f"{base}/v2/models/{args.model}/infer"
     failed = 0
     for img in args.images:
         body_bytes = Path(img).read_bytes()

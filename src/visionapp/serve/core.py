@@ -28,7 +28,15 @@ from PIL import Image
 from visionapp.attribution.maps import explain, overlay_png
 from visionapp.attribution.methods import METHODS
 from visionapp.bundle import load_bundle
-from visionapp.serve.inputs import MAX_PIXELS, BadInput, Limits, Request, shown, status_phrase, worker_threads
+from visionapp.serve.inputs import (
+    MAX_PIXELS,
+    BadInput,
+    Limits,
+    Request,
+    shown,
+    status_phrase,
+    worker_threads,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +78,14 @@ class ServingCore:
                  name: str, version: str = "1") -> None:  # fmt: skip
         self.name, self.version, self.device = name, version, device
         config = model_config or {}
+        self.limits = Limits.from_model_config(config)
         threads = ""
         if device.type == "cpu":
-            # Share the cores between this model's workers instead of each worker taking all of them.
-            torch.set_num_threads(worker_threads(int(config.get("minWorkers", 1))))
+            # Share the cores between this model's workers instead of each worker taking all of them (or as many
+            # as the config says: an explanation worker leaves the rest to the predictions).
+            torch.set_num_threads(self.limits.torch_threads or worker_threads(int(config.get("minWorkers", 1))))
             threads = f", torch threads: {torch.get_num_threads()}"
         Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-        self.limits = Limits.from_model_config(config)
         # Predictions run the compiled model (make export) where it fits this device, torch and CPU; explanations
         # always run the eager one (Captum needs its gradients).
         self.bundle = load_bundle(model_dir, map_location=device, compiled="auto")

@@ -6,10 +6,11 @@
 Fills the templates in serve/k8s/ and writes, under --out (default deploy/, not committed), for TorchServe:
   k8s/        deployment.yaml service.yaml networkpolicy.yaml hpa.yaml      kubectl apply -f deploy/k8s/
   kserve/     runtime.yaml inferenceservice.yaml networkpolicy.yaml       kubectl apply -f deploy/kserve/
-  kserve/storage/config/config.properties, kserve/storage/model-store/<model>.mar   (upload to STORAGE_URI)
+  kserve/storage/config/config.properties, kserve/storage/model-store/<model>.mar and <model>-explain.mar
+                                                                                 (upload to STORAGE_URI)
   prometheus-adapter-rule.yaml   the rule that makes the HPA's queue-latency metric (not a Kubernetes object)
 and with --server kserve (KServe's model server in the image from serve/Dockerfile.kserve) only the kserve/ part,
-its storage layout being bundle/ (the run's bundle) and model-config.yaml.
+its storage layout being bundle/ (the run's bundle), model-config.yaml and explain-config.yaml.
 Every manifest is validated before anything is written: the built-in kinds against Kubernetes' schemas
 (kubernetes-validate, strict: unknown fields are errors), KServe's kinds against the models of KServe's own
 SDK (unknown fields, wrong types, missing required fields). --dry-run prints them instead.
@@ -29,6 +30,7 @@ from typing import Any
 import yaml
 
 from visionapp.errors import run_main
+from visionapp.serve.inputs import explain_name
 
 TEMPLATES = Path("serve/k8s")
 SERVER_CONFIG = Path("serve/config.properties")
@@ -132,6 +134,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--mar", default="model_store/classifier.mar", help="the archive the image serves")
     ap.add_argument("--server", choices=sorted(MANIFESTS), default="torchserve", help="the server in the image")
     ap.add_argument("--model-config", default="serve/model-config.yaml", help="kserve: its limits, in the storage")
+    ap.add_argument("--explain-config", default="serve/explain-config.yaml", help="kserve: its explainers")
     ap.add_argument("--image", required=True, help="the serving image (make image-serve IMAGE=...), pushed")
     ap.add_argument("--name", default=None, help="Kubernetes name (default: the .mar's model name)")
     ap.add_argument("--replicas", type=int, default=2)
@@ -150,7 +153,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     bundle, mar = Path(args.bundle), Path(args.mar)
-    for f in (bundle / "model.json", *([mar] if args.server == "torchserve" else [])):
+    archives = [mar, mar.with_name(f"{explain_name(mar.stem)}.mar")] if args.server == "torchserve" else []
+    for f in (bundle / "model.json", *archives):
         if not f.is_file():
             raise SystemExit(f"{f} is missing: make train, then make archive (RUN=... for another run)")
     if args.replicas < 1 or (args.max_replicas is not None and args.max_replicas < args.replicas):
@@ -169,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"---\n# ---- {args.out}/{target}\n{text}")  # one YAML stream
         return 0
     write(manifests, Path(args.out))
-    storage = write_storage(Path(args.out), args.server, mar, bundle, Path(args.model_config))
+    configs = Path(args.model_config), Path(args.explain_config)
+    storage = write_storage(Path(args.out), args.server, mar, bundle, *configs)
     print(json.dumps({"image": args.image, "replicas": args.replicas, "run": values["run"], "server": args.server}))
     for target in manifests:
         print(f"  {Path(args.out) / target}")
@@ -201,7 +206,7 @@ def write(manifests: dict[str, str], out: Path) -> None:
         path.write_text(text)
 
 
-def write_storage(out: Path, server: str, mar: Path, bundle: Path, model_config: Path) -> Path:
+def write_storage(out: Path, server: str, mar: Path, bundle: Path, model_config: Path, explain_config: Path) -> Path:
     """KServe's storage layout for the runtime: TorchServe's config/config.properties + model-store/<name>.mar, or
     KServe's model server's bundle/ + model-config.yaml. Replaced whole: nothing of another run stays in it."""
     storage = out / "kserve" / "storage"
@@ -213,10 +218,12 @@ def write_storage(out: Path, server: str, mar: Path, bundle: Path, model_config:
         (storage / "config").mkdir()
         (storage / "model-store").mkdir()
         shutil.copy2(SERVER_CONFIG, storage / "config" / "config.properties")
-        shutil.copy2(mar, storage / "model-store" / mar.name)
+        for archive in (mar, mar.with_name(f"{explain_name(mar.stem)}.mar")):  # --models all registers both
+            shutil.copy2(archive, storage / "model-store" / archive.name)
     else:
         shutil.copytree(bundle, storage / "bundle")
         shutil.copy2(model_config, storage / "model-config.yaml")
+        shutil.copy2(explain_config, storage / "explain-config.yaml")
     return storage
 
 

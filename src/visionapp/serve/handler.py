@@ -30,7 +30,7 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from visionapp.serve.core import Failure, ServingCore
-from visionapp.serve.inputs import BadInput, Request, parse_request, parse_v2, v2_body
+from visionapp.serve.inputs import BadInput, Request, explain_name, parse_request, parse_v2, v2_body
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,9 @@ class ImageClassifierHandler(BaseHandler):
         name, version = context.manifest["model"]["modelName"], context.manifest["model"].get("modelVersion", "1")
         self.core = ServingCore(props["model_dir"], device, model_config, name, version)
         self.core.warm_up()  # TorchServe marks the worker READY only once this returns
+        # Explanations have a registration of their own (<name>-explain: own workers and queue, make archive);
+        # this one, the predictions', points explanation requests there.
+        self.explains = name.endswith(explain_name(""))
         self.initialized = True
 
     def handle(self, data: list[dict], context) -> list[Any]:
@@ -72,6 +75,9 @@ class ImageClassifierHandler(BaseHandler):
             v2_request = v2_body(row)
             v2 = v2_request is not None
             try:
+                if explain_it and not self.explains:
+                    out[idx] = self._moved(context, idx)
+                    continue
                 if v2 and explain_it:
                     raise BadInput("the Open Inference Protocol has no explain verb here; POST the image to "
                                    f"/explanations/{self.core.name}", kind="bad_body")  # fmt: skip
@@ -105,6 +111,15 @@ class ImageClassifierHandler(BaseHandler):
                 out[idx] = self._answer_failure(context, idx, self.core.failure(e, metrics), v2=False)
         context.metrics.add_time("HandlerTime", round((time.time() - start) * 1000, 2), None, "ms")
         return out
+
+    def _moved(self, context: Any, idx: int) -> dict[str, Any]:
+        """308 to the explanations' own registration: a client that follows redirects gets there, any other reads
+        where explanations are now."""
+        path = f"/explanations/{explain_name(self.core.name)}"
+        message = f"explanations are served at POST {path}, on workers of their own"
+        context.set_response_status(code=308, phrase="Permanent Redirect", idx=idx)
+        context.set_response_header(idx, "Location", path)
+        return {"code": 308, "type": "Moved", "message": message}
 
     @staticmethod
     def _answer_failure(context: Any, idx: int, failure: Failure, v2: bool) -> dict[str, Any]:

@@ -39,12 +39,14 @@ class Limits:
     max_images_explanation: int = 4  # each explanation costs up to a few hundred model passes
     max_pixels: int = 100_000_000  # decoded pixels over all of a request's images, checked before each decode
     max_heatmap_pixels: int = 500_000  # an explanation's overlay is drawn at most this big (aspect kept)
+    torch_threads: int = 0  # torch threads per worker; 0: the cores this process may use, shared by minWorkers
 
     KEYS: ClassVar[dict[str, str]] = {  # model-config key → field
         "maxImagesPerPrediction": "max_images_prediction",
         "maxImagesPerExplanation": "max_images_explanation",
         "maxPixelsPerRequest": "max_pixels",
         "maxHeatmapPixels": "max_heatmap_pixels",
+        "torchThreads": "torch_threads",
     }
 
     @classmethod
@@ -61,6 +63,12 @@ class Limits:
         if explain:
             return self.max_images_explanation, "maxImagesPerExplanation"
         return self.max_images_prediction, "maxImagesPerPrediction"
+
+
+def explain_name(name: str) -> str:
+    """The model name explanations are served under, beside `name`'s predictions (TorchServe: a registration of
+    their own, with its own workers and queue; KServe's server answers it too)."""
+    return f"{name}-explain"
 
 
 CGROUP = (Path("/proc/self/cgroup"), Path("/sys/fs/cgroup"))  # this process's cgroup, and where cgroup v2 is mounted

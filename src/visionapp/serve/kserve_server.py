@@ -11,9 +11,11 @@ with a raw image or this project's JSON body), Prometheus metrics on `/metrics`,
 
 KServe's server has no token authorisation: locally it listens on loopback only (`--host`; upstream binds every
 interface, which is what a pod needs), in a cluster a NetworkPolicy admits only the ingress (make k8s). Ready
-(`/v2/health/ready`) only once the model has loaded and answered a warm-up prediction. Requests are not batched
-(KServe's batcher is a separate sidecar): each runs alone, one at a time, on the model's own thread, so the
-event loop keeps answering probes and metrics while a long explanation runs.
+(`/v2/health/ready`) only once the model has loaded and answered a warm-up prediction. Predictions are not
+batched (KServe's batcher is a separate sidecar): each runs alone, one at a time, on the model's own thread, so
+the event loop keeps answering probes and metrics. Explanations run apart, in explainer processes of their own
+(--explain-config: minWorkers processes of torchThreads threads each), so that they never hold up a prediction;
+when jobQueueSize explanations already wait, another is answered 503 at once with Retry-After.
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ import argparse
 import asyncio
 import json
 import logging
-from concurrent.futures import ThreadPoolExecutor
+import math
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import kserve
 import torch
@@ -35,10 +40,10 @@ from fastapi.responses import JSONResponse
 from kserve.errors import InvalidInput
 from kserve.model_server import app
 from kserve.protocol.infer_type import InferRequest, InferResponse, to_http_parameters
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
-from visionapp.serve.core import Failure, ServingCore
-from visionapp.serve.inputs import Request, parse_request, parse_v2
+from visionapp.serve.core import Failure, Metrics, ServingCore
+from visionapp.serve.inputs import Limits, Request, explain_name, parse_request, parse_v2
 
 log = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 10 * 1024 * 1024  # as TorchServe's max_request_size (serve/config.properties): 413 above
@@ -47,18 +52,49 @@ MAX_REQUEST_BYTES = 10 * 1024 * 1024  # as TorchServe's max_request_size (serve/
 class ServingError(Exception):
     """A request's Failure, raised out of the model so that the app answers it with its status."""
 
-    def __init__(self, failure: Failure, native: bool = False) -> None:
+    def __init__(self, failure: Failure, native: bool = False, retry_after: int | None = None) -> None:
         super().__init__(failure.message)
-        self.failure, self.native = failure, native
+        self.failure, self.native, self.retry_after = failure, native, retry_after
+
+
+class RecordedMetrics:
+    """Metrics added in an explainer process, sent back with its answer and added here (the registry is ours)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, float, str, bool, dict[str, str]]] = []
+
+    def add(self, name: str, value: float, unit: str, histogram: bool = False, **dimensions: str) -> None:
+        self.calls.append((name, value, unit, histogram, dimensions))
+
+
+_EXPLAINER: ServingCore | None = None  # in each explainer process
+
+
+def _start_explainer(bundle: Path, config: dict[str, Any], name: str, version: str) -> None:
+    global _EXPLAINER
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s explainer %(levelname)s %(message)s")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _EXPLAINER = ServingCore(bundle, device, config, name, version)
+
+
+def _explain(req: Request) -> tuple[list[dict[str, Any]] | Failure, list[tuple]]:
+    """In an explainer process: the answers (or the Failure) and the metrics they added."""
+    assert _EXPLAINER is not None, "explainer process not started"
+    recorded = RecordedMetrics()
+    try:
+        return _EXPLAINER.explain(req, recorded), recorded.calls
+    except Exception as e:
+        return _EXPLAINER.failure(e, recorded), recorded.calls
 
 
 class PrometheusMetrics:
     """The core's metrics as prometheus_client series on the server's /metrics: the names and labels
     TorchServe's metrics API gives them (serve/metrics.yaml), so one dashboard reads both servers."""
 
+    series: ClassVar[dict[str, Counter | Histogram]] = {}  # one per name in the process's registry
+
     def __init__(self, model: str) -> None:
         self.model = model
-        self.series: dict[str, Counter | Histogram] = {}
 
     def add(self, name: str, value: float, unit: str, histogram: bool = False, **dimensions: str) -> None:
         labels = {**dimensions, "ModelName": self.model, "Level": "Model"}
@@ -77,18 +113,39 @@ class PrometheusMetrics:
 
 
 class ClassifierModel(kserve.Model):
-    def __init__(self, name: str, bundle: Path, model_config: dict[str, Any], version: str = "1") -> None:
+    def __init__(
+        self, name: str, bundle: Path, model_config: dict[str, Any], version: str = "1",
+        explain_config: dict[str, Any] | None = None,
+    ) -> None:  # fmt: skip
         super().__init__(name)
         self.bundle, self.model_config, self.version = bundle, model_config, version
+        self.explain_config = explain_config or {}
         self.metrics = PrometheusMetrics(name)
+        self.explain_metrics = PrometheusMetrics(explain_name(name))  # labelled as TorchServe's registration is
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="model")  # the model runs one request at a time
+        self.explainers: ProcessPoolExecutor | None = None
+        self.explain_workers = max(1, int(self.explain_config.get("minWorkers", 1)))
+        self.explain_queue = int(self.explain_config.get("jobQueueSize", 4))  # waiting beyond those running
+        self.explaining = 0  # admitted: running or waiting
+        self.explain_limits = Limits.from_model_config(self.explain_config or model_config)
+        self.explain_seconds = 10.0  # a running estimate of one explanation request's seconds, for Retry-After
         self.core: ServingCore | None = None
+        # the two queues apart: requests admitted and not yet answered, by endpoint; explanations refused when full
+        self.in_flight = Gauge("InFlight", "requests admitted, not yet answered", ["ModelName", "Endpoint"])
+        self.refused = Counter("ExplanationsRefused", "explanations answered 503: the queue was full", ["ModelName"])
 
     def load(self) -> bool:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.core = ServingCore(self.bundle, device, self.model_config, self.name, self.version)
         self.core.warm_up()
-        self.ready = True  # /v2/health/ready: loaded and answered a prediction
+        # Explainer processes, started fresh (spawn: torch's thread pools do not survive a fork), each loading the
+        # bundle with the explanation config's threads; the first explanation waits for none of this.
+        context = multiprocessing.get_context("spawn")
+        initargs = (self.bundle, self.explain_config or self.model_config, self.name, self.version)
+        self.explainers = ProcessPoolExecutor(self.explain_workers, context, _start_explainer, initargs)
+        for f in [self.explainers.submit(time.sleep, 0) for _ in range(self.explain_workers)]:
+            f.result()  # every explainer started before the server says it is ready
+        self.ready = True  # /v2/health/ready: loaded, answered a prediction, explainers up
         return self.ready
 
     def get_input_types(self) -> list[dict[str, Any]]:
@@ -117,7 +174,8 @@ class ClassifierModel(kserve.Model):
 
     async def _predict(self, req: Request, endpoint: str, native: bool = False) -> list[dict[str, float]]:
         self._check(req, endpoint, native)
-        (answer,) = await self._run(self._core.predict, [req], self.metrics)
+        with self.in_flight.labels(self.name, "predictions").track_inprogress():
+            (answer,) = await self._run(self._core.predict, [req], self.metrics)
         if isinstance(answer, Failure):
             raise ServingError(answer, native)
         return answer
@@ -127,18 +185,36 @@ class ClassifierModel(kserve.Model):
         return await self.explain_native({"body": payload}, _options(headers))
 
     async def explain_native(self, row: dict[str, Any], headers: dict[str, str], native: bool = False) -> Any:
-        req = parse_request(row, headers, self._core.limits, explain=True)
-        self._check(req, "explanations", native)
+        req = parse_request(row, headers, self.explain_limits, explain=True)
+        self._check(req, "explanations", native, self.explain_metrics)
+        limit = self.explain_workers + self.explain_queue
+        if self.explaining >= limit:  # back-pressure: answered now, never queued behind the others
+            waiting = self.explaining - self.explain_workers
+            retry = max(1, math.ceil(self.explain_seconds * (waiting + 1) / self.explain_workers))
+            message = (f"too many explanations: {self.explain_workers} running and {waiting} waiting, the limit "
+                       f"(minWorkers + jobQueueSize in serve/explain-config.yaml); retry after {retry} s")  # fmt: skip
+            self.refused.labels(self.name).inc()
+            raise ServingError(Failure(503, message), native, retry_after=retry)
+        self.explaining += 1
+        start = time.monotonic()
         try:
-            answers = await self._run(self._core.explain, req, self.metrics)
-        except Exception as e:
-            raise ServingError(self._core.failure(e, self.metrics), native) from None
+            assert self.explainers is not None
+            with self.in_flight.labels(self.name, "explanations").track_inprogress():
+                answers, calls = await asyncio.get_running_loop().run_in_executor(self.explainers, _explain, req)
+        finally:
+            self.explaining -= 1
+        self.explain_seconds = 0.7 * self.explain_seconds + 0.3 * (time.monotonic() - start)
+        for name, value, unit, histogram, dims in calls:
+            self.explain_metrics.add(name, value, unit, histogram, **dims)
+        if isinstance(answers, Failure):
+            raise ServingError(answers, native)
         return answers if req.many else answers[0]
 
-    def _check(self, req: Request, endpoint: str, native: bool) -> None:
+    def _check(self, req: Request, endpoint: str, native: bool, metrics: Metrics | None = None) -> None:
+        metrics = metrics or self.metrics
         if req.error is not None:
-            raise ServingError(self._core.failure(req.error, self.metrics), native)
-        self.metrics.add("ImagesPerRequest", len(req.images), "count", histogram=True, Endpoint=endpoint)
+            raise ServingError(self._core.failure(req.error, metrics), native)
+        metrics.add("ImagesPerRequest", len(req.images), "count", histogram=True, Endpoint=endpoint)
 
     @property
     def _core(self) -> ServingCore:
@@ -174,10 +250,14 @@ def add_routes(model: ClassifierModel) -> None:
     # POST, and PUT as curl -T sends (TorchServe takes both)
     app.add_api_route(f"/predictions/{model.name}", predictions, methods=["POST", "PUT"])
     app.add_api_route(f"/explanations/{model.name}", explanations, methods=["POST", "PUT"])
+    # TorchServe serves explanations under a model name of their own; the same path here, for the same clients
+    app.add_api_route(f"/explanations/{explain_name(model.name)}", explanations, methods=["POST", "PUT"])
 
     @app.exception_handler(ServingError)
     async def serving_error(_: HTTPRequest, e: ServingError) -> JSONResponse:
-        return JSONResponse(e.failure.native() if e.native else e.failure.v2(), status_code=e.failure.status)
+        headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
+        body = e.failure.native() if e.native else e.failure.v2()
+        return JSONResponse(body, status_code=e.failure.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: HTTPRequest, e: RequestValidationError) -> JSONResponse:
@@ -234,6 +314,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(parents=[kserve.model_server.parser], description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", type=Path, required=True, help="a run's bundle folder (runs/<run>/bundle)")
     ap.add_argument("--model-config", type=Path, default=None, help="serve/model-config.yaml: its handler limits")
+    ap.add_argument(
+        "--explain-config",
+        type=Path,
+        default=None,
+        help="serve/explain-config.yaml: the explainers (minWorkers, jobQueueSize, handler limits)",
+    )
     ap.add_argument("--model-version", default=None, help="the version metadata names (default: the run's name)")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
     args = ap.parse_args(argv)
@@ -241,10 +327,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = yaml.safe_load(args.model_config.read_text()) if args.model_config else {}
     version = args.model_version or args.bundle.resolve().parent.name
-    model = ClassifierModel(args.model_name, args.bundle, config or {}, version)
+    explain_config = yaml.safe_load(args.explain_config.read_text()) if args.explain_config else None
+    model = ClassifierModel(args.model_name, args.bundle, config or {}, version, explain_config)
     model.load()
     add_routes(model)
     server = ModelServerOn(args.host, http_port=args.http_port, grpc_port=args.grpc_port, enable_grpc=args.enable_grpc)
+    server.register_model(model, explain_name(model.name))  # KServe's v1 :explain under the explanations' name too
     server.start([model])
 
 

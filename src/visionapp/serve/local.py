@@ -18,6 +18,7 @@ from typing import TypeVar
 import psutil
 
 from visionapp.serve.client import call, inference_key
+from visionapp.serve.inputs import explain_name
 
 S = TypeVar("S", bound="LocalServer")
 PORTS = ("INFERENCE", "MANAGEMENT", "METRICS", "WORKER", "GRPC_INFERENCE", "GRPC_MANAGEMENT")  # make variables
@@ -48,6 +49,9 @@ class LocalServer:
         more make variables (e.g. TORCHSERVE=... for another launcher); `checkout` is the project's folder, whose
         Makefile starts and stops the server (default: the working directory, as for every make target)."""
         self.server = server
+        # explanations' own model name where they have one (KServe's server answers both names)
+        has_own = server == "kserve" or (Path(store) / f"{explain_name(model)}.mar").is_file()
+        self.explain_model = explain_name(model) if has_own else model
         self.checkout = Path(checkout)
         ports = free_ports(len(PORTS))
         self.port, self.worker_port = ports[PORTS.index("INFERENCE")], ports[PORTS.index("WORKER")]
@@ -88,7 +92,8 @@ class LocalServer:
         self.stop(check=False)
 
     def url(self, endpoint: str = "predictions", management: bool = False) -> str:
-        return f"http://127.0.0.1:{self.management_port if management else self.port}/{endpoint}/{self.model}"
+        model = self.explain_model if endpoint == "explanations" else self.model
+        return f"http://127.0.0.1:{self.management_port if management else self.port}/{endpoint}/{model}"
 
     def post(
         self,
@@ -100,6 +105,21 @@ class LocalServer:
         """The HTTP status and the decoded JSON answer."""
         status, raw = call(self.url(endpoint), self.key, body, content_type, headers=headers)
         return status, json.loads(raw)
+
+    def worker_ports(self) -> list[int]:
+        """TorchServe's workers' ports: one per worker from WORKER_PORT on, the predictions' first, then the
+        explanations' (one worker each in the shipped configs)."""
+        return [self.worker_port, self.worker_port + 1]
+
+    def model_process(self, explanations: bool = False) -> psutil.Process:
+        """The process that runs the model: TorchServe's predictions (or explanations) worker, or KServe's server
+        itself (its explainer processes are its children)."""
+        procs = self.processes()
+        if self.server == "kserve":
+            explainers = [p for p in procs[1:] if "spawn_main" in " ".join(p.info["cmdline"])]
+            return explainers[0] if explanations and explainers else procs[0]
+        port = self.worker_ports()[1 if explanations and self.explain_model != self.model else 0]
+        return next(p for p in procs if f".ts.sock.{port}" in " ".join(p.info["cmdline"]))
 
     def processes(self) -> list[psutil.Process]:
         """KServe's: the process in its pid file and its children. TorchServe's: its Java frontend (its command
@@ -116,7 +136,7 @@ class LocalServer:
         for p in psutil.process_iter(["cmdline"]):
             cmd = " ".join(p.info["cmdline"] or [])
             with suppress(psutil.Error):  # a process that ended meanwhile
-                if f".ts.sock.{self.worker_port}" in cmd or (
+                if any(f".ts.sock.{port}" in cmd for port in self.worker_ports()) or (
                     "org.pytorch.serve.ModelServer" in cmd and Path(p.cwd()) == self.dir.resolve()
                 ):
                     found.append(p)

@@ -1,0 +1,111 @@
+"""Explanations apart from predictions, against each real server: predictions answered while explanations run
+(their latency recorded, never asserted), a full explanation queue answered 503 at once while predictions still
+answer 200, and the two queues told apart in the metrics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from helpers import EXPLAIN_CONFIG as EXPLAIN_CONFIG_FILE
+from helpers import MODEL_CONFIG, sample_image, scrape
+
+from visionapp.serve.archive import build_archives
+from visionapp.serve.client import call
+from visionapp.serve.local import LocalServer
+
+pytestmark = pytest.mark.slow
+
+# The shipped explanations' config, with one explanation waiting at most: a third sent at once is refused.
+EXPLAIN_CONFIG = EXPLAIN_CONFIG_FILE.read_text().replace("jobQueueSize: 4", "jobQueueSize: 1")
+OCCLUSION = {"X-Method": "occlusion"}  # hundreds of model passes per image: the slowest method
+
+
+@pytest.fixture(scope="module", params=["torchserve", "kserve"])
+def apart(
+    request: pytest.FixtureRequest, trained_run: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalServer]:
+    tmp = tmp_path_factory.mktemp("apart")
+    explain_config = tmp / "explain-config.yaml"
+    explain_config.write_text(EXPLAIN_CONFIG)
+    assert "jobQueueSize: 1" in EXPLAIN_CONFIG
+    build_archives(trained_run / "bundle", out=tmp / "store", model_config=MODEL_CONFIG, explain_config=explain_config)
+    make_vars = (f"RUN={trained_run}", f"MODEL_CONFIG={MODEL_CONFIG}", f"EXPLAIN_CONFIG={explain_config}")
+    with LocalServer(tmp / "store", tmp / "serve", "classifier", *make_vars, server=request.param) as server:
+        yield server
+
+
+def _timed(server: LocalServer, endpoint: str, image: bytes, headers: dict[str, str] | None = None) -> tuple:
+    start = time.monotonic()
+    status, raw = call(server.url(endpoint), server.key, image, headers=headers, timeout=300)
+    return status, raw, time.monotonic() - start, time.monotonic()
+
+
+def test_predictions_answer_while_explanations_run(apart: LocalServer, trained_run: Path) -> None:
+    image = sample_image(trained_run)
+    idle = [_timed(apart, "predictions", image)[2] for _ in range(10)]
+    with ThreadPoolExecutor(6) as pool:
+        explanations = [pool.submit(_timed, apart, "explanations", image, OCCLUSION) for _ in range(2)]
+        time.sleep(0.3)
+        during = [_timed(apart, "predictions", image) for _ in range(10)]
+        answered = [f.result() for f in explanations]
+    assert all(status == 200 for status, *_ in during), [d[:2] for d in during]
+    assert all(status == 200 for status, *_ in answered), [a[:2] for a in answered]
+    busy = [seconds for _, _, seconds, done in during if done < min(a[3] for a in answered)]
+    print(f"\n{apart.server}: prediction p50 idle {sorted(idle)[5] * 1e3:.0f} ms; while 2 occlusion explanations "
+          f"ran: {len(busy)} predictions, p50 {sorted(busy)[len(busy) // 2] * 1e3 if busy else float('nan'):.0f} ms; "
+          f"explanations took {', '.join(f'{a[2]:.1f}' for a in answered)} s")  # fmt: skip
+
+
+def test_a_full_explanation_queue_is_refused_at_once(apart: LocalServer, trained_run: Path) -> None:
+    image = sample_image(trained_run)
+    with ThreadPoolExecutor(8) as pool:
+        explanations = [pool.submit(_timed, apart, "explanations", image, OCCLUSION) for _ in range(5)]
+        time.sleep(0.5)
+        prediction = _timed(apart, "predictions", image)
+        results = [f.result() for f in explanations]
+    assert prediction[0] == 200  # predictions are never refused for explanation load
+    refused = [r for r in results if r[0] == 503]
+    answered = [r for r in results if r[0] == 200]
+    assert refused and answered and len(refused) + len(answered) == 5, [r[:2] for r in results]
+    first_done = min(r[3] for r in answered)
+    assert all(r[3] < first_done for r in refused), "a refusal waited for an explanation to finish"
+    if apart.server == "kserve":
+        status, raw = refused[0][:2]
+        assert b"jobQueueSize" in raw  # the message names the limit
+    status, raw, _, _ = _timed(apart, "explanations", image, OCCLUSION)  # and once the queue drains, served again
+    assert status == 200, raw[:200]
+
+
+def test_the_two_queues_are_apart_in_the_metrics(apart: LocalServer, trained_run: Path) -> None:
+    names = {(name, dict(labels).get("model_name") or dict(labels).get("Endpoint")) for name, labels in scrape(apart)}
+    if apart.server == "torchserve":  # queue latency per registration: the HPA's signal stays the predictions'
+        queues = {model for name, model in names if name.startswith("ts_queue_latency_microseconds")}
+        assert {"classifier", "classifier-explain"} <= queues, names
+    else:
+        assert ("InFlight", "predictions") in names and ("InFlight", "explanations") in names
+        assert any(name == "ExplanationsRefused_total" for name, _ in names)
+
+
+def test_retry_after_on_kserve(apart: LocalServer, trained_run: Path) -> None:
+    """KServe's server says when to come back; TorchServe's frontend answers a full queue itself, without it."""
+    if apart.server != "kserve":
+        pytest.skip("TorchServe's frontend refuses a full queue itself: its answer has no Retry-After")
+    import http.client
+
+    image = sample_image(trained_run)
+
+    def post() -> tuple[int, str | None]:
+        conn = http.client.HTTPConnection("127.0.0.1", apart.port, timeout=300)
+        conn.request("POST", "/explanations/classifier-explain", body=image, headers=OCCLUSION)
+        r = conn.getresponse()
+        r.read()
+        return r.status, r.getheader("Retry-After")
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: post(), range(4)))
+    refused = [retry for status, retry in results if status == 503]
+    assert refused and all(retry is not None and int(retry) >= 1 for retry in refused), results
