@@ -68,6 +68,9 @@ def test_make_bench_writes_every_key(trained_run: Path, tmp_path: Path) -> None:
     assert set(serve) == {"inprocess", "ours", "compiled", "stock", "kserve"}
     assert serve["kserve"]["c8"]["batch"] == 1  # KServe's server runs each request alone
     assert serve["kserve"]["c8"]["cores_busy"]["worker"] > 0  # its one process, found
+    for name in ("ours", "kserve"):  # predictions measured while explanations ran, on both of our servers
+        during = result["serve_224px"]["during_explanations"][name]
+        assert during["during_requests"] >= 1 and during["explained"] == 4, during
     for part in ("serve", "serve_224px"):  # the compiled model: exported for each size, its forward timed alone
         assert result[part]["export"]["max_abs_diff"] <= 1e-4 and set(result[part]["forward_speedup"]) == {"b1", "b8"}
     for contender in serve.values():

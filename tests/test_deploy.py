@@ -96,6 +96,7 @@ def test_make_k8s_renders_valid_manifests_from_the_run(trained_run: Path, store:
     assert hpa["metrics"][0]["pods"]["metric"]["name"] == rule["name"]["as"]
     for series in ("ts_queue_latency_microseconds", "ts_inference_requests_total"):  # as serve/metrics.yaml declares
         assert series in rule["metricsQuery"] and series in (ROOT / "serve" / "metrics.yaml").read_text()
+    assert rule["metricsQuery"].count('model_name="classifier"') == 2  # the predictions' queue, not the explanations'
 
     runtime, isvc = kserve["ServingRuntime"], kserve["InferenceService"]
     # KServe's predictor pods are selected by their own label, not the Deployment's

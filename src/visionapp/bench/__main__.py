@@ -53,6 +53,13 @@ GOALS = {
     "serve.throughput_vs_inprocess_c8": Goal(0.8, "min", "batching must recover most of the in-process batch speed"),
     "serve.p50_vs_inprocess_c1_224px": Goal(1.15, "max", "the same at 224 px, ImageNet's size"),
     "serve.throughput_vs_inprocess_c8_224px": Goal(0.8, "min", "the same at 224 px, ImageNet's size"),
+    "serve.kserve_p50_vs_inprocess_c1_224px": Goal(1.15, "max", "KServe's model server may add what TorchServe may"),
+    "serve.kserve_throughput_vs_torchserve_c8_224px": Goal(
+        0.8, "min", "KServe's server, which does not batch, against ours on TorchServe at concurrency 8"
+    ),
+    "serve.predict_p50_during_explanations_vs_idle_224px": Goal(
+        3.0, "max", "4 occlusion explanations in flight: a lone prediction at most 3x its idle p50 (2 shared cores)"
+    ),
     "serve.throughput_vs_stock_c8_same_size": Goal(
         1.3, "min", "compiled (make export), at the stock handler's own 224 px: faster than where users start"
     ),
