@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,8 @@ class ServingCore:
             # as the config says: an explanation worker leaves the rest to the predictions).
             torch.set_num_threads(self.limits.torch_threads or worker_threads(int(config.get("minWorkers", 1))))
             threads = f", torch threads: {torch.get_num_threads()}"
+        if self.limits.niceness:  # a lower CPU priority: when cores are short, the predictions' worker goes first
+            os.nice(self.limits.niceness)
         Image.MAX_IMAGE_PIXELS = MAX_PIXELS
         # Predictions run the compiled model (make export) where it fits this device, torch and CPU; explanations
         # always run the eager one (Captum needs its gradients).

@@ -40,6 +40,7 @@ class Limits:
     max_pixels: int = 100_000_000  # decoded pixels over all of a request's images, checked before each decode
     max_heatmap_pixels: int = 500_000  # an explanation's overlay is drawn at most this big (aspect kept)
     torch_threads: int = 0  # torch threads per worker; 0: the cores this process may use, shared by minWorkers
+    niceness: int = 0  # added to the worker's CPU niceness: explanation workers yield the cores to predictions
 
     KEYS: ClassVar[dict[str, str]] = {  # model-config key → field
         "maxImagesPerPrediction": "max_images_prediction",
@@ -47,6 +48,7 @@ class Limits:
         "maxPixelsPerRequest": "max_pixels",
         "maxHeatmapPixels": "max_heatmap_pixels",
         "torchThreads": "torch_threads",
+        "niceness": "niceness",
     }
 
     @classmethod

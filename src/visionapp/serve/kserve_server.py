@@ -36,7 +36,7 @@ import torch
 import yaml
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, ORJSONResponse
 from kserve.errors import InvalidInput
 from kserve.model_server import app
 from kserve.protocol.infer_type import InferRequest, InferResponse, to_http_parameters
@@ -241,11 +241,12 @@ def _options(headers: dict[str, str] | None) -> dict[str, str]:
 
 # --- the app around the model: the project's own routes, errors as each API answers them, a request size limit ---
 def add_routes(model: ClassifierModel) -> None:
+    # ORJSONResponse directly: FastAPI would otherwise walk the answer with jsonable_encoder first
     async def predictions(request: HTTPRequest) -> Any:
-        return await model.predict_native(await _row(request), dict(request.headers))
+        return ORJSONResponse(await model.predict_native(await _row(request), dict(request.headers)))
 
     async def explanations(request: HTTPRequest) -> Any:
-        return await model.explain_native(await _row(request), dict(request.headers), native=True)
+        return ORJSONResponse(await model.explain_native(await _row(request), dict(request.headers), native=True))
 
     # POST, and PUT as curl -T sends (TorchServe takes both)
     app.add_api_route(f"/predictions/{model.name}", predictions, methods=["POST", "PUT"])
@@ -268,17 +269,29 @@ def add_routes(model: ClassifierModel) -> None:
     async def invalid_input(_: HTTPRequest, e: InvalidInput) -> JSONResponse:
         return JSONResponse({"error": str(e)}, status_code=400)
 
-    @app.middleware("http")
-    async def limit_size(request: HTTPRequest, call_next: Any) -> Any:
-        """Refused from the headers, before the body is read: too big (413), or of unknown length (411)."""
-        if request.method in ("POST", "PUT"):
-            length = request.headers.get("content-length")
+    app.add_middleware(SizeLimit)
+
+
+class SizeLimit:
+    """Bodies refused from the headers, before they are read: too big (413), or of unknown length (411). A plain ASGI
+    middleware: Starlette's BaseHTTPMiddleware costs each request a task and a stream copy."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT"):
+            length = dict(scope["headers"]).get(b"content-length")
+            refusal = None
             if length is None:
-                return JSONResponse({"error": "send a Content-Length (no chunked uploads)"}, status_code=411)
-            if not length.isdigit() or int(length) > MAX_REQUEST_BYTES:
+                refusal = JSONResponse({"error": "send a Content-Length (no chunked uploads)"}, status_code=411)
+            elif not length.isdigit() or int(length) > MAX_REQUEST_BYTES:
                 message = f"request body over {MAX_REQUEST_BYTES} bytes; send smaller images"
-                return JSONResponse({"error": message}, status_code=413)
-        return await call_next(request)
+                refusal = JSONResponse({"error": message}, status_code=413)
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 async def _row(request: HTTPRequest) -> dict[str, Any]:
