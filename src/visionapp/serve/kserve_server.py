@@ -12,8 +12,8 @@ with a raw image or this project's JSON body), Prometheus metrics on `/metrics`,
 KServe's server has no token authorisation: locally it listens on loopback only (`--host`; upstream binds every
 interface, which is what a pod needs), in a cluster a NetworkPolicy admits only the ingress (make k8s). Ready
 (`/v2/health/ready`) only once the model has loaded and answered a warm-up prediction. Predictions are not
-batched (KServe's batcher is a separate sidecar): each runs alone, one at a time, on the model's own thread, so
-the event loop keeps answering probes and metrics. Explanations run apart, in explainer processes of their own
+batched (KServe's batcher is a separate sidecar): each runs alone on the event loop's thread, as KServe runs a
+sync predict, so a probe waits at most one prediction. Explanations run apart, in explainer processes of their own
 (--explain-config: minWorkers processes of torchThreads threads each), so that they never hold up a prediction;
 when jobQueueSize explanations already wait, another is answered 503 at once with Retry-After.
 """
@@ -27,7 +27,7 @@ import logging
 import math
 import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -122,7 +122,6 @@ class ClassifierModel(kserve.Model):
         self.explain_config = explain_config or {}
         self.metrics = PrometheusMetrics(name)
         self.explain_metrics = PrometheusMetrics(explain_name(name))  # labelled as TorchServe's registration is
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="model")  # the model runs one request at a time
         self.explainers: ProcessPoolExecutor | None = None
         self.explain_workers = max(1, int(self.explain_config.get("minWorkers", 1)))
         self.explain_queue = int(self.explain_config.get("jobQueueSize", 4))  # waiting beyond those running
@@ -154,9 +153,6 @@ class ClassifierModel(kserve.Model):
     def get_output_types(self) -> list[dict[str, Any]]:
         return ServingCore.v2_tensors()[1]
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
-
     # --- predictions: v2 (InferRequest), v1 and the project's own API (a request row) -------------------------------
     async def predict(self, payload: Any, headers: dict[str, str] | None = None) -> Any:
         if isinstance(payload, InferRequest):
@@ -175,7 +171,9 @@ class ClassifierModel(kserve.Model):
     async def _predict(self, req: Request, endpoint: str, native: bool = False) -> list[dict[str, float]]:
         self._check(req, endpoint, native)
         with self.in_flight.labels(self.name, "predictions").track_inprogress():
-            (answer,) = await self._run(self._core.predict, [req], self.metrics)
+            # On the event loop's own thread, as KServe runs a sync predict: handing it to another thread cost
+            # 9-10 ms a request at 224 px (that thread's OpenMP team against the loop's on 2 cores; docs/performance.md)
+            (answer,) = self._core.predict([req], self.metrics)
         if isinstance(answer, Failure):
             raise ServingError(answer, native)
         return answer
