@@ -148,3 +148,18 @@ def test_a_v2_request_is_found_in_a_torchserve_row_json_or_not() -> None:
     assert v2_body({"body": b'  {"inputs": []}'}) == {"inputs": []}  # JSON sent without its content type
     assert v2_body({"body": {"data": "aGk="}}) is None and v2_body({"body": _png()}) is None
     assert v2_body({"body": b"{not json"}) is None
+
+
+def test_admission_refuses_past_its_limit_and_frees_its_place() -> None:
+    from visionapp.serve.core import Admission
+
+    gate = Admission(running=1, waiting=1)
+    with gate.admit():
+        assert gate.refusal() is None  # one running, room for one waiting
+        with gate.admit():
+            refusal = gate.refusal()
+            assert refusal is not None and refusal.status == 503 and refusal.retry_after is not None
+            assert refusal.retry_after >= 1 and "maxExplanationsWaiting" in refusal.message
+    with pytest.raises(RuntimeError), gate.admit():  # a failed explanation frees its place too
+        raise RuntimeError("explainer died")
+    assert gate.admitted == 0 and gate.refusal() is None

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -57,6 +60,7 @@ class Failure:
 
     status: int
     message: str
+    retry_after: int | None = None  # seconds, for a 503 that says when to come back
 
     @property
     def phrase(self) -> str:
@@ -64,12 +68,42 @@ class Failure:
 
     def native(self) -> dict[str, Any]:
         """The body as /predictions and /explanations answer it (TorchServe's error shape)."""
-        kind = "BadInput" if self.status < 500 else "InternalServerError"
+        kind = {503: "ServiceUnavailable"}.get(self.status, "BadInput" if self.status < 500 else "InternalServerError")
         return {"code": self.status, "type": kind, "message": self.message}
 
     def v2(self) -> dict[str, str]:
         """The body as the Open Inference Protocol answers an error."""
         return {"error": self.message}
+
+
+class Admission:
+    """Back-pressure for explanations: `running` at a time and `waiting` more admitted; the next is refused at once
+    (503) with a Retry-After from the recent explanations' seconds, never queued behind the others. Both servers
+    size it from the explanations' config (minWorkers, maxExplanationsWaiting); used from one thread (an event loop)."""
+
+    def __init__(self, running: int, waiting: int) -> None:
+        self.running, self.waiting = max(1, running), max(0, waiting)
+        self.admitted = 0  # running or waiting
+        self.seconds = 10.0  # a running estimate of one explanation request's seconds
+
+    def refusal(self) -> Failure | None:
+        if self.admitted < self.running + self.waiting:
+            return None
+        waiting = self.admitted - self.running
+        retry = max(1, math.ceil(self.seconds * (waiting + 1) / self.running))
+        message = (f"too many explanations: {self.running} running and {waiting} waiting, the limit (minWorkers and "
+                   f"maxExplanationsWaiting in serve/explain-config.yaml); retry after {retry} s")  # fmt: skip
+        return Failure(503, message, retry_after=retry)
+
+    @contextmanager
+    def admit(self) -> Iterator[None]:
+        self.admitted += 1
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.admitted -= 1
+        self.seconds = 0.7 * self.seconds + 0.3 * (time.monotonic() - start)
 
 
 class ServingCore:

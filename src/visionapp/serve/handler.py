@@ -20,8 +20,11 @@ metrics API (declared in serve/metrics.yaml, scraped from the metrics port's /me
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -29,7 +32,7 @@ from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
-from visionapp.serve.core import Failure, ServingCore
+from visionapp.serve.core import Admission, Failure, ServingCore
 from visionapp.serve.inputs import BadInput, Request, explain_name, parse_request, parse_v2, v2_body
 
 log = logging.getLogger(__name__)
@@ -59,9 +62,34 @@ class ImageClassifierHandler(BaseHandler):
         # Explanations have a registration of their own (<name>-explain: own workers and queue, make archive);
         # this one, the predictions', points explanation requests there.
         self.explains = name.endswith(explain_name(""))
+        # The explanations' registration talks to TorchServe asynchronously (asyncCommunication in
+        # serve/explain-config.yaml): the frontend hands each request over as it arrives, so the admission here
+        # answers a full queue at once with Retry-After, and explanations run one at a time on a thread of their own.
+        self.admission: Admission | None = None
+        if model_config.get("asyncCommunication"):
+            workers = max(1, int(model_config.get("minWorkers", 1)))  # the queue is shared out between the workers
+            self.admission = Admission(1, math.ceil(self.core.limits.max_explanations_waiting / workers))
+            self.explainer = ThreadPoolExecutor(1, thread_name_prefix="explain")
         self.initialized = True
 
-    def handle(self, data: list[dict], context) -> list[Any]:
+    def handle(self, data: list[dict], context) -> Any:
+        if self.admission is not None:
+            return self._handle_admitted(data, context)  # a coroutine: TorchServe's async worker awaits it
+        return self._handle(data, context)
+
+    async def _handle_admitted(self, data: list[dict], context) -> list[Any]:
+        assert self.admission is not None
+        refusal = self.admission.refusal()
+        if refusal is not None:  # back-pressure: answered now, never queued behind the others
+            self.Metrics(context).add("ExplanationsRefused", len(data), "count")
+            for idx in range(len(data)):
+                context.set_response_header(idx, "Retry-After", str(refusal.retry_after))
+            return [self._answer_failure(context, idx, refusal, v2_body(row) is not None) for idx, row in
+                    enumerate(data)]  # fmt: skip
+        with self.admission.admit():
+            return await asyncio.get_running_loop().run_in_executor(self.explainer, self._handle, data, context)
+
+    def _handle(self, data: list[dict], context) -> list[Any]:
         """One answer per request of the batch, each of its own kind, each failing alone."""
         start = time.time()
         metrics = self.Metrics(context)

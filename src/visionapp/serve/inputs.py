@@ -41,6 +41,7 @@ class Limits:
     max_heatmap_pixels: int = 500_000  # an explanation's overlay is drawn at most this big (aspect kept)
     torch_threads: int = 0  # torch threads per worker; 0: the cores this process may use, shared by minWorkers
     niceness: int = 0  # added to the worker's CPU niceness: explanation workers yield the cores to predictions
+    max_explanations_waiting: int = 4  # explanations admitted beyond those running; the next is refused (503)
 
     KEYS: ClassVar[dict[str, str]] = {  # model-config key → field
         "maxImagesPerPrediction": "max_images_prediction",
@@ -49,6 +50,7 @@ class Limits:
         "maxHeatmapPixels": "max_heatmap_pixels",
         "torchThreads": "torch_threads",
         "niceness": "niceness",
+        "maxExplanationsWaiting": "max_explanations_waiting",
     }
 
     @classmethod

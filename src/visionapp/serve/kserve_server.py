@@ -15,7 +15,7 @@ interface, which is what a pod needs), in a cluster a NetworkPolicy admits only 
 batched (KServe's batcher is a separate sidecar): each runs alone on the event loop's thread, as KServe runs a
 sync predict, so a probe waits at most one prediction. Explanations run apart, in explainer processes of their own
 (--explain-config: minWorkers processes of torchThreads threads each), so that they never hold up a prediction;
-when jobQueueSize explanations already wait, another is answered 503 at once with Retry-After.
+when maxExplanationsWaiting explanations already wait, another is answered 503 at once with Retry-After.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import logging
-import math
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -42,7 +41,7 @@ from kserve.model_server import app
 from kserve.protocol.infer_type import InferRequest, InferResponse, to_http_parameters
 from prometheus_client import Counter, Gauge, Histogram
 
-from visionapp.serve.core import Failure, Metrics, ServingCore
+from visionapp.serve.core import Admission, Failure, Metrics, ServingCore
 from visionapp.serve.inputs import Limits, Request, explain_name, parse_request, parse_v2
 
 log = logging.getLogger(__name__)
@@ -52,9 +51,9 @@ MAX_REQUEST_BYTES = 10 * 1024 * 1024  # as TorchServe's max_request_size (serve/
 class ServingError(Exception):
     """A request's Failure, raised out of the model so that the app answers it with its status."""
 
-    def __init__(self, failure: Failure, native: bool = False, retry_after: int | None = None) -> None:
+    def __init__(self, failure: Failure, native: bool = False) -> None:
         super().__init__(failure.message)
-        self.failure, self.native, self.retry_after = failure, native, retry_after
+        self.failure, self.native = failure, native
 
 
 class RecordedMetrics:
@@ -124,13 +123,11 @@ class ClassifierModel(kserve.Model):
         self.explain_metrics = PrometheusMetrics(explain_name(name))  # labelled as TorchServe's registration is
         self.explainers: ProcessPoolExecutor | None = None
         self.explain_workers = max(1, int(self.explain_config.get("minWorkers", 1)))
-        self.explain_queue = int(self.explain_config.get("jobQueueSize", 4))  # waiting beyond those running
-        self.explaining = 0  # admitted: running or waiting
         self.explain_limits = Limits.from_model_config(self.explain_config or model_config)
-        self.explain_seconds = 10.0  # a running estimate of one explanation request's seconds, for Retry-After
+        self.admission = Admission(self.explain_workers, self.explain_limits.max_explanations_waiting)
         self.core: ServingCore | None = None
         # the two queues apart: requests admitted and not yet answered, by endpoint; explanations refused when full
-        self.in_flight = Gauge("InFlight", "requests admitted, not yet answered", ["ModelName", "Endpoint"])
+        self.in_flight = Gauge("ExplanationsInFlight", "explanations admitted (running or waiting)", ["ModelName"])
         self.refused = Counter("ExplanationsRefused", "explanations answered 503: the queue was full", ["ModelName"])
 
     def load(self) -> bool:
@@ -170,10 +167,10 @@ class ClassifierModel(kserve.Model):
 
     async def _predict(self, req: Request, endpoint: str, native: bool = False) -> list[dict[str, float]]:
         self._check(req, endpoint, native)
-        with self.in_flight.labels(self.name, "predictions").track_inprogress():
-            # On the event loop's own thread, as KServe runs a sync predict: handing it to another thread cost
-            # 9-10 ms a request at 224 px (that thread's OpenMP team against the loop's on 2 cores; docs/performance.md)
-            (answer,) = self._core.predict([req], self.metrics)
+        # On the event loop's own thread, as KServe runs a sync predict: handing it to another thread cost 9-10 ms
+        # a request at 224 px (that thread's OpenMP team against the loop's on 2 cores; docs/performance.md). So
+        # predictions have no queue of their own to count: the ones waiting wait at the socket.
+        (answer,) = self._core.predict([req], self.metrics)
         if isinstance(answer, Failure):
             raise ServingError(answer, native)
         return answer
@@ -185,23 +182,13 @@ class ClassifierModel(kserve.Model):
     async def explain_native(self, row: dict[str, Any], headers: dict[str, str], native: bool = False) -> Any:
         req = parse_request(row, headers, self.explain_limits, explain=True)
         self._check(req, "explanations", native, self.explain_metrics)
-        limit = self.explain_workers + self.explain_queue
-        if self.explaining >= limit:  # back-pressure: answered now, never queued behind the others
-            waiting = self.explaining - self.explain_workers
-            retry = max(1, math.ceil(self.explain_seconds * (waiting + 1) / self.explain_workers))
-            message = (f"too many explanations: {self.explain_workers} running and {waiting} waiting, the limit "
-                       f"(minWorkers + jobQueueSize in serve/explain-config.yaml); retry after {retry} s")  # fmt: skip
-            self.refused.labels(self.name).inc()
-            raise ServingError(Failure(503, message), native, retry_after=retry)
-        self.explaining += 1
-        start = time.monotonic()
-        try:
-            assert self.explainers is not None
-            with self.in_flight.labels(self.name, "explanations").track_inprogress():
-                answers, calls = await asyncio.get_running_loop().run_in_executor(self.explainers, _explain, req)
-        finally:
-            self.explaining -= 1
-        self.explain_seconds = 0.7 * self.explain_seconds + 0.3 * (time.monotonic() - start)
+        refusal = self.admission.refusal()
+        if refusal is not None:  # back-pressure: answered now, never queued behind the others
+            self.refused.labels(explain_name(self.name)).inc()
+            raise ServingError(refusal, native)
+        assert self.explainers is not None
+        with self.admission.admit(), self.in_flight.labels(explain_name(self.name)).track_inprogress():
+            answers, calls = await asyncio.get_running_loop().run_in_executor(self.explainers, _explain, req)
         for name, value, unit, histogram, dims in calls:
             self.explain_metrics.add(name, value, unit, histogram, **dims)
         if isinstance(answers, Failure):
@@ -254,7 +241,8 @@ def add_routes(model: ClassifierModel) -> None:
 
     @app.exception_handler(ServingError)
     async def serving_error(_: HTTPRequest, e: ServingError) -> JSONResponse:
-        headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
+        retry = e.failure.retry_after
+        headers = {"Retry-After": str(retry)} if retry is not None else None
         body = e.failure.native() if e.native else e.failure.v2()
         return JSONResponse(body, status_code=e.failure.status, headers=headers)
 
@@ -329,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
         "--explain-config",
         type=Path,
         default=None,
-        help="serve/explain-config.yaml: the explainers (minWorkers, jobQueueSize, handler limits)",
+        help="serve/explain-config.yaml: the explainers (minWorkers, handler limits with maxExplanationsWaiting)",
     )
     ap.add_argument("--model-version", default=None, help="the version metadata names (default: the run's name)")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
