@@ -72,11 +72,14 @@ def test_a_folder_of_every_kind_is_scored_as_load_bundle_scores_it(trained_run: 
     assert {e[0] for e in errors} == {"notes.txt", "photos/val/m_broken.jpg"}
     assert "not an image file" in dict(errors)["notes.txt"]
     bundle = load_bundle(trained_run / "bundle")
+    assert bundle.ood is not None and len(rows[0]) == 1 + 2 * 5 + 2  # path, top-5 pairs, ood_score, ood
     for row in rows:
         with torch.no_grad():
-            probs = bundle.probabilities(bundle.transform(load_image(root / row[0]))[None])[0]
-        for name, p in zip(row[1::2], row[2::2], strict=True):
-            assert abs(float(p) - float(probs[bundle.class_names.index(name)])) < 1e-4, row
+            probs, scores, flags = bundle.answer(bundle.transform(load_image(root / row[0]))[None])
+        for name, p in zip(row[1:11:2], row[2:11:2], strict=True):
+            assert abs(float(p) - float(probs[0, bundle.class_names.index(name)])) < 1e-4, row
+        assert scores is not None and flags is not None
+        assert abs(float(row[11]) - float(scores[0])) < 1e-3 and row[12] == str(bool(flags[0])).lower(), row
     assert not list(out.parent.glob(".*rank*"))  # the shards were merged and removed
 
 
@@ -112,7 +115,8 @@ def test_two_processes_through_torchx_score_each_image_once(trained_run: Path, t
     two, one = read(out), read(alone)
     assert [r[0] for r in two] == [r[0] for r in one]  # each image once, in the same stable order
     for a, b in zip(two, one, strict=True):
-        assert a[1::2] == b[1::2] and np.allclose([float(p) for p in a[2::2]], [float(p) for p in b[2::2]], atol=1e-4)
+        assert a[1:11:2] == b[1:11:2] and a[12] == b[12]  # classes, and the OOD flag
+        assert np.allclose([float(p) for p in a[2:12:2]], [float(p) for p in b[2:12:2]], atol=1e-3), (a, b)
     assert not list(out.parent.glob(".*rank*"))
 
 
@@ -127,6 +131,6 @@ def test_rows_equal_the_served_answers(trained_run: Path, tmp_path: Path) -> Non
             status, answer = server.post((root / path).read_bytes(), headers={"X-Topk": "5"})
             assert status == 200, answer
             row = rows[path]
-            assert list(answer) == row[1::2]  # type: ignore[arg-type]
-            for name, p in zip(row[1::2], row[2::2], strict=True):
+            assert list(answer) == row[1:11:2]  # type: ignore[arg-type]
+            for name, p in zip(row[1:11:2], row[2:11:2], strict=True):
                 assert abs(answer[name] - float(p)) < 1e-4  # type: ignore[index]

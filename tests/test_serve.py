@@ -134,6 +134,42 @@ def test_served_probabilities_equal_in_process(server: Server, sample: dict[str,
             assert p == pytest.approx(expected[name], abs=1e-4)
 
 
+def _post_with_headers(server: Server, body: bytes, content_type: str = "image/png") -> tuple[int, dict, object]:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    headers = {"Content-Type": content_type, **({"Authorization": f"Bearer {server.key}"} if server.key else {})}
+    conn.request("POST", "/predictions/classifier", body=body, headers=headers)
+    r = conn.getresponse()
+    answer = json.loads(r.read())
+    conn.close()
+    return r.status, {k.lower(): v for k, v in r.getheaders()}, answer
+
+
+def test_served_ood_flag_equals_in_process(server: Server, sample: dict[str, bytes], trained_run: Path) -> None:
+    """Each answer's out-of-distribution score and flag (response headers; v2 outputs) are the bundle's own."""
+    bundle = load_bundle(trained_run / "bundle")
+    assert bundle.ood is not None
+    root = Path(json.loads((trained_run / "metrics.json").read_text())["data_root"])
+    others = [sorted((root / "ood" / kind).rglob("*.png"))[0].read_bytes() for kind in ("near", "far")]
+    images = [sample["star"], *others]
+    with torch.no_grad():
+        _, scores, flags = bundle.answer(torch.stack([bundle.transform(load_image(raw)) for raw in images]))
+    assert scores is not None and flags is not None
+    for raw, score, flag in zip(images, scores.tolist(), flags.tolist(), strict=True):
+        status, headers, answer = _post_with_headers(server, raw)
+        assert status == 200 and isinstance(answer, dict) and len(answer) == 5  # the top-k body keeps its shape
+        assert headers["x-ood"] == ("true" if flag else "false")
+        assert float(headers["x-ood-score"]) == pytest.approx(score, abs=1e-3)
+        assert float(headers["x-ood-threshold"]) == pytest.approx(bundle.ood.threshold, rel=1e-4)
+        assert headers["x-ood-method"] == bundle.ood.method
+    body = json.dumps({"images": [base64.b64encode(raw).decode() for raw in images]}).encode()
+    status, headers, answer = _post_with_headers(server, body, "application/json")
+    assert status == 200 and headers["x-ood"] == ", ".join("true" if f else "false" for f in flags.tolist())
+    status, v2 = v2_post(server, v2_request(images))
+    outputs = {o["name"]: o for o in v2["outputs"]}
+    assert outputs["ood"]["datatype"] == "BOOL" and outputs["ood"]["data"] == flags.tolist()
+    assert outputs["ood_score"]["data"] == pytest.approx(scores.tolist(), abs=1e-3)
+
+
 # --- the Open Inference Protocol (KServe v2), on both servers ---------------------------------------------------
 def v2_request(images: list[bytes], **parameters: object) -> dict:
     data = [base64.b64encode(i).decode() for i in images]

@@ -27,6 +27,8 @@ from torchvision.models import get_model
 
 from visionapp.errors import UserError
 from visionapp.imagefiles import find_images
+from visionapp.ood import FEATURES_FILE, OODRecord, knn_scores, logits_and_features
+from visionapp.ood import scores as ood_scores
 from visionapp.transforms import EvalPreset
 
 WEIGHTS_FILE, META_FILE = "model.pt", "model.json"
@@ -87,6 +89,7 @@ class Bundle:
     meta: dict[str, Any]
     compiled: Callable[[torch.Tensor], torch.Tensor] | None = None  # the AOTInductor package, when loaded
     compiled_note: str = "eager: not asked for"  # which model forward() runs, and why
+    ood_bank: torch.Tensor | None = None  # knn's training features (normalised), when the OOD method is knn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Raw logits of a normalised batch: the compiled model's where one is loaded (in chunks of the batch
@@ -110,6 +113,28 @@ class Bundle:
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """Calibrated class probabilities (N, classes) of a normalised batch; `model(x)` stays the raw logits."""
         return (self.forward(x) / self.temperature).softmax(dim=1)
+
+    @property
+    def ood(self) -> OODRecord | None:
+        """The out-of-distribution method and threshold fitted after fit; None for a run from before them."""
+        return OODRecord.from_dict(self.meta.get("ood"))
+
+    def answer(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """One forward pass of a normalised batch: calibrated probabilities, and the out-of-distribution scores and
+        flags (None without an OOD record). knn reads the penultimate features, which only the eager model gives:
+        a knn bundle answers with it even where a compiled model is loaded."""
+        record = self.ood
+        if record is None:
+            return (self.forward(x) / self.temperature).softmax(dim=1), None, None
+        if record.method == "knn":
+            if self.ood_bank is None or record.k is None:
+                raise ValueError(f"the bundle's OOD method is knn but it has no {record.features or 'features file'}")
+            logits, features = logits_and_features(self.model, x)
+            scores = knn_scores(self.ood_bank, features, record.k)
+        else:
+            logits = self.forward(x)
+            scores = ood_scores(logits, record.method, self.temperature)
+        return (logits / self.temperature).softmax(dim=1), scores, scores > record.threshold
 
 
 def versions(packages: tuple[str, ...] = ("lightning",)) -> dict[str, str]:
@@ -147,6 +172,8 @@ def save_bundle(
     pretrained: dict[str, Any],
     metrics: dict[str, Any],
     temperature: float = 1.0,
+    ood: dict[str, Any] | None = None,
+    ood_bank: torch.Tensor | None = None,
 ) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -165,6 +192,10 @@ def save_bundle(
         "temperature": temperature,
         "versions": versions(),
     }
+    if ood:
+        meta["ood"] = ood  # the out-of-distribution method and threshold (visionapp.ood)
+    if ood_bank is not None:  # knn's training features, float16
+        torch.save(ood_bank.detach().cpu().half().contiguous(), directory / FEATURES_FILE)
     if arch.startswith("vit_"):
         meta["model_kwargs"] = {"image_size": image_size}
     write_meta(directory, meta)
@@ -189,6 +220,10 @@ def load_bundle(
     model.load_state_dict(torch.load(directory / WEIGHTS_FILE, map_location=map_location, weights_only=True))
     transform = EvalPreset(image_size=meta["image_size"], mean=meta["mean"], std=meta["std"])
     bundle = Bundle(model.eval(), transform, meta)
+    record = bundle.ood
+    if record is not None and record.features:
+        bank = torch.load(bundle_file(directory, record.features), map_location=map_location, weights_only=True)
+        bundle.ood_bank = bank.float()
     if compiled:
         device = torch.device(map_location).type
         reason = _unfit(directory, meta.get("compiled", {}).get(device), device)

@@ -2,10 +2,10 @@
 
     python -m visionapp.run_report --run runs/latest      (make report; written by fit, refreshed by make explain)
 
-Metrics, calibration (the reliability diagram before/after), the confusion matrix and per-class accuracy, the
-most confident mistakes of the test split with their Grad-CAM heatmaps, the data, the versions and the config
-that ran; the explanation quality table when `make explain` has measured it. Built from the run directory and
-its bundle only.
+Metrics, calibration (the reliability diagram before/after), the out-of-distribution scores, the confusion matrix
+and per-class accuracy, the most confident mistakes of the test split with their Grad-CAM heatmaps, the data, the
+versions and the config that ran; the explanation quality table when `make explain` has measured it. Built from
+the run directory and its bundle only.
 """
 
 from __future__ import annotations
@@ -73,7 +73,8 @@ def build(run: Path) -> Path:
     metrics = json.loads((run / "metrics.json").read_text())
     meta = json.loads((run / "bundle" / "model.json").read_text())
     parts = [f"<h1>Run {html.escape(run.resolve().name)}</h1>", metrics_section(metrics, meta)]
-    parts += calibration_section(run, metrics) + per_class_section(run, metrics) + mistakes_section(run)
+    parts += calibration_section(run, metrics) + ood_section(run, metrics) + per_class_section(run, metrics)
+    parts += mistakes_section(run)
     parts += quality_section(run) + versions_and_config_section(run, metrics)
     style = (
         "body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222} "
@@ -112,6 +113,27 @@ def calibration_section(run: Path, metrics: dict) -> list[str]:
     ])]  # fmt: skip
     if reliability := _png(run / "reliability.png"):
         parts.append(_img(reliability, "reliability diagram before and after temperature scaling", 900))
+    return parts
+
+
+def ood_section(run: Path, metrics: dict) -> list[str]:
+    """The out-of-distribution scores side by side, the served one's threshold and its histogram."""
+    ood = metrics.get("ood") or {}
+    if not ood:
+        return []
+    sets = list(ood.get("sets", {}))
+    parts = ["<h2>Out of distribution</h2>" + _table([
+        ("served score, threshold", html.escape(f"{ood['method']} (chosen on {ood['chosen_on']}), "
+                                               f"{ood['threshold']:g}: {ood['accept']:.0%} of validation accepted")),
+        ("test images accepted", f"{ood['test_accepted']:.1%}"),
+        *((f"flagged: {name} ({ood['sets'][name]} images)", f"{ood['flagged'][name]:.1%}") for name in sets),
+    ])]  # fmt: skip
+    keys = [f"{kind}_{name}" for name in sets for kind in ("auroc", "fpr_at_95tpr")]
+    rows = "".join(f"<tr><th>{html.escape(m)}</th>" + "".join(f"<td>{row.get(k, float('nan')):.3f}</td>" for k in keys)
+                   + "</tr>" for m, row in ood["methods"].items())  # fmt: skip
+    parts.append("<table><tr><th>method</th>" + "".join(f"<th>{k}</th>" for k in keys) + f"</tr>{rows}</table>")
+    if histogram := _png(run / "ood.png"):
+        parts.append(_img(histogram, "out-of-distribution scores: in-distribution test images against each set", 800))
     return parts
 
 

@@ -117,6 +117,7 @@ class Explanation:
     probability: float  # of the predicted class
     target: str
     target_probability: float
+    ood: tuple[float, bool] | None = None  # the out-of-distribution score and flag, with an OOD record in the bundle
 
 
 def explain(
@@ -134,7 +135,9 @@ def explain(
     onto the image, or onto a copy of at most `max_pixels` (the prediction always sees the whole image)."""
     x = bundle.transform(image)[None].to(device)
     with torch.no_grad():
-        probs = bundle.probabilities(x)[0]  # calibrated
+        probabilities, scores, flags = bundle.answer(x)  # calibrated; the OOD score from the same forward pass
+    probs = probabilities[0]
+    ood = (float(scores[0]), bool(flags[0])) if scores is not None and flags is not None else None
     pred = int(probs.argmax())
     tgt = pred if target is None else target_index(bundle.class_names, target)
     amap = attribute(
@@ -143,5 +146,5 @@ def explain(
     names = bundle.class_names
     shown = bounded(image, max_pixels)
     return Explanation(
-        shown, to_original_size(amap, shown.size), names[pred], float(probs[pred]), names[tgt], float(probs[tgt])
+        shown, to_original_size(amap, shown.size), names[pred], float(probs[pred]), names[tgt], float(probs[tgt]), ood
     )

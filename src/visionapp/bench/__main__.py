@@ -10,6 +10,8 @@
            at the model's own input size and again at 224 px (serve_224px: ImageNet's size, at which the
            stock handler runs; the same weights, for timing only)
   explain  seconds per image of each Captum method vs the model passes it is made of (visionapp.explain.quality)
+  ood      the out-of-distribution score's cost per image (a prediction with it vs without), and the run's own
+           AUROC on held-out shapes (near) and other kinds of image (far), against the maximum-softmax baseline
 Each comparison alternates its contenders over --rounds rounds and reports medians with [min..max].
 results.json holds the machine, the library versions, every raw figure and the ratio keys below.
 """
@@ -20,6 +22,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +74,10 @@ GOALS = {
         0.8, "min", "scoring a folder of photos should run near the forward pass alone: decoding overlaps the model"
     ),
     "predict.vs_served_c8_224px": Goal(1.2, "min", "a folder through Trainer.predict beats sending it to the server"),
+    "ood.auroc_far": Goal(0.99, "min", "images of another kind (noise, colour fields, blocks) told from the classes"),
+    "ood.auroc_near": Goal(0.90, "min", "held-out shapes in the classes' own style told from the classes"),
+    "ood.auroc_near_vs_msp": Goal(1.0, "min", "the served score beats the maximum-softmax baseline on near"),
+    "ood.predict_with_score_vs_without": Goal(1.05, "max", "the score comes from the prediction's own logits"),
 }
 REFERENCE_SIZE = 224  # ImageNet's size, at which the stock handler always runs: the serving goals hold there too
 PACKAGES = ("lightning", "torchmetrics", "captum", "torchserve", "torch-model-archiver")  # beside python, torch(vision)
@@ -90,6 +97,34 @@ def explain_bench(bundle_dir: Path, image: Path, rounds: int) -> dict:
                          "passes_seconds": statistics.median(r["passes_seconds"] for r in rs),
                          "ratio": statistics.median(ratios), "ratio_spread": [min(ratios), max(ratios)]}  # fmt: skip
     return {"image_size": list(x.shape[-2:]), "methods": per_method, "raw": runs}
+
+
+def ood_bench(run_dir: Path, image: Path, rounds: int, repeats: int = 200) -> dict:
+    """The run's OOD figures (metrics.json), and a prediction with the score against one without, in process."""
+    measured = json.loads((run_dir / "metrics.json").read_text()).get("ood")
+    if not measured:
+        raise SystemExit(f"{run_dir} has no out-of-distribution record (trained before the scores): make train")
+    bundle = load_bundle(run_dir / "bundle")
+    x = bundle.transform(load_image(image))[None]
+    contenders = {"with": lambda: bundle.answer(x), "without": lambda: bundle.probabilities(x)}
+    seconds: dict[str, list[float]] = {name: [] for name in contenders}
+    with torch.inference_mode():
+        for _ in range(20):
+            bundle.answer(x)
+        for _ in range(rounds):
+            for name, fn in contenders.items():
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    fn()
+                seconds[name].append((time.perf_counter() - start) / repeats)
+    with_, without = statistics.median(seconds["with"]), statistics.median(seconds["without"])
+    return {
+        "method": measured["method"], "threshold": measured["threshold"], "methods": measured["methods"],
+        "ms_with_score": with_ * 1e3, "ms_without": without * 1e3, "raw_seconds": seconds,
+        "ood.auroc_far": measured["auroc_far"], "ood.auroc_near": measured["auroc_near"],
+        "ood.auroc_near_vs_msp": measured["auroc_near"] / measured["methods"]["msp"]["auroc_near"],
+        "ood.predict_with_score_vs_without": with_ / without,
+    }  # fmt: skip
 
 
 def verdict(key: str, value: float) -> str:
@@ -136,17 +171,21 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"machine": train_bench.machine(), "versions": versions(PACKAGES)}
     result.update(train_parts(args))
     result.update(serve_parts(args, run_dir, image))
-    print(f"[4/5] explain: each method vs its model passes, {args.rounds} rounds", flush=True)
+    print(f"[4/6] explain: each method vs its model passes, {args.rounds} rounds", flush=True)
     result["explain"] = explain_bench(run_dir / "bundle", image, args.rounds)
     for m, e in result["explain"]["methods"].items():
         print(f"  {m:22s} {e['seconds'] * 1e3:8.1f} ms vs {e['passes']:3d} {'fwd+bwd' if e['backward'] else 'fwd'} "
               f"passes {e['passes_seconds'] * 1e3:8.1f} ms   ratio {e['ratio']:.2f}")  # fmt: skip
-    print(f"[5/5] predict: a folder of {args.predict_images} 640x480 JPEGs at 224 px: Trainer.predict / the forward "
+    print(f"[5/6] predict: a folder of {args.predict_images} 640x480 JPEGs at 224 px: Trainer.predict / the forward "
           f"alone / our TorchServe at concurrency 8, {args.rounds} rounds", flush=True)  # fmt: skip
     predict_argv = ["--bundle", str(run_dir / "bundle"), "--images", str(args.predict_images), "--rounds",
                     str(args.rounds), "--batch-size", str(args.predict_batch_size)]  # fmt: skip
     result["predict_224px"] = predict_bench.run(predict_bench.parser().parse_args(predict_argv))
     predict_bench.print_table(result["predict_224px"])
+    print(f"[6/6] ood: a prediction with the out-of-distribution score vs without, {args.rounds} rounds", flush=True)
+    result["ood"] = ood_bench(run_dir, image, args.rounds)
+    print(f"  {result['ood']['method']}: {result['ood']['ms_with_score']:.2f} ms with the score, "
+          f"{result['ood']['ms_without']:.2f} ms without")  # fmt: skip
     result.update(goal_keys(result))
     write_results(result, Path(args.out), args.report)
     return 0
@@ -154,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def train_parts(args: argparse.Namespace) -> dict:
     """The training bench at the default size, then the input paths (loader alone and plain loop) at 224 px."""
-    print(f"[1/5] train: ceiling / plain loop / Lightning / input paths, {args.rounds} rounds", flush=True)
+    print(f"[1/6] train: ceiling / plain loop / Lightning / input paths, {args.rounds} rounds", flush=True)
     train_argv = ["--root", args.train_root, "--image-size", str(args.train_image_size), "--num-train",
                   str(args.train_num_train), "--steps", str(args.train_steps), "--warmup", str(args.train_warmup),
                   "--rounds", str(args.rounds)]  # fmt: skip
@@ -179,7 +218,7 @@ def serve_parts(args: argparse.Namespace, run_dir: Path, image: Path) -> dict:
     own_size = json.loads((run_dir / "bundle" / "model.json").read_text())["image_size"]
 
     def serve_part(step: int, size: int) -> dict:
-        print(f"[{step}/5] serve at {size} px: in process / our TorchServe / KServe / stock TorchServe, "
+        print(f"[{step}/6] serve at {size} px: in process / our TorchServe / KServe / stock TorchServe, "
               f"{args.rounds} rounds", flush=True)  # fmt: skip
         resize = [] if size == own_size else ["--image-size", str(size)]  # else the .mar as given
         part = serve_bench.run(serve_bench.parser().parse_args([*serve_argv, *resize]))
@@ -202,6 +241,7 @@ def goal_keys(result: dict) -> dict:
     keys["serve.p50_vs_stock_c1_same_size"] = result["serve_224px"]["serve.compiled_p50_vs_stock_c1"]
     keys["export.seconds"] = sum(result["serve"]["export"]["seconds"].values())  # the model at its own size
     keys.update({k: v for k, v in result["predict_224px"].items() if k in GOALS})
+    keys.update({k: v for k, v in result["ood"].items() if k in GOALS})
     found = {**result, **keys}
     keys["goals"] = {k: {"goal": g.value, "kind": g.kind, "why": g.why,
                          "met": verdict(k, found[k]).startswith("met")} for k, g in GOALS.items()}  # fmt: skip

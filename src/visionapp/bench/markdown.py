@@ -99,7 +99,7 @@ def markdown(result: dict, source: str = "bench/results.json") -> str:
         "goals are what they are: [performance.md](performance.md).",
     ]
     for section in (goals_section, train_sections, serve_sections, compiled_section, capacity_section,
-                    explain_section, predict_section):  # fmt: skip
+                    explain_section, predict_section, ood_section):  # fmt: skip
         lines += section(result)
     return "\n".join(lines) + "\n"
 
@@ -197,6 +197,19 @@ def predict_section(result: dict) -> list[str]:
             "`predict`: make predict-folder's Trainer.predict (decoding in the loader workers); `forward`: the "
             "forward pass alone on the same images decoded beforehand; `served`: our TorchServe, one image a "
             "request at concurrency 8."]  # fmt: skip
+
+
+def ood_section(result: dict) -> list[str]:
+    if "ood" not in result:
+        return []
+    part = result["ood"]
+    keys = ["auroc_near", "auroc_far", "fpr_at_95tpr_near", "fpr_at_95tpr_far"]
+    rows = [[f"**{m}** (served)" if m == part["method"] else m, *(f"{row[k]:.3f}" for k in keys)]
+            for m, row in part["methods"].items()]  # fmt: skip
+    return ["", "## Out of distribution: the trained run's scores side by side (its metrics.json)", "",
+            *_table(["method", *keys], rows), "",
+            f"A prediction with the score: {part['ms_with_score']:.2f} ms, without: {part['ms_without']:.2f} ms "
+            "(one image, in process, the model's own size)."]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

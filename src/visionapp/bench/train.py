@@ -263,7 +263,8 @@ PATHS: dict[str, dict[str, Any]] = {
 def data_module(args: argparse.Namespace, setup: Setup, **path: Any) -> ShapesDataModule:
     dm = ShapesDataModule(args.root, image_size=args.image_size, num_train=args.num_train, num_val=args.num_val,
                           num_test=args.num_test,
-                          batch_size=args.batch_size, num_workers=args.num_workers, **path)  # fmt: skip
+                          batch_size=args.batch_size, num_workers=args.num_workers,
+                          outlier_exposure=False, **path)  # fmt: skip  # the loops compared, without the OOD's outliers
     dm.target_device = setup.device
     dm.prepare_data()
     dm.setup("fit")

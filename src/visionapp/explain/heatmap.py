@@ -38,6 +38,8 @@ def save_figure(e: Explanation, method: str, path: Path) -> None:
     title = f"predicted {e.predicted} ({e.probability:.1%})"
     if e.target != e.predicted:
         title += f", explaining {e.target} ({e.target_probability:.1%})"
+    if e.ood is not None:
+        title += f"; out of distribution (score {e.ood[0]:.3g})" if e.ood[1] else "; in distribution"
     fig = Figure(figsize=(12, 4.6), layout="constrained")
     axes = fig.subplots(1, 3)
     axes[0].imshow(original)

@@ -58,7 +58,8 @@ def predict_folder(args: argparse.Namespace) -> dict[str, float]:
     topk = min(args.topk, len(bundle.class_names))
     output = Output(Path(args.out))
     output.path.parent.mkdir(parents=True, exist_ok=True)
-    done = output.done(topk)
+    ood = bundle.ood is not None
+    done = output.done(topk, ood)
     found = {f: f.relative_to(root).as_posix() for f in imagefiles.walk_files(root)}  # file → its row's path
     todo = [f for f, name in found.items() if name not in done]
     images = [f for f in todo if imagefiles.is_image_file(f)]
@@ -68,7 +69,7 @@ def predict_folder(args: argparse.Namespace) -> dict[str, float]:
         strategy="ddp" if args.devices * args.num_nodes > 1 else "auto",
         precision=args.precision or ("bf16-mixed" if gpu and bundle.compiled is None else "32-true"),
         logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        callbacks=[RowWriter(output, names, bundle.class_names, topk, args.strict), Progress(len(images))],
+        callbacks=[RowWriter(output, names, bundle.class_names, topk, args.strict, ood), Progress(len(images))],
     )  # fmt: skip
     if trainer.is_global_zero:
         others = [f for f in todo if not imagefiles.is_image_file(f)]
@@ -84,7 +85,7 @@ def predict_folder(args: argparse.Namespace) -> dict[str, float]:
     trainer.strategy.barrier("predicted")
     if not trainer.is_global_zero:
         return {}
-    rows, errors = output.merge(topk)
+    rows, errors = output.merge(topk, ood)
     print(
         f"{output.path}: {rows:,} images scored; {output.errors}: {errors:,} files not scored, with the reason",
         flush=True,

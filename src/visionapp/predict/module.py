@@ -18,6 +18,8 @@ class Scores:
     probabilities: torch.Tensor  # (n, k) calibrated, highest first
     classes: torch.Tensor  # (n, k) class indices
     failures: list[tuple[int, str]]
+    ood_scores: torch.Tensor | None = None  # (n,) with an OOD record in the bundle
+    ood_flags: torch.Tensor | None = None
 
 
 class BundlePredictor(L.LightningModule):
@@ -31,8 +33,10 @@ class BundlePredictor(L.LightningModule):
             empty = torch.empty(0, self.topk)
             return Scores([], empty, empty.long(), batch.failures)
         x = self.bundle.transform.normalize(batch.images.to(self.device))
-        p, c = self.bundle.probabilities(x).float().topk(self.topk, dim=1)
-        return Scores(batch.indices, p.cpu(), c.cpu(), batch.failures)
+        probabilities, scores, flags = self.bundle.answer(x)  # one forward pass
+        p, c = probabilities.float().topk(self.topk, dim=1)
+        ood = (scores.cpu(), flags.cpu()) if scores is not None and flags is not None else (None, None)
+        return Scores(batch.indices, p.cpu(), c.cpu(), batch.failures, *ood)
 
     def transfer_batch_to_device(self, batch: Batch, device: torch.device, dataloader_idx: int) -> Batch:
         return Batch(batch.images.to(device, non_blocking=True), batch.indices, batch.failures)

@@ -22,8 +22,10 @@ from visionapp.predict.module import Scores
 ERROR_HEADER = ["path", "error"]
 
 
-def header(topk: int) -> list[str]:
-    return ["path", *(f"{kind}_{j}" for j in range(1, topk + 1) for kind in ("class", "probability"))]
+def header(topk: int, ood: bool = False) -> list[str]:
+    """path, the top-k classes and probabilities, and with an OOD record in the bundle its score and flag."""
+    columns = ["path", *(f"{kind}_{j}" for j in range(1, topk + 1) for kind in ("class", "probability"))]
+    return columns + (["ood_score", "ood"] if ood else [])
 
 
 @dataclass(frozen=True)
@@ -43,9 +45,9 @@ class Output:
         base = self.errors if errors else self.path
         return sorted(self.path.parent.glob(f".{base.name}.rank*"))
 
-    def done(self, topk: int) -> set[str]:
+    def done(self, topk: int, ood: bool = False) -> set[str]:
         """The paths already scored or listed as errors, by this output or a run that stopped before merging."""
-        expected = header(topk)
+        expected = header(topk, ood)
         seen: set[str] = set()
         for path in [self.path, *self.shards()]:
             for row in _rows(path, expected):
@@ -54,11 +56,11 @@ class Output:
             seen.update(row[0] for row in _rows(path, ERROR_HEADER))
         return seen
 
-    def merge(self, topk: int) -> tuple[int, int]:
+    def merge(self, topk: int, ood: bool = False) -> tuple[int, int]:
         """The output and the errors file rewritten whole from themselves and every shard: sorted by path, each
         path once; then the shards go. The numbers of rows and of errors."""
         counts = []
-        for target, shards, head in ((self.path, self.shards(), header(topk)),
+        for target, shards, head in ((self.path, self.shards(), header(topk, ood)),
                                      (self.errors, self.shards(errors=True), ERROR_HEADER)):  # fmt: skip
             rows = {row[0]: row for path in (target, *shards) for row in _rows(path, head)}
             if rows or target.exists():
@@ -90,24 +92,28 @@ def _rows(path: Path, expected: list[str]) -> Iterator[list[str]]:
         first = next(reader, None)
         if first is not None and first != expected:
             raise UserError(
-                f"{path} has the columns {', '.join(first[:5])}...: written with another --topk or by something "
-                f"else; give another --out, or the same --topk as before"
+                f"{path} has the columns {', '.join(first[:5])}...: written with another --topk, another run's bundle "
+                f"or by something else; give another --out, or the same --topk and run as before"
             )
         yield from (row for row in reader if row)
 
 
 class RowWriter(BasePredictionWriter):
     """One CSV row per image: its path relative to the folder, then the top-k classes and their calibrated
-    probabilities. Unreadable files go to the errors file with the reason (with strict, they stop the run)."""
+    probabilities, and the out-of-distribution score and flag when the bundle has them. Unreadable files go to the
+    errors file with the reason (with strict, they stop the run)."""
 
-    def __init__(self, output: Output, files: list[str], class_names: list[str], topk: int, strict: bool) -> None:
+    def __init__(
+        self, output: Output, files: list[str], class_names: list[str], topk: int, strict: bool, ood: bool = False
+    ) -> None:
         super().__init__(write_interval="batch")
         self.output, self.files, self.class_names, self.topk, self.strict = output, files, class_names, topk, strict
+        self.ood = ood
         self._open: list[TextIO] = []
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         rank = trainer.global_rank
-        self.rows = self._writer(self.output.shard(rank), header(self.topk))
+        self.rows = self._writer(self.output.shard(rank), header(self.topk, self.ood))
         self.errors = self._writer(self.output.shard(rank, errors=True), ERROR_HEADER)
 
     def _writer(self, path: Path, head: list[str]) -> Any:
@@ -120,10 +126,14 @@ class RowWriter(BasePredictionWriter):
             if self.strict:
                 raise UserError(f"{self.files[i]} cannot be read as an image ({why}); --strict stops here")
             self.errors.writerow([self.files[i], why])
-        for i, p, c in zip(prediction.indices, prediction.probabilities.tolist(), prediction.classes.tolist(),
-                           strict=True):  # fmt: skip
+        ood: list[list[str]] = [[] for _ in prediction.indices]
+        if prediction.ood_scores is not None and prediction.ood_flags is not None:
+            pairs = zip(prediction.ood_scores.tolist(), prediction.ood_flags.tolist(), strict=True)
+            ood = [[f"{score:.4f}", str(flag).lower()] for score, flag in pairs]
+        for i, p, c, o in zip(prediction.indices, prediction.probabilities.tolist(), prediction.classes.tolist(), ood,
+                              strict=True):  # fmt: skip
             self.rows.writerow([self.files[i], *(v for j in range(self.topk)
-                                                 for v in (self.class_names[c[j]], f"{p[j]:.6f}"))])  # fmt: skip
+                                                 for v in (self.class_names[c[j]], f"{p[j]:.6f}")), *o])  # fmt: skip
         for f in self._open:
             f.flush()
 

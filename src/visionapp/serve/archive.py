@@ -32,7 +32,16 @@ from visionapp.serve.inputs import explain_name
 PACKAGE = Path(__file__).parents[1]  # the installed visionapp package
 HANDLER = Path(__file__).with_name("handler.py")
 # What the handler imports, copied into the archive: the base modules and the two stages serving uses.
-SERVING_CODE = ("__init__.py", "bundle.py", "errors.py", "imagefiles.py", "transforms.py", "attribution", "serve")
+SERVING_CODE = (
+    "__init__.py",
+    "bundle.py",
+    "errors.py",
+    "imagefiles.py",
+    "ood.py",
+    "transforms.py",
+    "attribution",
+    "serve",
+)
 
 
 def build_archive(

@@ -73,7 +73,10 @@ def call(
     content_type: str = "application/octet-stream",
     timeout: float = 120,
     headers: dict[str, str] | None = None,
+    headers_out: dict[str, str] | None = None,
 ) -> tuple[int, bytes]:
+    """POST `body` (GET without one) with the key; the status and body, and the response's headers into
+    `headers_out` when given (lower-case names)."""
     req = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET", headers=headers or {})
     if key:
         req.add_header("Authorization", f"Bearer {key}")
@@ -81,8 +84,12 @@ def call(
         req.add_header("Content-Type", content_type)
     try:
         with _OPENER.open(req, timeout=timeout) as r:
+            if headers_out is not None:
+                headers_out.update((k.lower(), v) for k, v in r.headers.items())
             return r.status, r.read()
     except urllib.error.HTTPError as e:
+        if headers_out is not None:
+            headers_out.update((k.lower(), v) for k, v in e.headers.items())
         return e.code, e.read()
 
 
@@ -147,15 +154,24 @@ def main(argv: list[str] | None = None) -> int:
             images = {"name": "images", "datatype": "BYTES", "shape": [1], "data": [data]}
             body_bytes = json.dumps({"id": Path(img).name, "inputs": [images]}).encode()
         ctype = "application/json" if args.command == "infer" else "application/octet-stream"
+        got: dict[str, str] = {}
         if args.server == "kserve":
-            status, body = call(url, "", body_bytes, ctype, headers=options)
+            status, body = call(url, "", body_bytes, ctype, headers=options, headers_out=got)
         else:
-            status, body = call_with_key(url, serve_dir, management, body_bytes, content_type=ctype, headers=options)
+            status, body = call_with_key(url, serve_dir, management, body_bytes, content_type=ctype, headers=options,
+                                         headers_out=got)  # fmt: skip
         answer: Any = json.loads(body) if body.startswith((b"{", b"[")) else body.decode(errors="replace")
         if args.command == "explain" and status == 200 and args.save:
             Path(args.save).write_bytes(base64.b64decode(answer["heatmap_png_base64"]))
             answer["heatmap_png_base64"] = f"<written to {args.save}>"
         print(f"{img}: HTTP {status} {json.dumps(answer, indent=2)}")
+        if "x-ood" in got:  # the out-of-distribution answer rides in headers: the body keeps its top-k shape
+            flagged = got["x-ood"] == "true"
+            side = "above" if flagged else "at or below"
+            print(
+                f"  {'OUT OF DISTRIBUTION' if flagged else 'in distribution'}: {got['x-ood-method']} score "
+                f"{got['x-ood-score']} ({side} the threshold {got['x-ood-threshold']})"
+            )
         failed += status != 200
     return 1 if failed else 0
 

@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 
 # The Open Inference Protocol's names for this model's tensors (GET /v2/models/<name> lists them).
 V2_INPUT, V2_LABELS, V2_PROBABILITIES = "images", "labels", "probabilities"
+V2_OOD_SCORE, V2_OOD = (
+    "ood_score",
+    "ood",
+)  # per image: the out-of-distribution score, and whether it is over the threshold
 
 
 class Metrics(Protocol):
@@ -160,8 +164,11 @@ class ServingCore:
         if not tensors:
             return out
         try:
-            with torch.inference_mode():
-                probs = self.bundle.probabilities(torch.stack(tensors).to(self.device)).cpu()  # calibrated
+            with torch.inference_mode():  # calibrated probabilities, and the OOD scores from the same logits
+                probs, scores, flags = self.bundle.answer(torch.stack(tensors).to(self.device))
+            probs = probs.cpu()
+            if scores is not None and flags is not None:
+                scores, flags = scores.cpu(), flags.cpu()
         except Exception as e:  # the forward itself failed: every request in it gets the fault
             for idx, _, _ in ready:
                 out[idx] = self.failure(e, metrics)
@@ -172,8 +179,24 @@ class ServingCore:
                 p, i = probs[row].topk(k)
                 metrics.add("Predictions", 1, "count", Class=self.class_names[int(i[0])])
                 answers.append({self.class_names[c]: round(float(v), 6) for v, c in zip(p, i, strict=True)})
+                if scores is not None and flags is not None:
+                    req.ood.append((round(float(scores[row]), 4), bool(flags[row])))
+                    metrics.add("OutOfDistribution", int(flags[row]), "count")
             out[idx] = answers
         return out
+
+    def ood_headers(self, req: Request) -> dict[str, str]:
+        """A prediction's out-of-distribution answer, as response headers (one value per image, comma-separated, in
+        the images' order), so that the top-k body keeps its shape; none for a bundle without an OOD record."""
+        record = self.bundle.ood
+        if record is None or not req.ood:
+            return {}
+        return {
+            "X-OOD": ", ".join("true" if flag else "false" for _, flag in req.ood),
+            "X-OOD-Score": ", ".join(f"{score:g}" for score, _ in req.ood),
+            "X-OOD-Threshold": f"{record.threshold:g}",
+            "X-OOD-Method": record.method,
+        }
 
     # --- explanations ---------------------------------------------------------------------------------------------
     def explain(self, req: Request, metrics: Metrics) -> list[dict[str, Any]]:
@@ -204,6 +227,7 @@ class ServingCore:
                     "method": method,
                     "heatmap_png_base64": base64.b64encode(overlay_png(ex.image, ex.attr_map)).decode("ascii"),
                     "heatmap_size": list(ex.image.size),  # width, height: at most maxHeatmapPixels
+                    **({"ood": ex.ood[1], "ood_score": round(ex.ood[0], 4)} if ex.ood is not None else {}),
                 }
             )
         return answers
@@ -221,6 +245,11 @@ class ServingCore:
             {"name": V2_LABELS, "datatype": "BYTES", "shape": [len(answers), k], "data": labels},
             {"name": V2_PROBABILITIES, "datatype": "FP32", "shape": [len(answers), k], "data": probabilities},
         ]
+        if req.ood:  # added tensors: a client that reads labels and probabilities is unaffected
+            response["outputs"] += [
+                {"name": V2_OOD_SCORE, "datatype": "FP32", "shape": [len(req.ood)], "data": [s for s, _ in req.ood]},
+                {"name": V2_OOD, "datatype": "BOOL", "shape": [len(req.ood)], "data": [f for _, f in req.ood]},
+            ]
         return response
 
     @staticmethod
@@ -228,7 +257,9 @@ class ServingCore:
         """The model metadata's inputs and outputs (-1: any size)."""
         inputs = [{"name": V2_INPUT, "datatype": "BYTES", "shape": [-1]}]
         outputs = [{"name": V2_LABELS, "datatype": "BYTES", "shape": [-1, -1]},
-                   {"name": V2_PROBABILITIES, "datatype": "FP32", "shape": [-1, -1]}]  # fmt: skip
+                   {"name": V2_PROBABILITIES, "datatype": "FP32", "shape": [-1, -1]},
+                   {"name": V2_OOD_SCORE, "datatype": "FP32", "shape": [-1]},  # with an OOD record in the bundle
+                   {"name": V2_OOD, "datatype": "BOOL", "shape": [-1]}]  # fmt: skip
         return inputs, outputs
 
     # --- helpers ------------------------------------------------------------------------------------------------

@@ -131,6 +131,8 @@ class ImageClassifierHandler(BaseHandler):
                 out[idx] = self._answer_failure(context, idx, answer, v2)
             else:
                 out[idx] = self.core.v2_answer(req, answer) if v2 else answer if req.many else answer[0]
+                for header, value in ({} if v2 else self.core.ood_headers(req)).items():
+                    context.set_response_header(idx, header, value)
         for idx, req in explanations:
             try:
                 explained = self.core.explain(req, metrics)

@@ -132,6 +132,7 @@ class Request:
     error: BadInput | None = None
     rows: list[int] = field(default_factory=list)  # this request's rows in the batch tensor
     id: str | None = None  # an Open Inference Protocol request's id, echoed in its answer
+    ood: list[tuple[float, bool]] = field(default_factory=list)  # per image: out-of-distribution score and flag
 
 
 def shown(value: str, limit: int = 40) -> str:

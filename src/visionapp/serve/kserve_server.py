@@ -159,11 +159,12 @@ class ClassifierModel(kserve.Model):
         req = parse_request({"body": payload}, _options(headers), self._core.limits)
         return {"predictions": await self._predict(req, "predictions")}
 
-    async def predict_native(self, row: dict[str, Any], headers: dict[str, str]) -> Any:
-        """POST /predictions/<name>: TorchServe's answer, one object per image or a list for several."""
+    async def predict_native(self, row: dict[str, Any], headers: dict[str, str]) -> ORJSONResponse:
+        """POST /predictions/<name>: TorchServe's answer, one object per image or a list for several, and the
+        out-of-distribution headers."""
         req = parse_request(row, headers, self._core.limits)
         answers = await self._predict(req, "predictions", native=True)
-        return answers if req.many else answers[0]
+        return ORJSONResponse(answers if req.many else answers[0], headers=self._core.ood_headers(req))
 
     async def _predict(self, req: Request, endpoint: str, native: bool = False) -> list[dict[str, float]]:
         self._check(req, endpoint, native)
@@ -228,7 +229,7 @@ def _options(headers: dict[str, str] | None) -> dict[str, str]:
 def add_routes(model: ClassifierModel) -> None:
     # ORJSONResponse directly: FastAPI would otherwise walk the answer with jsonable_encoder first
     async def predictions(request: HTTPRequest) -> Any:
-        return ORJSONResponse(await model.predict_native(await _row(request), dict(request.headers)))
+        return await model.predict_native(await _row(request), dict(request.headers))
 
     async def explanations(request: HTTPRequest) -> Any:
         return ORJSONResponse(await model.explain_native(await _row(request), dict(request.headers), native=True))

@@ -27,8 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.progress import track
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-from torchvision import datasets
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset
 
 FORMAT = 1  # bump when what a cache holds changes: older caches are then rebuilt
 
@@ -42,9 +41,11 @@ def source_files(ds: Dataset) -> list[str] | None:
     if isinstance(ds, Subset):
         files = source_files(ds.dataset)
         return None if files is None else [files[i] for i in ds.indices]
-    if isinstance(ds, datasets.ImageFolder):
-        return [str(path) for path, _ in ds.samples]
-    return None
+    if isinstance(ds, ConcatDataset):
+        parts = [source_files(d) for d in ds.datasets]
+        return None if any(p is None for p in parts) else [f for p in parts for f in p or ()]
+    samples = getattr(ds, "samples", None)  # an ImageFolder's (path, label) list; data.Images has one too
+    return None if samples is None else [str(path) for path, _ in samples]
 
 
 def fingerprint(key: dict[str, Any], files: list[str] | None) -> str:

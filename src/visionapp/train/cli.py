@@ -36,6 +36,8 @@ class CLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--runs_dir", type=str, default="runs", help="where fit writes its run directory")
         parser.add_argument("--run_name", type=str | None, default=None, help="default: <time>-<arch>")
+        accept = "the share of validation images the out-of-distribution threshold accepts"
+        parser.add_argument("--ood_accept", type=float, default=0.95, help=accept)
         # The DataModule knows the classes and the preprocessing; the model records them (hparams, bundle).
         for attr in ("class_names", "image_size", "mean", "std"):
             parser.link_arguments(f"data.{attr}", f"model.{attr}", apply_on="instantiate")
@@ -92,6 +94,7 @@ class CLI(LightningCLI):
                 confusion,
                 val_acc=float(val_acc) if val_acc is not None else None,
                 test_results=results,
+                ood_accept=self.config["fit"].ood_accept,
             )
         # Every rank waits for rank 0's run directory (calibration, report): a rank that exits first tears down
         # the process group under rank 0, which then aborts.

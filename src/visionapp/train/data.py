@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from PIL import Image
 from rich.progress import track
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from torchvision import datasets
 
 from visionapp import imagefiles, shapes
@@ -54,6 +54,19 @@ class _Transformed(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         image, label = self.source[i]
         return self.transform(image), label
+
+
+class Images(Dataset):
+    """Image files that are none of the classes, as (PIL image, -1) items: outliers, out-of-distribution sets."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self.samples = [(str(f), -1) for f in files]  # ImageFolder's attribute: the cache fingerprints the files
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        return load_image(self.samples[i][0]), -1
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -117,7 +130,7 @@ class ImageDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         # Lightning runs this once per machine before any process's setup: the caches are built here, once.
         if self.cache:
-            self._open_caches(self.source_splits())
+            self._open_caches(self.all_sources())
 
     def _open_caches(self, sources: dict[str, Dataset]) -> dict[str, ImageCache]:
         root = Path(getattr(self, "root", "")).resolve()
@@ -139,10 +152,18 @@ class ImageDataModule(L.LightningDataModule):
                 raise DataError(f"{e}; delete or replace the file") from None
         return caches
 
+    def all_sources(self) -> dict[str, Dataset]:
+        """The splits the loaders read: the train split with the training outliers added (label -1), if any."""
+        sources = self.source_splits()
+        outliers = self.outliers("train")
+        if outliers is not None:
+            sources["train"] = ConcatDataset([sources["train"], outliers])
+        return sources
+
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        self.sources = self.source_splits()
+        self.sources = self.all_sources()
         if not self.cache:
             self.splits = {
                 split: _Transformed(source, self.train_transform if split == "train" else self.eval_transform)
@@ -154,6 +175,19 @@ class ImageDataModule(L.LightningDataModule):
             split: CachedSplit(cache, self.train_transform if split == "train" else None)
             for split, cache in self.caches.items()
         }
+
+    def ood_sets(self) -> dict[str, Dataset]:
+        """Out-of-distribution sets to measure the scores on, by name, as (PIL image, label) datasets; none here."""
+        return {}
+
+    def outliers(self, split: str) -> Dataset | None:
+        """Images that are none of the classes, for outlier exposure (train) and choosing the score (val); none here."""
+        return None
+
+    def eval_loader(self, dataset: Dataset) -> DataLoader:
+        """Any (PIL image, label) dataset through the eval preprocessing, in batches (no cache): OOD sets, outliers."""
+        return DataLoader(_Transformed(dataset, self.eval_transform), batch_size=self.batch_size,
+                          num_workers=self.num_workers)  # fmt: skip
 
     def split_files(self, split: str) -> list[str]:
         """The image files of a split, in the split's order (the run records the test split's for explain/)."""
@@ -302,6 +336,7 @@ class FolderDataModule(ImageDataModule):
         test_fraction: float = 0.15,
         split_seed: int = 0,
         verify_images: bool = True,
+        ood_root: str | None = None,
         image_size: int = 224,
         batch_size: int = 32,
         num_workers: int = 2,
@@ -328,6 +363,7 @@ class FolderDataModule(ImageDataModule):
             device_memory_fraction=device_memory_fraction,
         )
         self.root = Path(root)
+        self.ood_root = Path(ood_root) if ood_root else None
         self.name = self.root.name  # the folder's name stands for the data set in metrics.json
         check_fractions(val_fraction=val_fraction, test_fraction=test_fraction)
         self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
@@ -381,6 +417,26 @@ class FolderDataModule(ImageDataModule):
             splits["train"], splits["test"] = Subset(train, tr), Subset(train, te)
         return self._check_not_empty(splits)
 
+    def ood_sets(self) -> dict[str, Dataset]:
+        """ood_root's images that are none of the classes, to measure the out-of-distribution scores on: each folder
+        under it a set (its images at any depth), or the whole folder as one set `ood` when it holds images itself."""
+        root = self.ood_root
+        if root is None:
+            return {}
+        if not root.is_dir():
+            raise DataError(
+                f"ood_root {root} does not exist; point it at a folder of images that are none of the classes"
+            )
+        loose = [f for f in root.iterdir() if f.is_file() and imagefiles.is_image_file(f)]
+        if loose:
+            return {"ood": Images(imagefiles.find_images(root))}
+        folders = [d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+        found = {d.name: imagefiles.find_images(d) for d in folders}
+        sets: dict[str, Dataset] = {name: Images(files) for name, files in found.items() if files}
+        if not sets:
+            raise DataError(f"ood_root {root} holds no images ({', '.join(imagefiles.IMAGE_EXTENSIONS)})")
+        return sets
+
     def _check_not_empty(self, splits: dict[str, Dataset]) -> dict[str, Dataset]:
         for split, ds in splits.items():
             if len(ds) == 0:  # type: ignore[arg-type]
@@ -413,6 +469,7 @@ class ShapesDataModule(FolderDataModule):
         cache_dir: str | None = None,
         cache_size: int | None = None,
         device_memory_fraction: float = 0.5,
+        outlier_exposure: bool = True,
     ) -> None:
         super().__init__(
             root,
@@ -431,6 +488,14 @@ class ShapesDataModule(FolderDataModule):
         )
         self.name = "shapes"
         self.seed, self.counts = seed, {"train": num_train, "val": num_val, "test": num_test}
+        self.outlier_exposure = outlier_exposure
+        self.ood_root = self.root / "ood"  # near: held-out shapes; far: other kinds of image (visionapp.shapes)
+
+    def outliers(self, split: str) -> Dataset | None:
+        """The generated training outliers (kinds never measured), labelled -1; with outlier_exposure off, none."""
+        if not self.outlier_exposure:
+            return None
+        return Images(imagefiles.find_images(self.root / "outliers" / split))
 
     @property
     def class_names(self) -> list[str]:

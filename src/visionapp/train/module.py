@@ -35,6 +35,7 @@ class ImageClassifier(L.LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable = WarmupCosine,
         label_smoothing: float = 0.0,
+        outlier_weight: float = 0.5,
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -56,6 +57,7 @@ class ImageClassifier(L.LightningModule):
             self.model.compile()
         self.optimizer, self.scheduler = optimizer, scheduler
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.outlier_weight = outlier_weight
         # One metric object per split (torchmetrics keeps state per object and syncs it across DDP ranks).
         self.train_acc = MulticlassAccuracy(n, average="micro")
         self.val_acc = MulticlassAccuracy(n, average="micro")
@@ -83,7 +85,19 @@ class ImageClassifier(L.LightningModule):
         return self.loss(logits, y), logits, y
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss, logits, y = self._step(batch)
+        x, y = batch
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits = self(x)
+        # Outlier exposure (Hendrycks et al. 2019): images of no class (label -1, the data module's training
+        # outliers) pushed towards a uniform prediction, so that a low confidence means "none of these".
+        inlier = y >= 0
+        loss = self.loss(logits[inlier], y[inlier]) if bool(inlier.any()) else logits.sum() * 0
+        if not bool(inlier.all()):
+            uniform = -logits[~inlier].float().log_softmax(1).mean(1).mean()  # cross-entropy to the uniform
+            self.log("train/outlier_loss", uniform)
+            loss = loss + self.outlier_weight * uniform
+        logits, y = logits[inlier], y[inlier]
         self.train_acc(logits, y)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)

@@ -26,7 +26,8 @@ from matplotlib.figure import Figure
 from visionapp import run_report
 from visionapp.bundle import INCOMPLETE, TEST_FILES, save_bundle, versions
 from visionapp.errors import UserError
-from visionapp.train import calibration
+from visionapp.ood import OODRecord
+from visionapp.train import calibration, ood
 from visionapp.train.data import FolderDataModule, ImageDataModule
 from visionapp.train.module import ImageClassifier
 
@@ -110,12 +111,15 @@ def write_run(
     *,
     val_acc: float | None,
     test_results: dict[str, float],
+    ood_accept: float = 0.95,
 ) -> None:
     """Everything after a finished fit: calibration, metrics.json, the plots, the bundle, the report; then the
     INCOMPLETE mark goes and runs/latest points here."""
     run_dir.mkdir(parents=True, exist_ok=True)
     calibrated = calibrate(run_dir, module, data)
+    record, bank, ood_entry = measure_ood(run_dir, module, data, calibrated["temperature"], accept=ood_accept)
     metrics = run_metrics(module, data, trainer, throughput, val_acc, test_results, calibrated)
+    metrics["ood"] = ood_entry
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if isinstance(data, FolderDataModule):  # the held-out images, for the explain stage (no data module there)
         (run_dir / TEST_FILES).write_text("\n".join(data.split_files("test")) + "\n")
@@ -132,6 +136,8 @@ def write_run(
         pretrained=module.pretrained_info.to_dict(),
         metrics={k: metrics[k] for k in ("dataset", "val_acc", "test_acc", "epochs")},
         temperature=calibrated["temperature"],
+        ood=record.to_dict(),
+        ood_bank=bank,
     )
     (run_dir / INCOMPLETE).unlink(missing_ok=True)  # the bundle is whole: archive and serve may take it now
     run_report.build(run_dir)  # report.html: the run at a glance (make explain adds its quality table)
@@ -140,6 +146,11 @@ def write_run(
     print(
         f"\nRun: {run_dir}  test_acc={metrics['test_acc']:.4f}  wall_seconds={metrics['wall_seconds']}  "
         f"ECE {calibrated['ece_before']:.3f} → {calibrated['ece_after']:.3f} (temperature {calibrated['temperature']})"
+        + "".join(
+            f"\n  out of distribution ({record.method}): AUROC {name} {ood_entry[f'auroc_{name}']:.3f}, "
+            f"{ood_entry['flagged'][name]:.0%} of {name} flagged"
+            for name in ood_entry["sets"]
+        )
     )
 
 
@@ -152,6 +163,29 @@ def calibrate(run_dir: Path, module: ImageClassifier, data: ImageDataModule) -> 
     calibrated = calibration.calibrate(val, test)
     calibration.reliability_diagram(*test, calibrated["temperature"], run_dir / "reliability.png")
     return calibrated
+
+
+def measure_ood(
+    run_dir: Path, module: ImageClassifier, data: ImageDataModule, temperature: float, accept: float
+) -> tuple[OODRecord, torch.Tensor | None, dict[str, Any]]:
+    """The out-of-distribution scores measured on the data module's sets, the served one's threshold fitted on val;
+    ood.png draws them (visionapp.train.ood)."""
+    sources = data.source_splits()
+    outliers = data.outliers("val")
+    sets = {name: data.eval_loader(ds) for name, ds in data.ood_sets().items()}
+    return ood.measure(
+        module.model,
+        val=data.val_dataloader(),
+        test=data.test_dataloader(),
+        train=data.eval_loader(sources["train"]),
+        sets=sets,
+        val_outliers=data.eval_loader(outliers) if outliers is not None else None,
+        transfer=data.on_after_batch_transfer,
+        device=module.device,
+        temperature=temperature,
+        accept=accept,
+        plot=run_dir / "ood.png" if sets else None,
+    )
 
 
 def run_metrics(
