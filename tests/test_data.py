@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from visionapp import shapes
 from visionapp.train.data import DataError, FolderDataModule, ShapesDataModule, TorchvisionDataModule
 from visionapp.transforms import EvalPreset, load_image
 
@@ -105,7 +106,10 @@ def test_shapes_module_generates_once(tmp_path: Path) -> None:
     dm.prepare_data()
     assert (tmp_path / "s" / "shapes.json").stat().st_mtime_ns == stamp
     dm.setup("fit")
-    assert {k: len(v) for k, v in dm.splits.items()} == {"train": 10, "val": 5, "test": 5}
+    outliers = len(shapes.OUTLIER_KINDS)  # one image of each kind at this size, labelled -1 (outlier exposure)
+    assert {k: len(v) for k, v in dm.splits.items()} == {"train": 10 + outliers, "val": 5, "test": 5}
+    assert [dm.splits["train"][i][1] for i in range(10, 10 + outliers)] == [-1] * outliers
+    assert set(dm.ood_sets()) == {"near", "far"}  # measured only: never in a split
 
 
 @pytest.mark.parametrize("loader, cache", [("workers", True), ("device", True), ("workers", False)])

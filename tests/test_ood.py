@@ -68,6 +68,7 @@ def _scores(bundle, files: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
     return s, flags
 
 
+@pytest.mark.slow
 def test_run_records_every_method_and_the_served_threshold(trained_run: Path) -> None:
     ood = json.loads((trained_run / "metrics.json").read_text())["ood"]
     assert ood["method"] in ("msp", "energy", "knn") and ood["accept"] == 0.95
@@ -84,6 +85,7 @@ def test_run_records_every_method_and_the_served_threshold(trained_run: Path) ->
     assert "Out of distribution" in report and "out-of-distribution scores" in report  # the histogram's alt text
 
 
+@pytest.mark.slow
 def test_threshold_accepts_what_was_asked_on_val_and_test(trained_run: Path) -> None:
     bundle = load_bundle(trained_run / "bundle")
     assert bundle.ood is not None
@@ -98,6 +100,7 @@ def test_threshold_accepts_what_was_asked_on_val_and_test(trained_run: Path) -> 
         assert accepted == pytest.approx(bundle.ood.accept, abs=tolerance), split
 
 
+@pytest.mark.slow
 def test_a_held_out_shape_is_flagged_more_often_than_a_test_image(trained_run: Path) -> None:
     bundle = load_bundle(trained_run / "bundle")
     root = Path(json.loads((trained_run / "metrics.json").read_text())["data_root"])
@@ -107,6 +110,7 @@ def test_a_held_out_shape_is_flagged_more_often_than_a_test_image(trained_run: P
     assert near_flags.float().mean() > test_flags.float().mean()
 
 
+@pytest.mark.slow
 def test_a_bundle_from_before_the_scores_loads_and_serves(trained_run: Path, tmp_path: Path) -> None:
     old = tmp_path / "old-run"
     shutil.copytree(trained_run, old, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))

@@ -63,8 +63,12 @@ def knn_scores(bank: torch.Tensor, features: torch.Tensor, k: int) -> torch.Tens
     """Distance to the k-th nearest of `bank` (normalised features), features normalised first."""
     features = F.normalize(features.float(), dim=1)
     bank = bank.to(features.device, torch.float32)
-    distances = torch.cat([torch.cdist(chunk, bank) for chunk in features.split(1024)])
-    return distances.topk(min(k, len(bank)), dim=1, largest=False).values[:, -1]
+    # unit vectors: |a - b|^2 = 2 - 2 a.b, so the k-th nearest is the k-th most similar (a matmul; cdist is ~10x
+    # slower for one image against thousands)
+    similar = torch.cat(
+        [(chunk @ bank.T).topk(min(k, len(bank)), dim=1).values[:, -1] for chunk in features.split(1024)]
+    )
+    return (2 - 2 * similar).clamp_min(0).sqrt()
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,9 @@ GOALS = {
     "ood.auroc_far": Goal(0.99, "min", "images of another kind (noise, colour fields, blocks) told from the classes"),
     "ood.auroc_near": Goal(0.90, "min", "held-out shapes in the classes' own style told from the classes"),
     "ood.auroc_near_vs_msp": Goal(1.0, "min", "the served score beats the maximum-softmax baseline on near"),
-    "ood.predict_with_score_vs_without": Goal(1.05, "max", "the score comes from the prediction's own logits"),
+    "ood.predict_with_score_vs_without": Goal(
+        1.10, "max", "the score rides on the prediction's own forward pass: at most a tenth more per image"
+    ),
 }
 REFERENCE_SIZE = 224  # ImageNet's size, at which the stock handler always runs: the serving goals hold there too
 PACKAGES = ("lightning", "torchmetrics", "captum", "torchserve", "torch-model-archiver")  # beside python, torch(vision)

@@ -78,7 +78,8 @@ def build_archive(
             "--version", version,
             "--serialized-file", str(bundle / "model.pt"),
             "--handler", str(HANDLER),
-            "--extra-files", ",".join([str(bundle / "model.json"), *map(str, compiled_packages(bundle)), tmp]),
+            "--extra-files", ",".join([str(bundle / "model.json"), *map(str, compiled_packages(bundle)),
+                                       *map(str, ood_files(bundle)), tmp]),
             "--config-file", str(model_config),
             "--export-path", str(out),
             "--force",
@@ -96,6 +97,16 @@ def build_archives(
     workers and a queue of their own (make serve)."""
     mar = build_archive(bundle, model_config=model_config, name=name, out=out)
     return mar, build_archive(bundle, model_config=explain_config, name=explain_name(name), out=out)
+
+
+def ood_files(bundle: Path) -> list[Path]:
+    """The out-of-distribution score's file model.json records (knn's training features): packed too."""
+    record = json.loads((bundle / META_FILE).read_text()).get("ood") or {}
+    files = [bundle_file(bundle, record["features"])] if record.get("features") else []
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} is recorded in {bundle / META_FILE} but missing; train again")
+    return files
 
 
 def compiled_packages(bundle: Path) -> list[Path]:
