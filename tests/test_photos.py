@@ -14,6 +14,7 @@ import torch
 from helpers import ROOT
 from PIL import Image
 
+from visionapp import shapes
 from visionapp.bundle import load_bundle
 from visionapp.serve.local import LocalServer
 from visionapp.transforms import load_image
@@ -23,9 +24,14 @@ pytestmark = pytest.mark.slow
 
 def test_photos_train_explain_archive_and_serve(photos_root: Path, tmp_path: Path) -> None:
     runs, store = tmp_path / "runs", tmp_path / "model_store"
+    elsewhere = tmp_path / "elsewhere"  # the user's own images of no class, to measure the OOD score on
+    elsewhere.mkdir()
+    for i in range(6):
+        shapes.render_other("plasma", i, seed=3, size=80).save(elsewhere / f"img_{i}.jpg")
     args = (
         f"--data.init_args.root={photos_root} --data.init_args.image_size=64 --data.init_args.batch_size=8 "
-        f"--data.init_args.num_workers=0 --model.weights=null --trainer.max_epochs=2 --runs_dir={runs}"
+        f"--data.init_args.num_workers=0 --model.weights=null --trainer.max_epochs=2 --runs_dir={runs} "
+        f"--data.init_args.ood_root={elsewhere}"
     )
     proc = subprocess.run(
         ["make", "-s", "train", "CONFIG=configs/folder.yaml", f"ARGS={args}"],
@@ -35,6 +41,8 @@ def test_photos_train_explain_archive_and_serve(photos_root: Path, tmp_path: Pat
     run = (runs / "latest").resolve()
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["epochs"] == 2 and metrics["class_names"] == ["circle", "star"]
+    ood = metrics["ood"]  # no training outliers in a folder: the baseline served, measured on the user's folder
+    assert ood["method"] == "msp" and ood["sets"] == {"ood": 6} and 0 <= ood["methods"]["knn"]["auroc_ood"] <= 1
     assert metrics["test_split"].startswith("test: 15% of")  # no root/test: held out of train, and said so
     test_files = (run / "test_files.txt").read_text().split()
     assert test_files and all("/train/" in f for f in test_files)
