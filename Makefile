@@ -188,6 +188,12 @@ stop-kserve:
 	kill -9 $$pid 2>/dev/null; rm -f $(SERVE_DIR)/kserve.pid; echo "stopped KServe's server (pid $$pid)"
 
 IMG ?=
+DEMO_PORT ?= 7860
+demo: $(STAMP) ## a page to try the model on 127.0.0.1:DEMO_PORT: the running server's answers (SERVER=...), else the bundle in process
+	$(PY) -m pip install -q -e '.[demo]'
+	$(PY) -m visionapp.demo --run $(RUN) --port $(DEMO_PORT) --server-port $(INFERENCE_PORT) \
+	  --management-port $(MANAGEMENT_PORT) --dir $(SERVE_DIR) --server $(SERVER)
+
 predict: $(STAMP) ## send IMG=photo.jpg to the running server (finds and renews the key); EXPLAIN=1 for a heatmap, V2=1 over the Open Inference Protocol
 	@test -n "$(IMG)" || { echo "usage: make predict IMG=photo.jpg [EXPLAIN=1 TARGET=star]"; exit 2; }
 	$(PY) -m visionapp.serve.client $(if $(EXPLAIN),explain --save $(basename $(notdir $(IMG)))_heatmap.png $(if $(TARGET),--target $(TARGET)),$(if $(V2),infer,predict)) $(IMG) --port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --dir $(SERVE_DIR) --model $(MODEL_NAME) --server $(SERVER)
