@@ -288,9 +288,10 @@ def test_the_kserve_image_has_what_its_server_imports(tmp_path: Path) -> None:
     loaded = loaded_distributions("visionapp.serve.kserve_server", tmp_path)
     installed = closure([r.name for r in requirements(ROOT / "serve" / "requirements-kserve.txt")])
     # imported here only because this venv has them (each importer tries them and goes on without): kubernetes'
-    # dynamic client tries kubernetes-validate (and its jsonschema), uvicorn watchfiles, httpx's CLI rich
+    # dynamic client tries kubernetes-validate (and its jsonschema), uvicorn watchfiles, httpx's CLI rich, urllib3 and
+    # httpx brotli (which the demo's gradio installs)
     optional = {"kubernetes-validate", "jsonschema", "jsonschema-specifications", "referencing", "rpds-py",
-                "importlib-resources", "watchfiles", "rich", "pygments"}  # fmt: skip
+                "importlib-resources", "watchfiles", "rich", "pygments", "brotli"}  # fmt: skip
     installed |= optional
     missing = {d for d in loaded if d.lower().replace("_", "-") not in installed and d != "visionapp"}
     assert not missing, f"KServe's server loads {sorted(missing)}: add them to serve/requirements-kserve.txt"
