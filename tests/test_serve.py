@@ -321,7 +321,7 @@ def test_readiness_means_the_model_answered_and_needs_no_key(server: Server) -> 
     status, raw = call(f"{base}/v2/models/classifier", "")
     metadata = json.loads(raw)
     assert status == 200 and [i["name"] for i in metadata["inputs"]] == ["images"]
-    assert {o["name"] for o in metadata["outputs"]} == {"labels", "probabilities"}
+    assert {o["name"] for o in metadata["outputs"]} == {"labels", "probabilities", "ood_score", "ood"}
     assert "warm-up prediction answered" in (server.dir / "kserve.out").read_text()
 
 
