@@ -22,7 +22,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchmetrics.functional.classification import binary_auroc
 
 from visionapp.ood import (
@@ -76,10 +76,6 @@ def auroc(in_scores: torch.Tensor, out_scores: torch.Tensor) -> float:
 def fpr_at_tpr(in_scores: torch.Tensor, out_scores: torch.Tensor, tpr: float = TPR) -> float:
     """The share of out-of-distribution images accepted where `tpr` of the in-distribution ones are."""
     return float((out_scores <= torch.quantile(in_scores.double(), tpr).float()).float().mean())
-
-
-def loader(dataset: Dataset, batch_size: int, num_workers: int) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
 
 
 def measure(
