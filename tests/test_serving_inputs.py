@@ -3,6 +3,7 @@ server (the end-to-end suite is test_serve.py, against both servers)."""
 
 import base64
 import io
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from visionapp.serve.inputs import Limits, cgroup_cpu_quota, parse_request, parse_v2, v2_body, worker_threads
+from visionapp.serve.inputs import (
+    BadInput,
+    Limits,
+    cgroup_cpu_quota,
+    parse_request,
+    parse_v2,
+    v2_body,
+    worker_threads,
+)
 
 
 def _png(size: tuple[int, int] = (8, 6)) -> bytes:
@@ -91,12 +100,14 @@ def test_any_exception_while_decoding_is_that_requests_corrupt_image(monkeypatch
 
     for error in (struct.error("unpack requires a buffer of 4 bytes"), IndexError("tuple index out of range")):
 
-        def broken(raw: bytes, error: Exception = error) -> None:
+        def broken(raw: bytes, error: Exception = error, **options: object) -> None:
             raise error
 
         monkeypatch.setattr(inputs, "load_image", broken)
+        png = io.BytesIO()
+        Image.new("RGB", (4, 4)).save(png, "PNG")  # a header that reads; the decoder then raises
         with pytest.raises(inputs.BadInput, match="truncated or corrupt image") as e:
-            inputs.decode_image(b"\x89PNG crafted")
+            inputs.decode_image(png.getvalue())
         assert e.value.kind == "corrupt_image" and e.value.status == 400
 
 
@@ -147,7 +158,33 @@ def test_a_v2_request_is_found_in_a_torchserve_row_json_or_not() -> None:
     assert v2_body({"body": body}) == body
     assert v2_body({"body": b'  {"inputs": []}'}) == {"inputs": []}  # JSON sent without its content type
     assert v2_body({"body": {"data": "aGk="}}) is None and v2_body({"body": _png()}) is None
-    assert v2_body({"body": b"{not json"}) is None
+    assert v2_body({"body": '{"inputs": []}'}) == {"inputs": []}  # text/plain: TorchServe hands over a string
+    for unreadable, words in ((b"{not json", "not valid JSON"), (b'{"data": ' + b"[" * 100_000, "nested too deeply")):
+        with pytest.raises(BadInput, match=words):
+            v2_body({"body": unreadable})
+
+
+def _binary_request(images: list[bytes], **extra: object) -> tuple[bytes, dict[str, str]]:
+    """A request in the binary tensor data extension, as Triton's and KServe's clients send it."""
+    data = b"".join(len(i).to_bytes(4, "little") + i for i in images)
+    images_input = {"name": "images", "datatype": "BYTES", "shape": [len(images)],
+                    "parameters": {"binary_data_size": len(data)}}  # fmt: skip
+    head = json.dumps({"inputs": [images_input], **extra}).encode()
+    return head + data, {"Inference-Header-Content-Length": str(len(head))}
+
+
+def test_the_binary_data_extension_is_read_and_its_errors_named() -> None:
+    png = _png()
+    body, headers = _binary_request([png, png], parameters={"topk": 2})
+    request = v2_body({"body": body}, headers)
+    assert request is not None and request["inputs"][0]["data"] == [png, png]
+    req = parse_v2(request)
+    assert req.error is None and len(req.images) == 2 and req.options == {"topk": "2"} and req.id is None
+    for header, cut, words in (("x", 0, "Inference-Header-Content-Length"), (None, 3, "runs past"),
+                               ("9999999", 0, "Inference-Header-Content-Length")):  # fmt: skip
+        h = {"inference-header-content-length": header or headers["Inference-Header-Content-Length"]}
+        with pytest.raises(BadInput, match=words):
+            v2_body({"body": body[: len(body) - cut]}, h)
 
 
 def test_admission_refuses_past_its_limit_and_frees_its_place() -> None:

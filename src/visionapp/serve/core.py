@@ -22,7 +22,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,7 +33,6 @@ from visionapp.attribution.maps import explain, overlay_png
 from visionapp.attribution.methods import METHODS
 from visionapp.bundle import load_bundle
 from visionapp.serve.inputs import (
-    MAX_PIXELS,
     BadInput,
     Limits,
     Request,
@@ -126,11 +125,14 @@ class ServingCore:
             threads = f", torch threads: {torch.get_num_threads()}"
         if self.limits.niceness:  # a lower CPU priority: when cores are short, the predictions' worker goes first
             os.nice(self.limits.niceness)
-        Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+        # Pillow's own bomb check reads the header's size; decode_image checks the pixels at the reduced scale it
+        # decodes at instead (a 100-megapixel JPEG decodes at an eighth a side), against MAX_PIXELS.
+        Image.MAX_IMAGE_PIXELS = None
         # Predictions run the compiled model (make export) where it fits this device, torch and CPU; explanations
         # always run the eager one (Captum needs its gradients).
         self.bundle = load_bundle(model_dir, map_location=device, compiled="auto")
         self.bundle.model.to(device)
+        self.limits = replace(self.limits, decode_side=self.bundle.transform.decode_side)
         self.class_names = self.bundle.class_names
         log.info(
             "loaded %s with classes %s on %s%s; predictions: %s; %s", self.bundle.meta["arch"], self.class_names,
@@ -151,24 +153,21 @@ class ServingCore:
         """Per request, one {class: probability} (top-k, best first) per image, or its Failure."""
         out: list[list[dict[str, float]] | Failure] = [[] for _ in requests]
         ready: list[tuple[int, Request, int]] = []
-        tensors: list[torch.Tensor] = []
+        tensors: list[torch.Tensor] = []  # uint8 at the model's input size: a quarter of the float bytes
         for idx, req in enumerate(requests):
             try:
                 k = self.topk(req)
                 for img in req.images:
                     req.rows.append(len(tensors))
-                    tensors.append(self.bundle.transform(img))
+                    tensors.append(self.bundle.transform.geometry(img))
+                req.images.clear()  # the decoded images are not needed past here: the batch holds only tensors
                 ready.append((idx, req, k))
             except Exception as e:
                 out[idx] = self.failure(e, metrics)
         if not tensors:
             return out
         try:
-            with torch.inference_mode():  # calibrated probabilities, and the OOD scores from the same logits
-                probs, scores, flags = self.bundle.answer(torch.stack(tensors).to(self.device))
-            probs = probs.cpu()
-            if scores is not None and flags is not None:
-                scores, flags = scores.cpu(), flags.cpu()
+            probs, scores, flags = self._forward(tensors)
         except Exception as e:  # the forward itself failed: every request in it gets the fault
             for idx, _, _ in ready:
                 out[idx] = self.failure(e, metrics)
@@ -184,6 +183,23 @@ class ServingCore:
                     metrics.add("OutOfDistribution", int(flags[row]), "count")
             out[idx] = answers
         return out
+
+    def _forward(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Calibrated probabilities and OOD scores and flags of uint8 images, on the CPU, through the model
+        maxImagesPerForward at a time: a batch of many images never holds all their activations at once."""
+        step = max(1, self.limits.max_images_per_forward)
+        probs, scores, flags = [], [], []
+        with torch.inference_mode():  # calibrated probabilities, and the OOD scores from the same logits
+            for i in range(0, len(images), step):
+                x = self.bundle.transform.normalize(torch.stack(images[i : i + step]).to(self.device))
+                p, s, f = self.bundle.answer(x)
+                probs.append(p.cpu())
+                if s is not None and f is not None:
+                    scores.append(s.cpu())
+                    flags.append(f.cpu())
+        if not scores:
+            return torch.cat(probs), None, None
+        return torch.cat(probs), torch.cat(scores), torch.cat(flags)
 
     def ood_headers(self, req: Request) -> dict[str, str]:
         """A prediction's out-of-distribution answer, as response headers (one value per image, comma-separated, in

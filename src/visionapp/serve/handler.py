@@ -84,8 +84,7 @@ class ImageClassifierHandler(BaseHandler):
             self.Metrics(context).add("ExplanationsRefused", len(data), "count")
             for idx in range(len(data)):
                 context.set_response_header(idx, "Retry-After", str(refusal.retry_after))
-            return [self._answer_failure(context, idx, refusal, v2_body(row) is not None) for idx, row in
-                    enumerate(data)]  # fmt: skip
+            return [self._answer_failure(context, idx, refusal, _looks_v2(row)) for idx, row in enumerate(data)]
         with self.admission.admit():
             return await asyncio.get_running_loop().run_in_executor(self.explainer, self._handle, data, context)
 
@@ -100,19 +99,21 @@ class ImageClassifierHandler(BaseHandler):
         explanations: list[tuple[int, Request]] = []
         for idx, row in enumerate(data):
             explain_it = context.get_request_header(idx, "explain") == "True"
-            v2_request = v2_body(row)
-            v2 = v2_request is not None
-            try:
+            headers = context.get_all_request_header(idx)
+            v2 = False
+            try:  # everything about one request inside: whatever it holds fails it alone, never its batch
+                v2_request = v2_body(row, headers)
+                v2 = v2_request is not None
                 if explain_it and not self.explains:
                     out[idx] = self._moved(context, idx)
                     continue
                 if v2 and explain_it:
                     raise BadInput("the Open Inference Protocol has no explain verb here; POST the image to "
                                    f"/explanations/{self.core.name}", kind="bad_body")  # fmt: skip
-                if v2:
+                if v2_request is not None:
                     req = parse_v2(v2_request, self.core.limits)
                 else:
-                    req = parse_request(row, context.get_all_request_header(idx), self.core.limits, explain_it)
+                    req = parse_request(row, headers, self.core.limits, explain_it)
                 if req.error is not None:
                     raise req.error
                 metrics.add("ImagesPerRequest", len(req.images), "count", histogram=True,
@@ -155,3 +156,11 @@ class ImageClassifierHandler(BaseHandler):
     def _answer_failure(context: Any, idx: int, failure: Failure, v2: bool) -> dict[str, Any]:
         context.set_response_status(code=failure.status, phrase=failure.phrase, idx=idx)
         return failure.v2() if v2 else failure.native()
+
+
+def _looks_v2(row: dict[str, Any]) -> bool:
+    """Whether a request is to be answered in the Open Inference Protocol's error shape (its body unread)."""
+    try:
+        return v2_body(row) is not None
+    except BadInput:
+        return False

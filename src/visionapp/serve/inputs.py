@@ -27,7 +27,8 @@ from visionapp.imagefiles import FORMATS_TEXT, IMAGE_FORMATS
 from visionapp.transforms import load_image
 
 OPTION_KEYS = {"topk", "target", "method"}
-MAX_PIXELS = 40_000_000  # a decoded image above this is refused (decompression bombs): ~6300 x 6300
+MAX_PIXELS = 40_000_000  # an image decoding to more is refused (decompression bombs): ~6300 x 6300 (a JPEG counts
+# at the reduced scale it is decoded at)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class Limits:
     torch_threads: int = 0  # torch threads per worker; 0: the cores this process may use, shared by minWorkers
     niceness: int = 0  # added to the worker's CPU niceness: explanation workers yield the cores to predictions
     max_explanations_waiting: int = 4  # explanations admitted beyond those running; the next is refused (503)
+    max_images_per_forward: int = 16  # a batch's images go through the model this many at a time
+    decode_side: int = 0  # not a config key: the model's EvalPreset.decode_side, set by the core (0: decode whole)
 
     KEYS: ClassVar[dict[str, str]] = {  # model-config key → field
         "maxImagesPerPrediction": "max_images_prediction",
@@ -51,6 +54,7 @@ class Limits:
         "torchThreads": "torch_threads",
         "niceness": "niceness",
         "maxExplanationsWaiting": "max_explanations_waiting",
+        "maxImagesPerForward": "max_images_per_forward",
     }
 
     @classmethod
@@ -61,6 +65,13 @@ class Limits:
             known = ", ".join(cls.KEYS)
             raise ValueError(f"unknown keys {sorted(unknown)} in the model config's handler section; known: {known}")
         return cls(**{cls.KEYS[k]: int(v) for k, v in section.items()})
+
+    def min_side(self, explain: bool) -> int:
+        """The pixels a side an image is decoded to keep (load_image's min_side): what the model's resize needs, and
+        for an explanation also what its overlay is drawn at (maxHeatmapPixels)."""
+        if not self.decode_side:
+            return 0
+        return max(self.decode_side, math.isqrt(self.max_heatmap_pixels)) if explain else self.decode_side
 
     def images(self, explain: bool) -> tuple[int, str]:
         """The most images one request may carry, and the model-config key that sets it."""
@@ -158,25 +169,27 @@ def _text(v: Any) -> str:
     return v.decode("utf-8", "replace") if isinstance(v, bytes | bytearray) else str(v)
 
 
-def decode_image(raw: bytes, budget: int | None = None) -> Image.Image:
-    """Decode one image; `budget` is the request's decoded pixels left, checked from the header before decoding."""
+def decode_image(raw: bytes, budget: int | None = None, min_side: int = 0) -> tuple[Image.Image, int]:
+    """Decode one image, and say how many pixels it has whole. `budget` is the request's pixels left, checked from
+    the header before decoding; `min_side` decodes it only as big as the model needs (load_image), so that a worker
+    never holds a photo whole. The decompression-bomb limit (MAX_PIXELS) applies to the pixels decoded at that
+    scale (the serving core turns Pillow's own check, on the header's size, off)."""
     if not raw:
         raise BadInput("empty body: send an image, e.g. curl -T photo.jpg <url>", kind="empty_body")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            if budget is not None:
-                with Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS) as probe:  # reads the header only
-                    pixels = probe.width * probe.height
-                if pixels > budget:
-                    raise BadInput(
-                        f"the request's images decode to more than its pixel budget ({pixels} pixels in this image, "
-                        f"{budget} left); send fewer or smaller images, or raise maxPixelsPerRequest in "
-                        "serve/model-config.yaml (then make archive)",
-                        413,
-                        "too_many_pixels",
-                    )
-            return load_image(raw)
+            with Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS) as probe:  # reads the header only
+                pixels = probe.width * probe.height
+            if budget is not None and pixels > budget:
+                raise BadInput(
+                    f"the request's images decode to more than its pixel budget ({pixels} pixels in this image, "
+                    f"{budget} left); send fewer or smaller images, or raise maxPixelsPerRequest in "
+                    "serve/model-config.yaml (then make archive)",
+                    413,
+                    "too_many_pixels",
+                )
+            return load_image(raw, min_side=min_side, max_pixels=MAX_PIXELS), pixels
     except BadInput:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -227,7 +240,7 @@ def parse_request(
             raise BadInput("empty body: send an image, e.g. curl -T photo.jpg <url>", kind="empty_body")
         check_count(len(raws))
         req.many = req.many or len(raws) > 1
-        _decode_all(raws, req, limits)
+        _decode_all(raws, req, limits, explain)
     except BadInput as e:
         req.error = e
     return req
@@ -246,27 +259,80 @@ def _check_count(n: int, limits: Limits, explain: bool) -> None:
         )
 
 
-def _decode_all(raws: list[bytes], req: Request, limits: Limits) -> None:
-    """Decode a request's images in order, each checked against what is left of its pixel budget first."""
+def _decode_all(raws: list[bytes], req: Request, limits: Limits, explain: bool = False) -> None:
+    """Decode a request's images in order, each checked against what is left of its pixel budget first (the
+    budget counts the images' full sizes, from their headers: the work a request may ask for)."""
     budget = limits.max_pixels
     for r in raws:
-        img = decode_image(r, budget)
-        budget -= img.width * img.height
+        img, pixels = decode_image(r, budget, limits.min_side(explain))
         req.images.append(img)
+        budget -= pixels
 
 
-def v2_body(row: dict[str, Any]) -> dict[str, Any] | None:
-    """A TorchServe request row's Open Inference Protocol request (a JSON object with "inputs"), else None.
+V2_HEADER_LENGTH = "inference-header-content-length"  # the binary tensor data extension's header
 
-    TorchServe decodes the body only when it is sent as application/json; clients that send the JSON without
-    that header (the kserve SDK's REST client does) arrive as bytes, and no image starts with "{"."""
+
+def parse_json(raw: bytes | bytearray | str) -> Any:
+    """A JSON body, or a BadInput naming why not (a body nested deeper than the parser recurses included)."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise BadInput("the JSON body is nested too deeply to read") from None
+    except ValueError:  # UnicodeDecodeError included
+        raise BadInput("the body is not valid JSON") from None
+
+
+def v2_body(row: dict[str, Any], headers: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """A request row's Open Inference Protocol request (a JSON object with "inputs"), else None; a body that looks
+    like one and cannot be read is a BadInput.
+
+    The JSON is read whatever the Content-Type says: TorchServe decodes it only for application/json and hands
+    text/* over as a string, and many v2 clients send none (no image starts with "{"). With the binary tensor
+    data extension's Inference-Header-Content-Length header, the JSON is that many bytes and the tensors' data
+    follows it (`v2_binary`)."""
     body = row.get("body", row.get("data"))
-    if isinstance(body, bytes | bytearray) and body.lstrip()[:1] == b"{":
-        try:
-            body = json.loads(body)
-        except ValueError:
-            return None
+    length = next((v for k, v in (headers or {}).items() if str(k).lower() == V2_HEADER_LENGTH), None)
+    if length is not None and isinstance(body, bytes | bytearray):
+        return v2_binary(bytes(body), _text(length))
+    if isinstance(body, bytes | bytearray | str) and body.lstrip()[:1] in (b"{", "{"):
+        body = parse_json(body)
     return body if isinstance(body, dict) and "inputs" in body else None
+
+
+def v2_binary(body: bytes, header_length: str) -> dict[str, Any]:
+    """A request in the binary tensor data extension: a JSON header of `header_length` bytes, then the data of each
+    input whose parameters give `binary_data_size`, in order; a BYTES tensor's elements each prefixed by its
+    length (4 bytes, little-endian). The elements become the inputs' "data" as raw bytes."""
+    if not header_length.isdigit() or not 0 < int(header_length) <= len(body):
+        raise BadInput(f"Inference-Header-Content-Length must be the JSON header's length in bytes (1 to "
+                       f"{len(body)}), got {shown(header_length)}")  # fmt: skip
+    offset = int(header_length)
+    head = parse_json(body[:offset])
+    if not isinstance(head, dict) or not isinstance(head.get("inputs"), list):
+        raise BadInput(f"the JSON header is not an inference request: {V2_EXAMPLE}")
+    for tensor in head["inputs"]:
+        size = (tensor.get("parameters") or {}).get("binary_data_size") if isinstance(tensor, dict) else None
+        if size is None:
+            continue
+        if not isinstance(size, int) or not 0 <= size <= len(body) - offset:
+            raise BadInput(f"binary_data_size {shown(str(size))} runs past the body's {len(body) - offset} bytes")
+        chunk, offset = body[offset : offset + size], offset + size
+        tensor["data"] = _bytes_elements(chunk) if tensor.get("datatype") == "BYTES" else []
+    return head
+
+
+def _bytes_elements(chunk: bytes) -> list[bytes]:
+    """A BYTES tensor's binary data: each element as its 4-byte little-endian length, then its bytes."""
+    out, i = [], 0
+    while i < len(chunk):
+        if i + 4 > len(chunk):
+            raise BadInput("a BYTES tensor's binary data ends inside an element's 4-byte length")
+        n = int.from_bytes(chunk[i : i + 4], "little")
+        if i + 4 + n > len(chunk):
+            raise BadInput(f"a BYTES element of {n} bytes runs past its tensor's binary data")
+        out.append(chunk[i + 4 : i + 4 + n])
+        i += 4 + n
+    return out
 
 
 V2_EXAMPLE = '{"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": ["<base64 image>"]}]}'

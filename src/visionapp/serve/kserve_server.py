@@ -22,11 +22,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import contextvars
+import hmac
 import logging
 import multiprocessing
+import os
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -39,13 +43,31 @@ from fastapi.responses import JSONResponse, ORJSONResponse
 from kserve.errors import InvalidInput
 from kserve.model_server import app
 from kserve.protocol.infer_type import InferRequest, InferResponse, to_http_parameters
+from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 from prometheus_client import Counter, Gauge, Histogram
 
 from visionapp.serve.core import Admission, Failure, Metrics, ServingCore
-from visionapp.serve.inputs import Limits, Request, explain_name, parse_request, parse_v2
+from visionapp.serve.inputs import (
+    V2_EXAMPLE,
+    BadInput,
+    Limits,
+    Request,
+    explain_name,
+    parse_json,
+    parse_request,
+    parse_v2,
+    v2_body,
+)
 
 log = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 10 * 1024 * 1024  # as TorchServe's max_request_size (serve/config.properties): 413 above
+RESTART_SECONDS = 15  # Retry-After while a dead explainer is replaced: a new process imports torch, loads the bundle
+
+
+def _broken(pool: ProcessPoolExecutor) -> bool:
+    """Whether one of the pool's processes died: the executor then refuses all work for good. Its own flag (no public
+    API says it), set by the executor's manager thread as soon as the process's sentinel fires."""
+    return bool(getattr(pool, "_broken", False))
 
 
 class ServingError(Exception):
@@ -129,20 +151,46 @@ class ClassifierModel(kserve.Model):
         # the two queues apart: requests admitted and not yet answered, by endpoint; explanations refused when full
         self.in_flight = Gauge("ExplanationsInFlight", "explanations admitted (running or waiting)", ["ModelName"])
         self.refused = Counter("ExplanationsRefused", "explanations answered 503: the queue was full", ["ModelName"])
+        self.explainer_restarts = Counter("ExplainerRestarts", "explainer pools started again after a process died",
+                                          ["ModelName"])  # fmt: skip
 
     def load(self) -> bool:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.core = ServingCore(self.bundle, device, self.model_config, self.name, self.version)
         self.core.warm_up()
-        # Explainer processes, started fresh (spawn: torch's thread pools do not survive a fork), each loading the
-        # bundle with the explanation config's threads; the first explanation waits for none of this.
+        # explanation requests are decoded here, to the size the model and the overlay need, before they travel
+        self.explain_limits = replace(self.explain_limits, decode_side=self.core.limits.decode_side)
+        self.explainers = self._start_explainers()
+        self.ready = True  # loaded and answered a prediction; healthy() also wants an explainer up
+        return self.ready
+
+    def _start_explainers(self) -> ProcessPoolExecutor:
+        """Explainer processes, started fresh (spawn: torch's thread pools do not survive a fork), each loading the
+        bundle with the explanation config's threads; returns once every one has started."""
         context = multiprocessing.get_context("spawn")
         initargs = (self.bundle, self.explain_config or self.model_config, self.name, self.version)
-        self.explainers = ProcessPoolExecutor(self.explain_workers, context, _start_explainer, initargs)
-        for f in [self.explainers.submit(time.sleep, 0) for _ in range(self.explain_workers)]:
-            f.result()  # every explainer started before the server says it is ready
-        self.ready = True  # /v2/health/ready: loaded, answered a prediction, explainers up
-        return self.ready
+        pool = ProcessPoolExecutor(self.explain_workers, context, _start_explainer, initargs)
+        for f in [pool.submit(time.sleep, 0) for _ in range(self.explain_workers)]:
+            f.result()
+        return pool
+
+    async def healthy(self) -> bool:
+        """Ready (KServe's readiness routes ask this): the model loaded and the explainers up. While a dead
+        explainer is being replaced the pod says not ready; predictions on this server's own routes go on."""
+        return self.ready and self.explainers is not None and not _broken(self.explainers)
+
+    async def watch_explainers(self, every: float = 1.0) -> None:
+        """Replaces the explainer pool once a process of it dies (an OOM kill, a crash): ProcessPoolExecutor marks
+        itself broken for good then, and every later explanation would fail. Runs on the server's event loop."""
+        while True:
+            await asyncio.sleep(every)
+            if self.explainers is not None and _broken(self.explainers):
+                log.warning("an explainer process ended; starting the explainers again")
+                old, self.explainers = self.explainers, None
+                old.shutdown(wait=False, cancel_futures=True)
+                self.explainers = await asyncio.get_running_loop().run_in_executor(None, self._start_explainers)
+                self.explainer_restarts.labels(explain_name(self.name)).inc()
+                log.info("explainers started again")
 
     def get_input_types(self) -> list[dict[str, Any]]:
         return ServingCore.v2_tensors()[0]
@@ -158,6 +206,21 @@ class ClassifierModel(kserve.Model):
             return InferResponse.from_rest(self._core.v2_answer(req, answers))
         req = parse_request({"body": payload}, _options(headers), self._core.limits)
         return {"predictions": await self._predict(req, "predictions")}
+
+    async def predict_v2(self, body: bytes, headers: dict[str, str]) -> ORJSONResponse:
+        """POST /v2/models/<name>/infer over REST: the JSON read with or without a Content-Type, the binary tensor
+        data extension where its header says so, the id echoed only when given (KServe's own route refuses a
+        request without id with a 500, and reads a JSON body sent with no Content-Type as binary)."""
+        try:
+            request = v2_body({"body": body}, headers)
+        except BadInput as e:
+            raise ServingError(self._core.failure(e, self.metrics)) from None
+        if request is None:
+            failure = self._core.failure(BadInput(f"not an inference request: {V2_EXAMPLE}"), self.metrics)
+            raise ServingError(failure)
+        req = parse_v2(request, self._core.limits)
+        answers = await self._predict(req, "predictions")
+        return ORJSONResponse(self._core.v2_answer(req, answers))
 
     async def predict_native(self, row: dict[str, Any], headers: dict[str, str]) -> ORJSONResponse:
         """POST /predictions/<name>: TorchServe's answer, one object per image or a list for several, and the
@@ -187,9 +250,15 @@ class ClassifierModel(kserve.Model):
         if refusal is not None:  # back-pressure: answered now, never queued behind the others
             self.refused.labels(explain_name(self.name)).inc()
             raise ServingError(refusal, native)
-        assert self.explainers is not None
+        gone = Failure(503, "the explainer process ended (out of memory?) and is being started again; retry in a "
+                            "few seconds", retry_after=RESTART_SECONDS)  # fmt: skip
+        if self.explainers is None or _broken(self.explainers):
+            raise ServingError(gone, native)
         with self.admission.admit(), self.in_flight.labels(explain_name(self.name)).track_inprogress():
-            answers, calls = await asyncio.get_running_loop().run_in_executor(self.explainers, _explain, req)
+            try:
+                answers, calls = await asyncio.get_running_loop().run_in_executor(self.explainers, _explain, req)
+            except BrokenProcessPool:  # its process died under it: watch_explainers starts new ones
+                raise ServingError(gone, native) from None
         for name, value, unit, histogram, dims in calls:
             self.explain_metrics.add(name, value, unit, histogram, **dims)
         if isinstance(answers, Failure):
@@ -234,8 +303,13 @@ def add_routes(model: ClassifierModel) -> None:
     async def explanations(request: HTTPRequest) -> Any:
         return ORJSONResponse(await model.explain_native(await _row(request), dict(request.headers), native=True))
 
+    async def v2_infer(request: HTTPRequest) -> Any:
+        return await model.predict_v2(await request.body(), dict(request.headers))
+
     # POST, and PUT as curl -T sends (TorchServe takes both)
     app.add_api_route(f"/predictions/{model.name}", predictions, methods=["POST", "PUT"])
+    # before KServe's own routes are added (start()), so this one answers the model's v2 REST infer
+    app.add_api_route(f"/v2/models/{model.name}/infer", v2_infer, methods=["POST"])
     app.add_api_route(f"/explanations/{model.name}", explanations, methods=["POST", "PUT"])
     # TorchServe serves explanations under a model name of their own; the same path here, for the same clients
     app.add_api_route(f"/explanations/{explain_name(model.name)}", explanations, methods=["POST", "PUT"])
@@ -256,29 +330,109 @@ def add_routes(model: ClassifierModel) -> None:
     async def invalid_input(_: HTTPRequest, e: InvalidInput) -> JSONResponse:
         return JSONResponse({"error": str(e)}, status_code=400)
 
-    app.add_middleware(SizeLimit)
+
+REPOSITORY_KEY_ENV = "VISIONAPP_REPOSITORY_KEY"  # the key that --enable-repository-verbs requires
+_KEY_CHECKED: contextvars.ContextVar[bool] = contextvars.ContextVar("repository_key_checked", default=False)
 
 
-class SizeLimit:
-    """Bodies refused from the headers, before they are read: too big (413), or of unknown length (411). A plain ASGI
-    middleware: Starlette's BaseHTTPMiddleware costs each request a task and a stream copy."""
+class Guard:
+    """What is refused before a route runs, as a plain ASGI middleware (Starlette's BaseHTTPMiddleware costs each
+    request a task and a stream copy):
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
+    - bodies too big (413) or of unknown length (411), from the headers, before they are read;
+    - a body not received within `body_timeout` seconds of the request's start (408; a client that sends half a
+      body and stalls would otherwise hold its connection and buffer for good): the body is read here, then
+      handed to the route;
+    - KServe's model-repository verbs (/v2/repository/...: load, unload): 404 unless `repository_key` is set,
+      then 401 without `Authorization: Bearer <key>`.
+    """
+
+    def __init__(self, app: Any, body_timeout: float = 30.0, repository_key: str | None = None) -> None:
+        self.app, self.body_timeout, self.repository_key = app, body_timeout, repository_key
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] in ("POST", "PUT"):
-            length = dict(scope["headers"]).get(b"content-length")
-            refusal = None
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        refusal = self._refusal(scope, headers)
+        if refusal is None and scope["method"] in ("POST", "PUT"):
+            try:
+                receive = await self._read_body(receive)
+            except asyncio.TimeoutError:  # TimeoutError's own class before 3.11
+                message = f"the request body did not arrive within {self.body_timeout:g} s; send it whole"
+                refusal = JSONResponse({"error": message}, status_code=408, headers={"Connection": "close"})
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        token = _KEY_CHECKED.set(scope["path"].startswith("/v2/repository/"))  # only this request's own task
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _KEY_CHECKED.reset(token)
+
+    def _refusal(self, scope: dict[str, Any], headers: dict[bytes, bytes]) -> JSONResponse | None:
+        if scope["path"].startswith("/v2/repository/"):
+            if self.repository_key is None:
+                return JSONResponse({"error": "the model-repository verbs (load, unload) are off on this server "
+                                              "(--enable-repository-verbs turns them on, behind a key)"},
+                                    status_code=404)  # fmt: skip
+            given = headers.get(b"authorization", b"").decode("latin-1")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.repository_key}".encode()):
+                return JSONResponse({"error": f"send Authorization: Bearer <the key in {REPOSITORY_KEY_ENV}>"},
+                                    status_code=401)  # fmt: skip
+        if scope["method"] in ("POST", "PUT"):
+            length = headers.get(b"content-length")
             if length is None:
-                refusal = JSONResponse({"error": "send a Content-Length (no chunked uploads)"}, status_code=411)
-            elif not length.isdigit() or int(length) > MAX_REQUEST_BYTES:
+                return JSONResponse({"error": "send a Content-Length (no chunked uploads)"}, status_code=411)
+            if not length.isdigit() or int(length) > MAX_REQUEST_BYTES:
                 message = f"request body over {MAX_REQUEST_BYTES} bytes; send smaller images"
-                refusal = JSONResponse({"error": message}, status_code=413)
-            if refusal is not None:
-                await refusal(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+                return JSONResponse({"error": message}, status_code=413)
+        return None
+
+    async def _read_body(self, receive: Any) -> Any:
+        """The whole body within the deadline (TimeoutError otherwise), then a `receive` that replays it."""
+        chunks: list[bytes] = []
+
+        async def collect() -> None:
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":  # the client went away: the route sees it as it would
+                    return
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return
+
+        await asyncio.wait_for(collect(), self.body_timeout)
+        body, sent = b"".join(chunks), False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal sent
+            if sent:
+                return await receive()  # after the body: a disconnect, when it comes
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return replay
+
+
+class GuardedRepository(ModelRepositoryExtension):
+    """KServe's model-repository extension (load and unload, over REST and gRPC) refused unless the REST request
+    passed the Guard's key check; gRPC carries no key, so there it is always refused."""
+
+    async def load(self, model_name: str) -> None:
+        self._check()
+        await super().load(model_name)
+
+    async def unload(self, model_name: str) -> None:
+        self._check()
+        await super().unload(model_name)
+
+    @staticmethod
+    def _check() -> None:
+        if not _KEY_CHECKED.get():
+            raise InvalidInput("the model-repository verbs are off over gRPC; over REST with "
+                               "--enable-repository-verbs and its key")  # fmt: skip
 
 
 async def _row(request: HTTPRequest) -> dict[str, Any]:
@@ -290,24 +444,32 @@ async def _row(request: HTTPRequest) -> dict[str, Any]:
     body = await request.body()
     if ctype.startswith("application/json"):
         try:
-            return {"body": json.loads(body)}
-        except ValueError:
-            raise ServingError(Failure(400, "the body is not valid JSON"), native=True) from None
+            return {"body": parse_json(body)}
+        except BadInput as e:
+            raise ServingError(Failure(e.status, str(e)), native=True) from None
     return {"body": body}
 
 
 class ModelServerOn(kserve.ModelServer):
-    """KServe's ModelServer on the address given: upstream's REST server binds every interface (what a pod needs);
-    make serve binds loopback, as it does TorchServe."""
+    """KServe's ModelServer on the address given (upstream's REST server binds every interface, what a pod needs;
+    make serve binds loopback, as it does TorchServe), with the model-repository verbs guarded (GuardedRepository)
+    and the explainers watched."""
 
-    def __init__(self, host: str, **kwargs: Any) -> None:
+    def __init__(self, host: str, model: ClassifierModel, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.host = host
+        self.host, self.model = host, model
+        self.model_repository_extension = GuardedRepository(model_registry=self.registered_models)
 
     async def _serve(self) -> None:
-        if self._rest_server is not None:  # created by start(), not yet listening: the host it will bind
-            self._rest_server.config.host = self.host
-        await super()._serve()
+        # created by start(), not yet listening: the address it will bind, one process or several (--workers)
+        for server in (self._rest_server, getattr(self._rest_multiprocess_server, "_rest_server", None)):
+            if server is not None:
+                server.config.host = self.host
+        watcher = asyncio.create_task(self.model.watch_explainers())
+        try:
+            await super()._serve()
+        finally:
+            watcher.cancel()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -322,7 +484,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--model-version", default=None, help="the version metadata names (default: the run's name)")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
+    ap.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a request's body may take to arrive; 408 after (slow or stalled clients)",
+    )
+    verbs = f"KServe's /v2/repository load and unload over REST, for 'Authorization: Bearer ${REPOSITORY_KEY_ENV}'"
+    ap.add_argument("--enable-repository-verbs", action="store_true", help=f"serve {verbs} (off by default)")
     args = ap.parse_args(argv)
+    repository_key = None
+    if args.enable_repository_verbs:
+        repository_key = os.environ.get(REPOSITORY_KEY_ENV, "")
+        if len(repository_key) < 16:
+            ap.error(f"--enable-repository-verbs needs a key of 16 characters or more in {REPOSITORY_KEY_ENV}")
     # the serving core's log lines (the model loaded, its warm-up) beside KServe's own, which do not propagate
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = yaml.safe_load(args.model_config.read_text()) if args.model_config else {}
@@ -331,7 +506,9 @@ def main(argv: list[str] | None = None) -> None:
     model = ClassifierModel(args.model_name, args.bundle, config or {}, version, explain_config)
     model.load()
     add_routes(model)
-    server = ModelServerOn(args.host, http_port=args.http_port, grpc_port=args.grpc_port, enable_grpc=args.enable_grpc)
+    app.add_middleware(Guard, body_timeout=args.body_timeout, repository_key=repository_key)
+    server = ModelServerOn(args.host, model, http_port=args.http_port, grpc_port=args.grpc_port,
+                           enable_grpc=args.enable_grpc, workers=args.workers)  # fmt: skip
     server.register_model(model, explain_name(model.name))  # KServe's v1 :explain under the explanations' name too
     server.start([model])
 
