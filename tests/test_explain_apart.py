@@ -4,6 +4,8 @@ answer 200, and the two queues told apart in the metrics."""
 
 from __future__ import annotations
 
+import json
+import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -105,3 +107,27 @@ def test_a_refusal_says_when_to_come_back(apart: LocalServer, trained_run: Path)
         results = list(pool.map(lambda _: post(), range(4)))
     refused = [retry for status, retry in results if status == 503]
     assert refused and all(retry is not None and int(retry) >= 1 for retry in refused), results
+
+
+def test_a_dead_explainer_is_replaced(apart: LocalServer, trained_run: Path) -> None:
+    """SIGKILL of the explanations' process (as an out-of-memory kill does): the server starts another, answers
+    503 with Retry-After (KServe's server: and says not ready) meanwhile, and explains again within 30 s."""
+    image = sample_image(trained_run)
+    victim = apart.model_process(explanations=True)  # KServe's explainer process; TorchServe's explain worker
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(10)
+    if apart.server == "kserve":
+        time.sleep(0.3)  # the pool sees its process gone at once; a new one takes seconds to import torch
+        status, raw = call(f"http://127.0.0.1:{apart.port}/v2/health/ready", "")
+        assert status == 503 or json.loads(raw).get("ready") is False, (status, raw)
+    start, seen = time.monotonic(), []
+    while time.monotonic() - start < 30:
+        status, raw = call(apart.url("explanations"), apart.key, image, headers={"X-Method": "layer_gradcam"})
+        seen.append(status)
+        if status == 200:
+            break
+        assert status == 503, raw[:300]  # never a 500: the caller is told to come back
+        time.sleep(1)
+    print(f"{apart.server}: explanations after the kill {seen}, 200 after {time.monotonic() - start:.1f} s")
+    assert seen[-1] == 200 and "heatmap_png_base64" in json.loads(raw)
+    assert apart.post(image)[0] == 200

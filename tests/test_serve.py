@@ -13,10 +13,14 @@ import signal
 import site
 import subprocess
 import sys
+import threading
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import psutil
@@ -36,6 +40,8 @@ from visionapp.serve.local import free_ports
 from visionapp.transforms import load_image
 
 pytestmark = pytest.mark.slow
+T = TypeVar("T")
+BODY_TIMEOUT = 3  # seconds KServe's server waits for a body in these tests (30 as shipped)
 
 
 def start_server(mar_dir: Path, serve_dir: Path, *extra_vars: str, server: str = "torchserve") -> Server:
@@ -64,8 +70,8 @@ def server(
 ) -> Iterator[Server]:
     """The same archive's bundle and model config, served by each server in turn."""
     make_vars = (f"RUN={trained_run}", f"MODEL_CONFIG={MODEL_CONFIG}", f"EXPLAIN_CONFIG={EXPLAIN_CONFIG}")
-    if request.param == "kserve":  # with its gRPC endpoint on
-        make_vars += (f"KSERVE_GRPC_PORT={free_ports(1)[0]}",)
+    if request.param == "kserve":  # with its gRPC endpoint on, and a short body deadline to test it
+        make_vars += (f"KSERVE_GRPC_PORT={free_ports(1)[0]}", f"BODY_TIMEOUT={BODY_TIMEOUT}")
     s = start_server(model_store, tmp_path_factory.mktemp("serve"), *make_vars, server=request.param)
     yield s
     stop_server(s)
@@ -249,10 +255,8 @@ def test_a_v2_client_no_one_here_wrote_gets_the_answer(
     async def infer() -> object:
         client = InferenceRESTClient(RESTConfig(protocol="v2", timeout=60))
         images = InferInput("images", [1], "BYTES", [base64.b64encode(sample["triangle"]).decode()])
-        # the client sends its JSON without a content type, which KServe's own server then reads as binary
-        headers = {"Content-Type": "application/json"}
-        if server.key:
-            headers["Authorization"] = f"Bearer {server.key}"
+        # its defaults: JSON without a Content-Type (which KServe's own infer route would read as binary)
+        headers = {"Authorization": f"Bearer {server.key}"} if server.key else {}
         try:
             return await client.infer(f"http://127.0.0.1:{server.port}", InferRequest("classifier", [images]),
                                       model_name="classifier", headers=headers)  # fmt: skip
@@ -262,6 +266,91 @@ def test_a_v2_client_no_one_here_wrote_gets_the_answer(
     response = asyncio.run(infer())
     labels = next(o for o in response.outputs if o.name == "labels")  # type: ignore[attr-defined]
     assert labels.data[0] == top1(trained_run, sample["triangle"])
+
+
+def _raw_post(server: Server, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict]:
+    """POST with exactly these headers (http.client adds only Host, Content-Length and Accept-Encoding)."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    auth = {"Authorization": f"Bearer {server.key}"} if server.key else {}
+    conn.request("POST", path, body=body, headers={**auth, **headers})
+    r = conn.getresponse()
+    status, raw = r.status, r.read()
+    conn.close()
+    return status, json.loads(raw)
+
+
+@pytest.mark.parametrize("shape", ["no id", "no Content-Type", "text/plain", "binary extension"])
+def test_every_valid_v2_request_is_answered(
+    server: Server, sample: dict[str, bytes], trained_run: Path, shape: str
+) -> None:
+    """The protocol's id is optional; clients send JSON with or without a Content-Type; the binary tensor data
+    extension carries raw image bytes after a JSON header whose length a header gives."""
+    body, headers = v2_request([sample["star"], sample["cross"]]), {"Content-Type": "application/json"}
+    if shape == "no id":
+        del body["id"]
+    raw = json.dumps(body).encode()
+    if shape == "no Content-Type":
+        headers = {}
+    elif shape == "text/plain":
+        headers = {"Content-Type": "text/plain"}
+    elif shape == "binary extension":
+        data = b"".join(len(i).to_bytes(4, "little") + i for i in (sample["star"], sample["cross"]))
+        images = {"name": "images", "datatype": "BYTES", "shape": [2], "parameters": {"binary_data_size": len(data)}}
+        head = json.dumps({"id": "req-7", "inputs": [images]}).encode()
+        raw, headers = head + data, {"Inference-Header-Content-Length": str(len(head)),
+                                     "Content-Type": "application/octet-stream"}  # fmt: skip
+    status, answer = _raw_post(server, "/v2/models/classifier/infer", raw, headers)
+    assert status == 200, answer
+    assert ("id" in answer) == (shape != "no id") and answer.get("id", "req-7") == "req-7"
+    labels = next(o for o in answer["outputs"] if o["name"] == "labels")
+    assert labels["shape"][0] == 2
+    assert labels["data"][0] == top1(trained_run, sample["star"])
+
+
+def test_nobody_can_unload_the_model_on_kserve(server: Server, sample: dict[str, bytes]) -> None:
+    """KServe's model-repository verbs (load, unload) are off: over REST (404, naming the flag that turns them on)
+    and over gRPC; the model answers after each attempt."""
+    if server.server != "kserve":
+        pytest.skip("KServe's server only: TorchServe's management API is on its own port, loopback and keyed")
+    import asyncio
+
+    import grpc
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    for verb in ("unload", "load"):
+        status, answer = _raw_post(server, f"/v2/repository/models/classifier/{verb}", b"", {})
+        assert status == 404 and "--enable-repository-verbs" in answer["error"], answer
+    grpc_port = next(v.split("=")[1] for v in server.make_vars if v.startswith("KSERVE_GRPC_PORT="))
+
+    async def unload() -> None:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            await pb_grpc.GRPCInferenceServiceStub(channel).RepositoryModelUnload(
+                pb.RepositoryModelUnloadRequest(model_name="classifier"))  # fmt: skip
+
+    with pytest.raises(grpc.aio.AioRpcError, match="repository verbs are off"):
+        asyncio.run(unload())
+    assert json.loads(call(f"http://127.0.0.1:{server.port}/v2/models/classifier/ready", "")[1])["ready"] is True
+    assert server.post(sample["star"])[0] == 200
+
+
+def test_a_stalled_body_is_answered_408_on_kserve(server: Server, sample: dict[str, bytes]) -> None:
+    """A client that sends half its body and stalls: 408 once the deadline passes (BODY_TIMEOUT), its connection
+    closed; the server answers others meanwhile. (TorchServe's frontend waits on such a client: docs/deploy.md.)"""
+    if server.server != "kserve":
+        pytest.skip("KServe's server only: TorchServe's frontend has no body deadline")
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=BODY_TIMEOUT + 30) as s:
+        head = f"POST /predictions/classifier HTTP/1.1\r\nHost: x\r\nContent-Length: {len(sample['star'])}\r\n\r\n"
+        s.sendall(head.encode() + sample["star"][:100])
+        start = time.monotonic()
+        assert server.post(sample["cross"])[0] == 200  # the stalled one holds nothing up
+        answer = s.recv(65536)
+        waited = time.monotonic() - start
+    assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within" in answer, answer[:200]
+    assert waited < BODY_TIMEOUT + 10
+    print(f"stalled body answered 408 after {waited:.1f} s")
 
 
 def test_v2_over_grpc_takes_raw_bytes(server: Server, sample: dict[str, bytes], trained_run: Path) -> None:
@@ -354,6 +443,49 @@ def test_every_image_kind_is_served(server: Server, sample: dict[str, bytes]) ->
         status, answer = server.post(raw)
         assert status == 200, (name, answer)
         assert isinstance(answer, dict) and len(answer) == 5, name
+
+
+def _huge_images() -> dict[str, bytes]:
+    """What a batch of allowed images can hold: 6000 x 6000 16-bit grey PNGs (36 MP each, under the 40 MP a
+    decode may reach) and 10,000 x 10,000 JPEGs (100 MP: the whole of maxPixelsPerRequest), each well under the
+    10 MiB a body may have."""
+    side = 6000
+    grey16 = Image.fromarray((np.add.outer(np.arange(side), np.arange(side)) * 5).astype(np.uint16))
+    photo = Image.linear_gradient("L").resize((10_000, 10_000)).convert("RGB")
+    return {"png_16bit_36MP": _encode(grey16, "PNG"), "jpeg_100MP": _encode(photo, "JPEG", quality=50)}
+
+
+def _peak_growth(process: psutil.Process, request: Callable[[], T], times: int) -> tuple[list[T], int]:
+    """`request` sent `times` at once, the answers, and how far the process's resident memory rose above where it
+    was before (sampled every 20 ms)."""
+    before, peak, done = process.memory_info().rss, [0], threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss)
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(times) as pool:
+            answers = [f.result() for f in [pool.submit(request) for _ in range(times)]]
+    finally:
+        done.set()
+        watcher.join()
+    return answers, peak[0] - before
+
+
+def test_a_batch_of_huge_images_is_answered_in_bounded_memory(server: Server, sample: dict[str, bytes]) -> None:
+    """Eight such images at once, each answered 200 (the decode keeps what the model's input needs, the 16-bit
+    one through a lookup table, the JPEG at an eighth a side); the worker's memory growth is printed for
+    docs/deploy.md, never asserted (it depends on the allocator and the machine)."""
+    worker = server.model_process()
+    for name, raw in _huge_images().items():
+        answers, growth = _peak_growth(worker, partial(server.post, raw), times=8)
+        assert [status for status, _ in answers] == [200] * 8, (name, answers[0])
+        print(f"{server.server} {name} x 8: worker memory grew {growth / 1e6:.0f} MB at its peak")
+    assert server.post(sample["star"])[0] == 200
 
 
 def test_exif_orientation_is_applied() -> None:

@@ -110,6 +110,8 @@ def test_odd_requests_fail_alone_in_their_batch(gathering: LocalServer, trained_
         ("predictions", body.encode(), "application/json", {}) for body in ("null", "1.5", "[1, 2]", '{"images": 5}')
     ]
     odd.append(("predictions", b"not an image", "application/octet-stream", {}))
+    deep = b'{"data": ' + b"[" * 100_000  # deeper than any JSON parser recurses: TorchServe hands it on as bytes
+    odd += [("predictions", deep, ctype, {}) for ctype in ("application/json", "text/plain")]
     answers = _together(gathering, [good, *odd, good])
     assert answers[0][0] == 200 and answers[-1][0] == 200, answers
     for status, answer in answers[1:-1]:
