@@ -314,11 +314,12 @@ REPLICAS     ?= 2
 MAX_REPLICAS ?=
 STORAGE_URI  ?=
 DEPLOY_DIR   ?= deploy
-k8s: need-image server-check $(STAMP) $(if $(filter torchserve,$(SERVER)),$(MODEL_STORE)/$(MODEL_NAME).mar) ## manifests for IMAGE into deploy/ (REPLICAS=2 [SERVER=kserve CPUS=2 MEM_MB=8192 GPUS=0 STORAGE_URI=... DRYRUN=1])
+k8s: need-image server-check $(STAMP) $(if $(filter torchserve,$(SERVER)),$(MODEL_STORE)/$(MODEL_NAME).mar) ## manifests for IMAGE into deploy/ (REPLICAS=2 [SERVER=kserve CPUS=2 MEM_MB=8192 GPUS=0 STORAGE_URI=... CLIENT_NAMESPACES=... DRYRUN=1])
 	$(PY) -m visionapp.serve.deploy --bundle $(RUN)/bundle --mar $(MODEL_STORE)/$(MODEL_NAME).mar --image $(IMAGE) \
 	  --server $(SERVER) --model-config $(MODEL_CONFIG) --explain-config $(EXPLAIN_CONFIG) \
 	  --replicas $(REPLICAS) --cpus $(CPUS) --mem-mb $(MEM_MB) --gpus $(GPUS) --out $(DEPLOY_DIR) \
-	  $(if $(MAX_REPLICAS),--max-replicas $(MAX_REPLICAS)) $(if $(STORAGE_URI),--storage-uri $(STORAGE_URI)) $(if $(DRYRUN),--dry-run)
+	  $(if $(MAX_REPLICAS),--max-replicas $(MAX_REPLICAS)) $(if $(STORAGE_URI),--storage-uri $(STORAGE_URI)) $(if $(DRYRUN),--dry-run) \
+	  $(if $(CLIENT_NAMESPACES),--client-namespaces $(CLIENT_NAMESPACES))
 
 .PHONY: k8s
 

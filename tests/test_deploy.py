@@ -157,13 +157,14 @@ def test_make_k8s_server_kserve_needs_no_torchserve(trained_run: Path, tmp_path:
 
 
 # --- the validators can fail ----------------------------------------------------------------------------------
-def _rendered(name: str) -> dict:
+def _rendered(name: str, server: str = "torchserve", **overrides: object) -> dict:
     from visionapp.serve.deploy import render
 
     values = {"name": "classifier", "model": "classifier", "image": IMAGE, "version": "run", "replicas": 1,
               "max_replicas": 2, "cpus": "2", "mem_mb": 4096, "queue_ms": "100", "storage_uri": "pvc://m/run",
-              "monitoring_namespace": "monitoring", "gpu": "", "runtime": "classifier-torchserve"}  # fmt: skip
-    return documents(render(values, templates=ROOT / "serve" / "k8s")[name])[0]
+              "monitoring_namespace": "monitoring", "gpu": "", "runtime": "classifier-torchserve",
+              "other_clients": "", **overrides}  # fmt: skip
+    return documents(render(values, templates=ROOT / "serve" / "k8s", server=server)[name])[0]
 
 
 def _set(doc: dict, path: str, value: object) -> dict:
@@ -314,3 +315,49 @@ def test_the_image_installs_what_the_mar_imports(store: Path, tmp_path: Path) ->
     bounds = {Requirement(d).name.lower(): str(Requirement(d).specifier) for d in pyproject}
     for r in reqs:
         assert bounds[r.name.lower()] == str(r.specifier), r
+
+
+# --- the restricted Pod Security level ---------------------------------------------------------------------------
+def _restricted(pod: dict, containers: list[dict], where: str) -> None:
+    """Kubernetes' "restricted" level, each field at the pod's level or every container's, plus what the project
+    asks of a serving pod: no service-account token, readiness and liveness probes."""
+    assert pod.get("automountServiceAccountToken") is False, where
+    pod_ctx = pod.get("securityContext", {})
+    for c in containers:
+        ctx = c.get("securityContext", {})
+        assert ctx.get("runAsNonRoot", pod_ctx.get("runAsNonRoot")) is True, where
+        seccomp = ctx.get("seccompProfile", pod_ctx.get("seccompProfile", {}))
+        assert seccomp.get("type") in ("RuntimeDefault", "Localhost"), where
+        assert ctx.get("allowPrivilegeEscalation") is False, where
+        assert ctx.get("capabilities", {}).get("drop") == ["ALL"], where
+        assert ctx.get("runAsUser", pod_ctx.get("runAsUser")) != 0, where
+        assert "readinessProbe" in c and "livenessProbe" in c, where
+
+
+@pytest.mark.parametrize("server", ["torchserve", "kserve"])
+def test_every_rendered_pod_passes_the_restricted_level(server: str) -> None:
+    if server == "torchserve":
+        deployment = _rendered("k8s/deployment.yaml")
+        _restricted(deployment["spec"]["template"]["spec"], deployment["spec"]["template"]["spec"]["containers"],
+                    "Deployment")  # fmt: skip
+    isvc = _rendered("kserve/inferenceservice.yaml", server)
+    runtime = _rendered("kserve/runtime.yaml", server)
+    # KServe builds the predictor's pod from the InferenceService's predictor (pod fields) and the runtime's containers
+    _restricted(isvc["spec"]["predictor"], runtime["spec"]["containers"], f"InferenceService on {server}")
+    for doc in (isvc, runtime):
+        validate(doc)
+
+
+def test_clients_come_from_the_models_namespace_unless_others_are_named() -> None:
+    from visionapp.serve.deploy import other_clients
+
+    for name in ("k8s/networkpolicy.yaml", "kserve/networkpolicy.yaml"):
+        (clients, _) = _rendered(name)["spec"]["ingress"]
+        assert clients["from"] == [{"podSelector": {"matchLabels": {"classifier-client": "true"}}}], name
+        policy = _rendered(name, other_clients=other_clients("classifier", ["ingress-nginx", "apps"]))
+        validate(policy)
+        (_, elsewhere) = policy["spec"]["ingress"][0]["from"]
+        assert elsewhere["namespaceSelector"]["matchExpressions"][0]["values"] == ["ingress-nginx", "apps"]
+        assert elsewhere["podSelector"] == {"matchLabels": {"classifier-client": "true"}}
+    with pytest.raises(ValueError, match="Bad_NS"):
+        other_clients("classifier", ["Bad_NS"])

@@ -8,13 +8,14 @@ import json
 import shutil
 import subprocess
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import EXPLAIN_CONFIG, MODEL_CONFIG, ROOT
 
-from visionapp.bundle import TEST_FILES, load_bundle
+from visionapp.bundle import TEST_FILES, file_sha256, load_bundle
 from visionapp.serve.archive import build_archive, build_archives
 from visionapp.serve.export import export_bundle
 from visionapp.serve.local import LocalServer
@@ -49,6 +50,7 @@ def test_export_records_a_package_equal_to_the_eager_model(exported: Path) -> No
     assert record["channels_last"]  # NHWC inputs: converted by Bundle.forward
     assert record["max_abs_diff"] <= 1e-4 and record["checked_images"] == 8
     assert record["seconds"]["compile"] > 0 and record["cpu_isa"]
+    assert record["sha256"] == file_sha256(exported / "bundle" / record["file"])
 
     eager, compiled = load_bundle(exported / "bundle"), load_bundle(exported / "bundle", compiled=True)
     assert compiled.compiled is not None and compiled.compiled_note.startswith("compiled")
@@ -74,7 +76,19 @@ def test_a_package_that_does_not_fit_falls_back_to_eager_or_is_refused(exported:
         with pytest.raises(ValueError, match=reason):
             load_bundle(run / "bundle", compiled=True)
     meta_path.write_text(json.dumps(meta))
-    (run / "bundle" / "model.cpu.pt2").write_bytes(b"not a package")  # fits on paper, cannot be loaded
+    package = run / "bundle" / "model.cpu.pt2"
+    package.write_bytes(package.read_bytes() + b"\0")  # native code changed since make export checked it
+    for compiled in ("auto", True):  # refused before it is loaded: eager with the reason, or the reason raised
+        with pytest.raises(ValueError, match="SHA-256 differs") if compiled is True else nullcontext():
+            b = load_bundle(run / "bundle", compiled=compiled)
+            assert b.compiled is None and "SHA-256 differs" in b.compiled_note
+    unrecorded = json.loads(json.dumps(meta))
+    del unrecorded["compiled"]["cpu"]["sha256"]
+    meta_path.write_text(json.dumps(unrecorded))
+    assert "records no SHA-256" in load_bundle(run / "bundle", compiled="auto").compiled_note
+    package.write_bytes(b"not a package")  # fits on paper and its hash is the recorded one: cannot be loaded
+    meta["compiled"]["cpu"]["sha256"] = file_sha256(package)
+    meta_path.write_text(json.dumps(meta))
     assert "loading model.cpu.pt2 failed" in load_bundle(run / "bundle", compiled="auto").compiled_note
     (run / "bundle" / "model.cpu.pt2").unlink()
     assert "missing" in load_bundle(run / "bundle", compiled="auto").compiled_note

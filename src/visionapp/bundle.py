@@ -10,6 +10,7 @@ eval preprocessing. explain/ and serve/ use nothing else from training.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -243,16 +244,32 @@ def load_bundle(
     return bundle
 
 
+def file_sha256(path: Path) -> str:
+    """The file's SHA-256, hex: what model.json records of a file it names, to refuse one changed since."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _unfit(directory: Path, record: dict[str, Any] | None, device: str) -> str | None:
     """Why the compiled package cannot run here (None: it can). AOTInductor's output is tied to its torch
-    version, its device and, on the CPU, the instruction set it was compiled for."""
+    version, its device and, on the CPU, the instruction set it was compiled for; and it is native code, loaded
+    only when its SHA-256 is the one make export recorded."""
     if record is None:
         return f"the bundle has no compiled model for {device} (make export on a {device} machine)"
     try:
-        if not bundle_file(directory, record["file"]).is_file():
+        path = bundle_file(directory, record["file"])
+        if not path.is_file():
             return f"{record['file']} is missing from {directory}"
     except ValueError as e:
         return str(e)
+    if record.get("sha256") is None:
+        return f"model.json records no SHA-256 for {record['file']} (exported before checksums): make export again"
+    if file_sha256(path) != record["sha256"]:
+        return (f"refused: {record['file']} is not the file make export checked (its SHA-256 differs from "
+                "model.json's); make export again")  # fmt: skip
     if record["torch"] != torch.__version__:
         return f"compiled with torch {record['torch']}, this is torch {torch.__version__}: export again"
     if device == "cpu":

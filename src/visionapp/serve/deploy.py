@@ -145,6 +145,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--queue-ms", type=float, default=100, help="the HPA's target queue latency per request")
     ap.add_argument("--storage-uri", default=None, help="where the KServe storage layout is uploaded")
     ap.add_argument("--monitoring-namespace", default="monitoring", help="where Prometheus runs")
+    ap.add_argument("--client-namespaces", nargs="*", default=[],
+                    help="namespaces besides the model's own whose client-labelled pods may call it")  # fmt: skip
     ap.add_argument("--out", default="deploy")
     ap.add_argument("--dry-run", action="store_true", help="print the manifests, write nothing")
     return ap
@@ -195,8 +197,23 @@ def template_values(args: argparse.Namespace, model: str, run_name: str) -> dict
         "cpus": f"{args.cpus:g}", "mem_mb": args.mem_mb, "queue_ms": f"{args.queue_ms:g}",
         "storage_uri": args.storage_uri or f"pvc://visionapp-models/{run_name}",
         "monitoring_namespace": args.monitoring_namespace,
+        "other_clients": other_clients(args.name or model, args.client_namespaces),
         "gpu": f', nvidia.com/gpu: "{args.gpus}"' if args.gpus else "",  # in the resources' requests and limits
     }  # fmt: skip
+
+
+def other_clients(name: str, namespaces: list[str]) -> str:
+    """The NetworkPolicies' peer for client pods in other namespaces the user named (none: the model's own
+    namespace only), as YAML lines to follow the own-namespace peer."""
+    bad = [n for n in namespaces if not DNS_LABEL.fullmatch(n)]
+    if bad:
+        raise ValueError(f"client namespaces {bad}: Kubernetes names are lower-case letters, digits and '-'")
+    if not namespaces:
+        return ""
+    names = (
+        f"{{matchExpressions: [{{key: kubernetes.io/metadata.name, operator: In, values: {json.dumps(namespaces)}}}]}}"
+    )
+    return f'\n        - namespaceSelector: {names}\n          podSelector: {{matchLabels: {{{name}-client: "true"}}}}'
 
 
 def write(manifests: dict[str, str], out: Path) -> None:

@@ -29,7 +29,16 @@ from typing import Any
 
 import torch
 
-from visionapp.bundle import META_FILE, Bundle, compiled_file, cpu_isa, load_bundle, run_test_images, write_meta
+from visionapp.bundle import (
+    META_FILE,
+    Bundle,
+    compiled_file,
+    cpu_isa,
+    file_sha256,
+    load_bundle,
+    run_test_images,
+    write_meta,
+)
 from visionapp.errors import run_main
 from visionapp.transforms import load_image
 
@@ -77,6 +86,7 @@ def export_bundle(
                 f"refused: the compiled model's logits differ from the eager model's by {diff:.3g} on {len(x)} "
                 f"test images (tolerance {tolerance:g}); nothing was changed, the bundle serves {kept}"
             )
+        digest = file_sha256(candidate)  # of the file checked: model.json refuses any other at load time
         os.replace(candidate, package)
     finally:
         candidate.unlink(missing_ok=True)
@@ -84,7 +94,7 @@ def export_bundle(
         "file": package.name, "device": device, "torch": torch.__version__,
         "cpu_isa": cpu_isa() if device == "cpu" else None, "batch": [1, max_batch],
         "image_size": bundle.meta["image_size"], "channels_last": channels_last, "options": options,
-        "max_abs_diff": diff, "checked_images": len(x), "seconds": seconds,
+        "max_abs_diff": diff, "checked_images": len(x), "seconds": seconds, "sha256": digest,
     }  # fmt: skip
     meta = json.loads((bundle_dir / META_FILE).read_text())
     meta.setdefault("compiled", {})[device] = record
