@@ -120,9 +120,17 @@ def test_a_dead_explainer_is_replaced(apart: LocalServer, trained_run: Path) -> 
         time.sleep(0.3)  # the pool sees its process gone at once; a new one takes seconds to import torch
         status, raw = call(f"http://127.0.0.1:{apart.port}/v2/health/ready", "")
         assert status == 503 or json.loads(raw).get("ready") is False, (status, raw)
-    start, seen = time.monotonic(), []
+    start, seen, raw = time.monotonic(), [], b""
     while time.monotonic() - start < 30:
-        status, raw = call(apart.url("explanations"), apart.key, image, headers={"X-Method": "layer_gradcam"})
+        try:
+            status, raw = call(apart.url("explanations"), apart.key, image, headers={"X-Method": "layer_gradcam"},
+                               timeout=10)  # fmt: skip
+        except TimeoutError:
+            # TorchServe's asynchronous worker mode never answers a request that arrived while its worker was
+            # down (docs/deploy.md): the client's timeout ends it. KServe's server answers every one.
+            assert apart.server == "torchserve", "KServe's server left an explanation unanswered"
+            seen.append("timed out")
+            continue
         seen.append(status)
         if status == 200:
             break
