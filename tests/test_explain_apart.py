@@ -118,7 +118,7 @@ def test_a_dead_explainer_is_replaced(apart: LocalServer, trained_run: Path) -> 
     victim.wait(10)
     if apart.server == "kserve":
         time.sleep(0.3)  # the pool sees its process gone at once; a new one takes seconds to import torch
-        status, raw = call(f"http://127.0.0.1:{apart.port}/v2/health/ready", "")
+        status, raw = call(f"http://127.0.0.1:{apart.port}/v2/models/classifier/ready", "")  # the probes' path
         assert status == 503 or json.loads(raw).get("ready") is False, (status, raw)
     start, seen, raw = time.monotonic(), [], b""
     while time.monotonic() - start < 30:
