@@ -461,10 +461,8 @@ class ModelServerOn(kserve.ModelServer):
         self.model_repository_extension = GuardedRepository(model_registry=self.registered_models)
 
     async def _serve(self) -> None:
-        # created by start(), not yet listening: the address it will bind, one process or several (--workers)
-        for server in (self._rest_server, getattr(self._rest_multiprocess_server, "_rest_server", None)):
-            if server is not None:
-                server.config.host = self.host
+        if self._rest_server is not None:  # created by start(), not yet listening: the address it will bind
+            self._rest_server.config.host = self.host
         watcher = asyncio.create_task(self.model.watch_explainers())
         try:
             await super()._serve()
@@ -493,6 +491,9 @@ def main(argv: list[str] | None = None) -> None:
     verbs = f"KServe's /v2/repository load and unload over REST, for 'Authorization: Bearer ${REPOSITORY_KEY_ENV}'"
     ap.add_argument("--enable-repository-verbs", action="store_true", help=f"serve {verbs} (off by default)")
     args = ap.parse_args(argv)
+    if args.workers != 1:  # uvicorn's worker processes would each need the model and explainers: refused, not half-run
+        ap.error(f"--workers {args.workers}: this server runs one process (its explainers apart); scale with "
+                 "replicas (make k8s REPLICAS=...) or more cores per pod")  # fmt: skip
     repository_key = None
     if args.enable_repository_verbs:
         repository_key = os.environ.get(REPOSITORY_KEY_ENV, "")
@@ -508,7 +509,7 @@ def main(argv: list[str] | None = None) -> None:
     add_routes(model)
     app.add_middleware(Guard, body_timeout=args.body_timeout, repository_key=repository_key)
     server = ModelServerOn(args.host, model, http_port=args.http_port, grpc_port=args.grpc_port,
-                           enable_grpc=args.enable_grpc, workers=args.workers)  # fmt: skip
+                           enable_grpc=args.enable_grpc)  # fmt: skip
     server.register_model(model, explain_name(model.name))  # KServe's v1 :explain under the explanations' name too
     server.start([model])
 
