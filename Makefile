@@ -101,13 +101,13 @@ TS_ARGS = --ts-config $(abspath $(TS_CONFIG)) $(if $(TS_LOG_CONFIG),--log-config
 EXPLAIN_REGISTRATION = $(if $(wildcard $(MODEL_STORE)/$(EXPLAIN_MODEL).mar),$(EXPLAIN_MODEL)=$(EXPLAIN_MODEL).mar)
 
 archive: $(STAMP) ## pack RUN's bundle into $(MODEL_STORE)/$(MODEL_NAME).mar and $(MODEL_NAME)-explain.mar (MODEL_CONFIG, EXPLAIN_CONFIG)
-	$(PY) -m visionapp.serve.archive --bundle $(RUN)/bundle --name $(MODEL_NAME) --out $(MODEL_STORE) \
+	$(PY) -m visionapp.deploy.archive --bundle $(RUN)/bundle --name $(MODEL_NAME) --out $(MODEL_STORE) \
 	  --model-config $(MODEL_CONFIG) --explain-config $(EXPLAIN_CONFIG)
 	@echo "$(ARCHIVE_INPUTS)" > $(ARCHIVE_STAMP)
 
 EXPORT_ARGS ?=
 export: $(STAMP) ## compile RUN's model ahead of time into its bundle (torch.export + AOTInductor); make archive packs it
-	$(PY) -m visionapp.serve.export --bundle $(RUN)/bundle $(EXPORT_ARGS)
+	$(PY) -m visionapp.deploy.export --bundle $(RUN)/bundle $(EXPORT_ARGS)
 
 java-check:
 	@command -v java >/dev/null || { echo "TorchServe needs Java 17 or newer: sudo apt-get install openjdk-17-jre-headless (or brew install openjdk@17)"; exit 1; }
@@ -161,7 +161,7 @@ serve-bg-torchserve: $(STAMP) java-check $(MODEL_STORE)/$(MODEL_NAME).mar
 	@mkdir -p $(SERVE_DIR)
 	cd $(SERVE_DIR) && $(TS_ENV) $(TORCHSERVE) --start $(TS_ARGS) > torchserve.out 2>&1
 	for model in $(MODEL_NAME) $(if $(EXPLAIN_REGISTRATION),$(EXPLAIN_MODEL)); do \
-	  $(PY) -m visionapp.serve.client wait --port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --dir $(SERVE_DIR) \
+	  $(PY) -m visionapp.client.api wait --port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --dir $(SERVE_DIR) \
 	    --model $$model --timeout $(WAIT_TIMEOUT) \
 	  || { cd $(SERVE_DIR) && TMPDIR=$(abspath $(SERVE_DIR)) $(TORCHSERVE) --stop; echo "TorchServe did not start; stopped it. See $(SERVE_DIR)/"; exit 1; }; done
 	@echo "key: $(SERVE_DIR)/key_file.json; stop with: make stop INFERENCE_PORT=$(INFERENCE_PORT)"
@@ -179,7 +179,7 @@ serve-bg-kserve: $(STAMP)
 	@test ! -s $(SERVE_DIR)/kserve.pid || ! kill -0 $$(cat $(SERVE_DIR)/kserve.pid) 2>/dev/null \
 	  || { echo "a server from $(SERVE_DIR) is running (pid $$(cat $(SERVE_DIR)/kserve.pid)): make stop SERVER=kserve INFERENCE_PORT=$(INFERENCE_PORT)"; exit 1; }
 	nohup $(PY) -m visionapp.serve.kserve_server $(KSERVE_ARGS) > $(SERVE_DIR)/kserve.out 2>&1 & echo $$! > $(SERVE_DIR)/kserve.pid
-	$(PY) -m visionapp.serve.client wait --server kserve --port $(INFERENCE_PORT) --model $(MODEL_NAME) --timeout $(WAIT_TIMEOUT) \
+	$(PY) -m visionapp.client.api wait --server kserve --port $(INFERENCE_PORT) --model $(MODEL_NAME) --timeout $(WAIT_TIMEOUT) \
 	  || { $(MAKE) -s stop-kserve SERVE_DIR=$(SERVE_DIR); tail -20 $(SERVE_DIR)/kserve.out; echo "KServe's server did not start; stopped it. See $(SERVE_DIR)/kserve.out"; exit 1; }
 	@echo "stop with: make stop SERVER=kserve INFERENCE_PORT=$(INFERENCE_PORT)"
 
@@ -194,12 +194,12 @@ IMG ?=
 DEMO_PORT ?= 7860
 demo: $(STAMP) ## a page to try the model on 127.0.0.1:DEMO_PORT: the running server's answers (SERVER=...), else the bundle in process
 	$(PY) -m pip install -q -e '.[demo]'
-	$(PY) -m visionapp.demo --run $(RUN) --port $(DEMO_PORT) --server-port $(INFERENCE_PORT) \
+	$(PY) -m visionapp.client.demo --run $(RUN) --port $(DEMO_PORT) --server-port $(INFERENCE_PORT) \
 	  --management-port $(MANAGEMENT_PORT) --dir $(SERVE_DIR) --server $(SERVER)
 
 predict: $(STAMP) ## send IMG=photo.jpg to the running server (finds and renews the key); EXPLAIN=1 for a heatmap, V2=1 over the Open Inference Protocol
 	@test -n "$(IMG)" || { echo "usage: make predict IMG=photo.jpg [EXPLAIN=1 TARGET=star]"; exit 2; }
-	$(PY) -m visionapp.serve.client $(if $(EXPLAIN),explain --save $(basename $(notdir $(IMG)))_heatmap.png $(if $(TARGET),--target $(TARGET)),$(if $(V2),infer,predict)) $(IMG) --port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --dir $(SERVE_DIR) --model $(MODEL_NAME) --server $(SERVER)
+	$(PY) -m visionapp.client.api $(if $(EXPLAIN),explain --save $(basename $(notdir $(IMG)))_heatmap.png $(if $(TARGET),--target $(TARGET)),$(if $(V2),infer,predict)) $(IMG) --port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --dir $(SERVE_DIR) --model $(MODEL_NAME) --server $(SERVER)
 
 .PHONY: archive export java-check server-check serve serve-bg stop serve-torchserve serve-bg-torchserve stop-torchserve serve-kserve serve-bg-kserve stop-kserve predict FORCE
 
@@ -293,7 +293,7 @@ else
 	$(ENGINE) $(ENGINE_FLAGS) run -d --rm --name $(CONTAINER) --network host $(CONTAINER_ENV) $(RUN_FLAGS) $(IMAGE)
 	@for i in $$(seq $(WAIT_TIMEOUT)); do $(ENGINE) $(ENGINE_FLAGS) exec $(CONTAINER) cat key_file.json > $(SERVE_DIR)/key_file.json 2>/dev/null && break; sleep 1; done
 endif
-	$(PY) -m visionapp.serve.client wait --server $(SERVER) --port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) \
+	$(PY) -m visionapp.client.api wait --server $(SERVER) --port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) \
 	  --dir $(SERVE_DIR) --model $(MODEL_NAME) --timeout $(WAIT_TIMEOUT) \
 	  || { $(ENGINE) $(ENGINE_FLAGS) logs $(CONTAINER) | tail -30; $(ENGINE) $(ENGINE_FLAGS) stop $(CONTAINER); exit 1; }
 	@echo "container $(CONTAINER) is serving; make predict IMG=... INFERENCE_PORT=$(INFERENCE_PORT) SERVER=$(SERVER); make image-stop"
@@ -315,7 +315,7 @@ MAX_REPLICAS ?=
 STORAGE_URI  ?=
 DEPLOY_DIR   ?= deploy
 k8s: need-image server-check $(STAMP) $(if $(filter torchserve,$(SERVER)),$(MODEL_STORE)/$(MODEL_NAME).mar) ## manifests for IMAGE into deploy/ (REPLICAS=2 [SERVER=kserve CPUS=2 MEM_MB=8192 GPUS=0 STORAGE_URI=... CLIENT_NAMESPACES=... DRYRUN=1])
-	$(PY) -m visionapp.serve.deploy --bundle $(RUN)/bundle --mar $(MODEL_STORE)/$(MODEL_NAME).mar --image $(IMAGE) \
+	$(PY) -m visionapp.deploy.manifests --bundle $(RUN)/bundle --mar $(MODEL_STORE)/$(MODEL_NAME).mar --image $(IMAGE) \
 	  --server $(SERVER) --model-config $(MODEL_CONFIG) --explain-config $(EXPLAIN_CONFIG) \
 	  --replicas $(REPLICAS) --cpus $(CPUS) --mem-mb $(MEM_MB) --gpus $(GPUS) --out $(DEPLOY_DIR) \
 	  $(if $(MAX_REPLICAS),--max-replicas $(MAX_REPLICAS)) $(if $(STORAGE_URI),--storage-uri $(STORAGE_URI)) $(if $(DRYRUN),--dry-run) \

@@ -13,7 +13,7 @@ import lightning as L
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from visionapp.serve.local import LocalServer
+from visionapp.deploy.local import LocalServer
 from visionapp.train.cli import cli_main
 
 ROOT = Path(__file__).parents[1]

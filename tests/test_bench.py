@@ -11,7 +11,7 @@ from helpers import EXPLAIN_CONFIG, MODEL_CONFIG, ROOT
 from visionapp.bench import __main__ as bench_run
 from visionapp.bench import serve as serve_bench
 from visionapp.bench import train as train_bench
-from visionapp.serve.archive import build_archives
+from visionapp.deploy.archive import build_archives
 
 TINY_TRAIN = ["--image-size", "48", "--num-train", "160", "--steps", "3", "--warmup", "1"]
 

@@ -1,5 +1,5 @@
-"""The demo page in a real browser: `python -m visionapp.demo` against the real TorchServe, driven by Playwright with
-Debian's Chromium (no browser can be downloaded here); and the run report opened in the same browser."""
+"""The demo page in a real browser: `python -m visionapp.client.demo` against the real TorchServe, driven by
+Playwright with Debian's Chromium (no browser can be downloaded here); and the run report opened in the same browser."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from helpers import EXPLAIN_CONFIG, MODEL_CONFIG, ROOT
 
-from visionapp.serve.archive import build_archives
-from visionapp.serve.local import LocalServer, free_ports
+from visionapp.deploy.archive import build_archives
+from visionapp.deploy.local import LocalServer, free_ports
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -37,7 +37,7 @@ def demo(server: LocalServer, trained_run: Path) -> Iterator[str]:
     (port,) = free_ports(1)
     args = ["--run", str(trained_run), "--port", str(port), "--server-port", str(server.port), "--dir", str(server.dir),
             "--management-port", str(server.management_port)]  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "visionapp.demo", *args], cwd=ROOT, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "visionapp.client.demo", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

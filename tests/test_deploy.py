@@ -17,8 +17,8 @@ import yaml
 from helpers import ROOT
 from packaging.requirements import Requirement
 
-from visionapp.serve.archive import build_archives
-from visionapp.serve.deploy import documents, validate
+from visionapp.deploy.archive import build_archives
+from visionapp.deploy.manifests import documents, validate
 
 DOCKERFILE = ROOT / "serve" / "Dockerfile"
 IMAGE = "registry.example/visionapp-serve:1"
@@ -158,7 +158,7 @@ def test_make_k8s_server_kserve_needs_no_torchserve(trained_run: Path, tmp_path:
 
 # --- the validators can fail ----------------------------------------------------------------------------------
 def _rendered(name: str, server: str = "torchserve", **overrides: object) -> dict:
-    from visionapp.serve.deploy import render
+    from visionapp.deploy.manifests import render
 
     values = {"name": "classifier", "model": "classifier", "image": IMAGE, "version": "run", "replicas": 1,
               "max_replicas": 2, "cpus": "2", "mem_mb": 4096, "queue_ms": "100", "storage_uri": "pvc://m/run",
@@ -349,7 +349,7 @@ def test_every_rendered_pod_passes_the_restricted_level(server: str) -> None:
 
 
 def test_clients_come_from_the_models_namespace_unless_others_are_named() -> None:
-    from visionapp.serve.deploy import other_clients
+    from visionapp.deploy.manifests import other_clients
 
     for name in ("k8s/networkpolicy.yaml", "kserve/networkpolicy.yaml"):
         (clients, _) = _rendered(name)["spec"]["ingress"]

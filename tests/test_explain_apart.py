@@ -15,9 +15,9 @@ import pytest
 from helpers import EXPLAIN_CONFIG as EXPLAIN_CONFIG_FILE
 from helpers import MODEL_CONFIG, sample_image, scrape
 
-from visionapp.serve.archive import build_archives
-from visionapp.serve.client import call
-from visionapp.serve.local import LocalServer
+from visionapp.client.api import call
+from visionapp.deploy.archive import build_archives
+from visionapp.deploy.local import LocalServer
 
 pytestmark = pytest.mark.slow
 

@@ -16,9 +16,9 @@ import torch
 from helpers import EXPLAIN_CONFIG, MODEL_CONFIG, ROOT
 
 from visionapp.bundle import TEST_FILES, file_sha256, load_bundle
-from visionapp.serve.archive import build_archive, build_archives
-from visionapp.serve.export import export_bundle
-from visionapp.serve.local import LocalServer
+from visionapp.deploy.archive import build_archive, build_archives
+from visionapp.deploy.export import export_bundle
+from visionapp.deploy.local import LocalServer
 from visionapp.transforms import load_image
 
 pytestmark = pytest.mark.slow

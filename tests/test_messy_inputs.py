@@ -23,7 +23,7 @@ from PIL import Image
 
 from visionapp import imagefiles
 from visionapp.bundle import INCOMPLETE, IncompleteRun, load_bundle
-from visionapp.serve.archive import build_archive
+from visionapp.deploy.archive import build_archive
 from visionapp.train.data import DataError, FolderDataModule
 from visionapp.train.model import build_model
 from visionapp.transforms import load_image

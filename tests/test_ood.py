@@ -15,10 +15,10 @@ from helpers import EXPLAIN_CONFIG, MODEL_CONFIG
 
 from visionapp import shapes
 from visionapp.bundle import load_bundle
+from visionapp.deploy.archive import build_archives
+from visionapp.deploy.local import LocalServer
 from visionapp.imagefiles import find_images
 from visionapp.ood import OODRecord, fit_threshold, knn_scores, scores
-from visionapp.serve.archive import build_archives
-from visionapp.serve.local import LocalServer
 from visionapp.train.ood import auroc, fpr_at_tpr
 from visionapp.transforms import load_image
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from visionapp import shapes
 from visionapp.bundle import load_bundle
-from visionapp.serve.local import LocalServer
+from visionapp.deploy.local import LocalServer
 from visionapp.transforms import load_image
 
 pytestmark = pytest.mark.slow

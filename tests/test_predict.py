@@ -17,9 +17,9 @@ from PIL import Image
 
 from visionapp import shapes
 from visionapp.bundle import load_bundle
+from visionapp.deploy.archive import build_archive
+from visionapp.deploy.local import LocalServer
 from visionapp.predict.__main__ import main as predict_main
-from visionapp.serve.archive import build_archive
-from visionapp.serve.local import LocalServer
 from visionapp.transforms import load_image
 
 pytestmark = pytest.mark.slow

@@ -31,12 +31,12 @@ from helpers import EXPLAIN_CONFIG, MODEL_CONFIG, ROOT, scrape
 from PIL import Image
 
 from visionapp.bundle import load_bundle
-from visionapp.serve.archive import build_archive, build_archives
-from visionapp.serve.client import call
+from visionapp.client.api import call
+from visionapp.deploy.archive import build_archive, build_archives
+from visionapp.deploy.loadgen import run_load
+from visionapp.deploy.local import LocalServer as Server
+from visionapp.deploy.local import free_ports
 from visionapp.serve.inputs import worker_threads
-from visionapp.serve.loadgen import run_load
-from visionapp.serve.local import LocalServer as Server
-from visionapp.serve.local import free_ports
 from visionapp.transforms import load_image
 
 pytestmark = pytest.mark.slow
@@ -396,7 +396,7 @@ def test_readiness_means_the_model_answered_and_needs_no_key(server: Server) -> 
     """KServe's server: the protocol's health and metadata endpoints, no key. TorchServe: its frontend checks the
     key on every path of the inference port and has no /v2/health routes, so the probe is the project's client run
     inside the pod (the management key read from the server's folder); both say ready only after the warm-up."""
-    ready = subprocess.run([sys.executable, "-m", "visionapp.serve.client", "ready", "--server", server.server,
+    ready = subprocess.run([sys.executable, "-m", "visionapp.client.api", "ready", "--server", server.server,
                             "--port", str(server.port), "--management-port", str(server.management_port),
                             "--dir", str(server.dir)], timeout=60)  # fmt: skip
     assert ready.returncode == 0

@@ -18,9 +18,9 @@ import pytest
 from helpers import EXPLAIN_CONFIG, ROOT, TINY_DATA, fit, sample_image
 from PIL import Image
 
-from visionapp.serve.archive import build_archive, build_archives
-from visionapp.serve.client import call, keys
-from visionapp.serve.local import LocalServer
+from visionapp.client.api import call, keys
+from visionapp.deploy.archive import build_archive, build_archives
+from visionapp.deploy.local import LocalServer
 
 pytestmark = pytest.mark.slow
 

@@ -28,7 +28,7 @@ import torch
 
 from visionapp.bench.serve import staged_bundle, timed
 from visionapp.bundle import load_bundle
-from visionapp.serve.export import export_bundle
+from visionapp.deploy.export import export_bundle
 
 VARIANTS = {
     "aoti": {"freezing": False, "max_autotune": False, "channels_last": False},

@@ -24,9 +24,9 @@ from visionapp import shapes
 from visionapp.bench import run_part
 from visionapp.bench.serve import Server, resized_archive
 from visionapp.bundle import load_bundle
+from visionapp.deploy.loadgen import run_load
 from visionapp.predict.__main__ import parser as predict_parser
 from visionapp.predict.__main__ import predict_folder
-from visionapp.serve.loadgen import run_load
 from visionapp.transforms import load_image
 
 SIZE = 224

@@ -53,11 +53,11 @@ import yaml
 
 from visionapp.bench import run_part
 from visionapp.bundle import TEST_FILES, load_bundle
-from visionapp.serve.archive import build_archives
-from visionapp.serve.client import call
-from visionapp.serve.export import export_bundle
-from visionapp.serve.loadgen import percentile, run_load
-from visionapp.serve.local import LocalServer
+from visionapp.client.api import call
+from visionapp.deploy.archive import build_archives
+from visionapp.deploy.export import export_bundle
+from visionapp.deploy.loadgen import percentile, run_load
+from visionapp.deploy.local import LocalServer
 
 MODEL_CONFIG_FILE = Path("serve/model-config.yaml")  # ours, also given to the stock archive
 EXPLAIN_CONFIG_FILE = Path("serve/explain-config.yaml")  # our explanations' own workers and queue
@@ -196,7 +196,7 @@ class _Uncounted:
 
 
 class Server(LocalServer):
-    """A server from `make serve-bg` on free ports (visionapp.serve.local), with what the bench measures it by."""
+    """A server from `make serve-bg` on free ports (visionapp.deploy.local), with what the bench measures it by."""
 
     def __init__(self, mar: Path, serve_dir: Path, *extra_vars: str, server: str = "torchserve") -> None:
         super().__init__(mar.parent, serve_dir, mar.stem, *extra_vars, server=server)

@@ -1,3 +1,4 @@
-"""Serving: the TorchServe handler (handler.py) and its request parsing and limits (inputs.py), packing a bundle
-into a .mar (archive.py), a client that finds the key (client.py), a server on free ports (local.py) and a
-load generator (load.py). Reads only the bundle; never imports the training stack."""
+"""The serving runtime, all that ships in a .mar and a serving image: the serving core (core.py), request
+parsing and limits (inputs.py), and its two adapters, TorchServe's handler (handler.py) and KServe's model server
+(kserve_server.py). Reads only the bundle; imports neither the training stack nor the tooling (visionapp.deploy,
+visionapp.client)."""

@@ -1,6 +1,6 @@
 """Pack a bundle into a self-contained TorchServe archive with torch-model-archiver.
 
-    python -m visionapp.serve.archive --bundle runs/latest/bundle --name classifier --out model_store \
+    python -m visionapp.deploy.archive --bundle runs/latest/bundle --name classifier --out model_store \
         --model-config serve/model-config.yaml --explain-config serve/explain-config.yaml
 
 writes classifier.mar (predictions) and classifier-explain.mar (explanations, their own workers and queue).
@@ -8,7 +8,8 @@ writes classifier.mar (predictions) and classifier-explain.mar (explanations, th
 The .mar holds the bundle (model.pt, model.json, and the compiled model.<device>.pt2 packages model.json
 records, from make export), the handler (visionapp/serve/handler.py, as the archive's
 handler.py), the model config (batching, workers, timeouts) and the package code serving imports: the shared
-layer it needs (bundle, transforms, imagefiles, errors, attribution) and visionapp.serve, not the training stack.
+layer it needs (bundle, transforms, imagefiles, errors, attribution) and the serving runtime, visionapp/serve/
+(nothing of the tooling in visionapp/deploy/ or visionapp/client/, nor the training stack).
 So TorchServe needs torch, torchvision, Pillow and captum but not visionapp installed. Everything is found from
 the installed package (editable or not) and the paths given; nothing is read from a checkout.
 """
@@ -30,7 +31,7 @@ from visionapp.errors import run_main
 from visionapp.serve.inputs import explain_name
 
 PACKAGE = Path(__file__).parents[1]  # the installed visionapp package
-HANDLER = Path(__file__).with_name("handler.py")
+HANDLER = PACKAGE / "serve" / "handler.py"
 # What the handler imports, copied into the archive: the base modules and the two stages serving uses.
 SERVING_CODE = (
     "__init__.py",

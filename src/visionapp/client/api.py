@@ -1,10 +1,10 @@
 """A small client for the served model: finds TorchServe's inference key itself (KServe's server has none).
 
-python -m visionapp.serve.client predict photo.jpg [more.jpg ...] [--port 8080] [--dir logs/serve-8080]
-python -m visionapp.serve.client explain photo.jpg [--target star] [--method occlusion] [--save heatmap.png]
-python -m visionapp.serve.client infer photo.jpg [more.jpg ...]  # the same over the Open Inference Protocol (v2)
-python -m visionapp.serve.client wait [--timeout 120]        # until the model answers (used by make serve-bg)
-python -m visionapp.serve.client ready                       # exit 0 if the model answers now (a readiness probe)
+python -m visionapp.client.api predict photo.jpg [more.jpg ...] [--port 8080] [--dir logs/serve-8080]
+python -m visionapp.client.api explain photo.jpg [--target star] [--method occlusion] [--save heatmap.png]
+python -m visionapp.client.api infer photo.jpg [more.jpg ...]  # the same over the Open Inference Protocol (v2)
+python -m visionapp.client.api wait [--timeout 120]        # until the model answers (used by make serve-bg)
+python -m visionapp.client.api ready                       # exit 0 if the model answers now (a readiness probe)
 Add --server kserve for KServe's model server.
 """
 

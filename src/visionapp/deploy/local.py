@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import psutil
 
-from visionapp.serve.client import call, inference_key
+from visionapp.client.api import call, inference_key
 from visionapp.serve.inputs import explain_name
 
 S = TypeVar("S", bound="LocalServer")

@@ -1,6 +1,6 @@
 """Compile the bundle's model ahead of time for serving: torch.export + AOTInductor (`make export`).
 
-    python -m visionapp.serve.export --bundle runs/latest/bundle [--max-batch 8] [--device cpu|cuda]
+    python -m visionapp.deploy.export --bundle runs/latest/bundle [--max-batch 8] [--device cpu|cuda]
 
 Exports the plain model with a dynamic batch dimension (1 .. --max-batch; the spatial size is the bundle's),
 compiles it with AOTInductor into a self-contained package, bundle/model.<device>.pt2, that Python loads

@@ -1,6 +1,6 @@
 """Load generator for the TorchServe deployment, on loopback, bounded in count and time.
 
-    python -m visionapp.serve.loadgen photo.jpg --port 8080 --requests 200 --concurrency 16 [--max-seconds 60]
+    python -m visionapp.deploy.loadgen photo.jpg --port 8080 --requests 200 --concurrency 16 [--max-seconds 60]
 
 Sends --requests POSTs of the image from --concurrency threads, stops early at --max-seconds, and prints
 a JSON summary: answered, ok, statuses, connection errors, latency p50/p90/p99 (ms) and requests/s.
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from visionapp.serve.client import inference_key
+from visionapp.client.api import inference_key
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -1,6 +1,6 @@
 """A page to try the model: a photo in, its classes, out-of-distribution flag and heatmap out (Gradio).
 
-    make demo                      # = python -m visionapp.demo --run runs/latest --port 7860 --server-port 8080
+    make demo                      # = python -m visionapp.client.demo --run runs/latest --port 7860 --server-port 8080
 
 It asks the running server (TorchServe, or KServe's with --server kserve) through the project's own client, the
 key found and renewed as `make predict` does; with no server answering on --server-port it loads the run's bundle
@@ -28,8 +28,8 @@ from visionapp import imagefiles
 from visionapp.attribution.maps import explain, overlay_png
 from visionapp.attribution.methods import METHODS
 from visionapp.bundle import load_bundle
+from visionapp.client.api import call, call_with_key, is_ready
 from visionapp.errors import UserError, run_main
-from visionapp.serve.client import call, call_with_key, is_ready
 from visionapp.serve.inputs import explain_name
 from visionapp.transforms import load_image
 

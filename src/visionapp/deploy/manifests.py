@@ -1,6 +1,6 @@
 """Kubernetes and KServe manifests for the serving image, rendered from a run (`make k8s`).
 
-    python -m visionapp.serve.deploy --bundle runs/latest/bundle --mar model_store/classifier.mar \
+    python -m visionapp.deploy.manifests --bundle runs/latest/bundle --mar model_store/classifier.mar \
         --image registry.example/visionapp-serve:1 --replicas 2 [--cpus 2 --mem-mb 4096 --gpus 0] [--out deploy]
 
 Fills the templates in serve/k8s/ and writes, under --out (default deploy/, not committed), for TorchServe:
