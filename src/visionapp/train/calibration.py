@@ -5,30 +5,14 @@ expected calibration error (15 bins, torchmetrics) and a reliability diagram on 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
-from torch import nn
 from torch.nn import functional as F
 from torchmetrics.functional.classification import multiclass_calibration_error
 
 BINS = 15
-
-
-@torch.no_grad()
-def collect_logits(
-    model: nn.Module, batches: Iterable, transfer: Callable, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of a whole split (`transfer`: the data module's on_after_batch_transfer)."""
-    model.eval()
-    logits, labels = [], []
-    for x, y in batches:
-        x, y = transfer((x.to(device), y.to(device)))
-        logits.append(model(x).float().cpu())
-        labels.append(y.cpu())
-    return torch.cat(logits), torch.cat(labels)
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:

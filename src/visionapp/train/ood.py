@@ -16,13 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from matplotlib.figure import Figure
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader
 from torchmetrics.functional.classification import binary_auroc
 
 from visionapp.ood import (
@@ -40,17 +39,27 @@ KNN_K = 10
 TPR = 0.95  # FPR is read where this share of the in-distribution test images is accepted
 
 
+class Pass(NamedTuple):
+    """One split through the model: logits (N, C), penultimate features (N, D) and labels (N)."""
+
+    logits: torch.Tensor
+    features: torch.Tensor
+    labels: torch.Tensor
+
+
 @torch.no_grad()
-def collect(model: nn.Module, batches: Iterable, transfer: Callable, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Logits (N, C) and penultimate features (N, D) of every batch, one forward pass each."""
+def collect(model: nn.Module, batches: Iterable, transfer: Callable, device: torch.device) -> Pass:
+    """Logits, penultimate features and labels of every batch, one forward pass each: after `fit`, the one pass
+    over each split that calibration and the out-of-distribution measures share."""
     model.eval()
-    logits, features = [], []
+    logits, features, labels = [], [], []
     for x, y in batches:
-        x, _ = transfer((x.to(device), y.to(device)))
+        x, y = transfer((x.to(device), y.to(device)))
         out, feats = logits_and_features(model, x)
         logits.append(out.float().cpu())
         features.append(feats.float().cpu())
-    return torch.cat(logits), torch.cat(features)
+        labels.append(y.cpu())
+    return Pass(torch.cat(logits), torch.cat(features), torch.cat(labels))
 
 
 def bank_of(train_features: torch.Tensor, size: int = MAX_BANK) -> torch.Tensor:
@@ -78,76 +87,72 @@ def fpr_at_tpr(in_scores: torch.Tensor, out_scores: torch.Tensor, tpr: float = T
     return float((out_scores <= torch.quantile(in_scores.double(), tpr).float()).float().mean())
 
 
-def measure(
-    model: nn.Module,
-    *,
-    val: DataLoader | Iterable,
-    test: DataLoader | Iterable,
-    train: Iterable,
-    sets: Mapping[str, Iterable],
-    val_outliers: Iterable | None,
-    transfer: Callable,
-    device: torch.device,
-    temperature: float,
-    accept: float,
-    plot: Path | None = None,
-) -> tuple[OODRecord, torch.Tensor | None, dict[str, Any]]:
-    """The served record (method, threshold), knn's feature bank when that is the method, metrics.json's entry."""
-    run = {
-        name: collect(model, batches, transfer, device)
-        for name, batches in {"val": val, "test": test, "train": train, **sets}.items()
-    }
-    outliers = collect(model, val_outliers, transfer, device) if val_outliers is not None else None
-    bank = bank_of(run["train"][1])
+Scorer = Callable[[str, Pass], torch.Tensor]
 
-    def score(method: str, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        if method == "knn":
-            return knn_scores(bank, features, KNN_K)
-        return scores(logits, method, temperature)
 
+def scorer(bank: torch.Tensor, temperature: float) -> Scorer:
+    """Scores of a pass by method name: knn against `bank`, the logit scores at the calibration `temperature`."""
+
+    def score(method: str, p: Pass) -> torch.Tensor:
+        return knn_scores(bank, p.features, KNN_K) if method == "knn" else scores(p.logits, method, temperature)
+
+    return score
+
+
+def method_table(passes: Mapping[str, Pass], sets: list[str], score: Scorer) -> dict[str, dict[str, float]]:
+    """Per method: AUROC and FPR at 95% TPR of test against each set, and of val against the validation outliers
+    where there are some."""
     methods: dict[str, dict[str, float]] = {}
     for method in METHODS:
-        test_scores = score(method, *run["test"])
         row: dict[str, float] = {}
-        for name in sets:
-            out_scores = score(method, *run[name])
-            row[f"auroc_{name}"] = round(auroc(test_scores, out_scores), 4)
-            row[f"fpr_at_95tpr_{name}"] = round(fpr_at_tpr(test_scores, out_scores), 4)
-        if outliers is not None:
-            val_scores, outlier_scores = score(method, *run["val"]), score(method, *outliers)
-            row["auroc_val_outliers"] = round(auroc(val_scores, outlier_scores), 4)
-            row["fpr_at_95tpr_val_outliers"] = round(fpr_at_tpr(val_scores, outlier_scores), 4)
+        pairs = [(name, "test", name) for name in sets]
+        if "val_outliers" in passes:
+            pairs.append(("val_outliers", "val", "val_outliers"))
+        for label, inside, outside in pairs:
+            in_scores, out_scores = score(method, passes[inside]), score(method, passes[outside])
+            row[f"auroc_{label}"] = round(auroc(in_scores, out_scores), 4)
+            row[f"fpr_at_95tpr_{label}"] = round(fpr_at_tpr(in_scores, out_scores), 4)
         methods[method] = row
+    return methods
 
-    if outliers is not None:  # the fewest outliers let through at the flag's own operating point, then AUROC
-        key = lambda m: (methods[m]["fpr_at_95tpr_val_outliers"], -methods[m]["auroc_val_outliers"])  # noqa: E731
-        chosen, chosen_on = min(METHODS, key=key), "val_outliers"
-    else:
-        chosen, chosen_on = "msp", "default (no validation outliers)"
-    val_scores = score(chosen, *run["val"])
-    threshold = round(fit_threshold(val_scores, accept), 6)
-    if chosen == "knn":
-        record = OODRecord(chosen, threshold, accept, k=KNN_K, features=FEATURES_FILE)
-    else:
-        record = OODRecord(chosen, threshold, accept)
-    test_flags = score(chosen, *run["test"]) > record.threshold
+
+def choose(methods: dict[str, dict[str, float]]) -> tuple[str, str]:
+    """The method served and why: the fewest validation outliers let through at the flag's own operating point,
+    then AUROC; msp, the baseline, where there are no validation outliers."""
+    if not all("fpr_at_95tpr_val_outliers" in row for row in methods.values()):
+        return "msp", "default (no validation outliers)"
+    key = lambda m: (methods[m]["fpr_at_95tpr_val_outliers"], -methods[m]["auroc_val_outliers"])  # noqa: E731
+    return min(METHODS, key=key), "val_outliers"
+
+
+def measure(
+    passes: Mapping[str, Pass], *, sets: list[str], temperature: float, accept: float, plot: Path | None = None
+) -> tuple[OODRecord, torch.Tensor | None, dict[str, Any]]:
+    """From the passes (val, test, train, each set, and val_outliers where the data has them): the served record
+    (method, threshold), knn's feature bank when that is the method, and metrics.json's entry."""
+    bank = bank_of(passes["train"].features)
+    score = scorer(bank, temperature)
+    methods = method_table(passes, sets, score)
+    chosen, chosen_on = choose(methods)
+    by_set = {name: score(chosen, passes[name]) for name in ("val", "test", *sets)}
+    threshold = round(fit_threshold(by_set["val"], accept), 6)
+    knn = chosen == "knn"
+    record = OODRecord(chosen, threshold, accept, k=KNN_K if knn else None, features=FEATURES_FILE if knn else None)
+    flagged = {name: round(float((by_set[name] > threshold).float().mean()), 4) for name in by_set}
     entry: dict[str, Any] = {
         **record.to_dict(),
         "chosen_on": chosen_on,
-        "val_accepted": round(float((val_scores <= record.threshold).float().mean()), 4),
-        "test_accepted": round(1 - float(test_flags.float().mean()), 4),
-        **{k: v for k, v in methods[chosen].items()},
-        "flagged": {
-            name: round(float((score(chosen, *run[name]) > record.threshold).float().mean()), 4) for name in sets
-        },
-        "sets": {name: len(run[name][0]) for name in sets},
+        "val_accepted": round(1 - flagged["val"], 4),
+        "test_accepted": round(1 - flagged["test"], 4),
+        **methods[chosen],
+        "flagged": {name: flagged[name] for name in sets},
+        "sets": {name: len(passes[name].logits) for name in sets},
         "methods": methods,
         "knn_k": KNN_K,
     }
     if plot is not None:
-        histogram(plot, {"test (in distribution)": score(chosen, *run["test"])}
-                  | {name: score(chosen, *run[name]) for name in sets}, record)  # fmt: skip
-    return record, bank if chosen == "knn" else None, entry
+        histogram(plot, {"test (in distribution)": by_set["test"]} | {name: by_set[name] for name in sets}, record)
+    return record, bank if knn else None, entry
 
 
 def histogram(path: Path, by_set: dict[str, torch.Tensor], record: OODRecord) -> None:

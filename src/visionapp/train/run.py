@@ -26,7 +26,6 @@ from matplotlib.figure import Figure
 from visionapp import run_report
 from visionapp.bundle import INCOMPLETE, TEST_FILES, save_bundle, versions
 from visionapp.errors import UserError
-from visionapp.ood import OODRecord
 from visionapp.train import calibration, ood
 from visionapp.train.data import FolderDataModule, ImageDataModule
 from visionapp.train.module import ImageClassifier
@@ -116,8 +115,11 @@ def write_run(
     """Everything after a finished fit: calibration, metrics.json, the plots, the bundle, the report; then the
     INCOMPLETE mark goes and runs/latest points here."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    calibrated = calibrate(run_dir, module, data)
-    record, bank, ood_entry = measure_ood(run_dir, module, data, calibrated["temperature"], accept=ood_accept)
+    passes = collect_passes(module, data)  # each split through the model once, for calibration and OOD alike
+    calibrated = calibrate(run_dir, passes["val"], passes["test"])
+    sets = [name for name in passes if name not in ("val", "test", "train", "val_outliers")]
+    record, bank, ood_entry = ood.measure(passes, sets=sets, temperature=calibrated["temperature"], accept=ood_accept,
+                                          plot=run_dir / "ood.png" if sets else None)  # fmt: skip
     metrics = run_metrics(module, data, trainer, throughput, val_acc, test_results, calibrated)
     metrics["ood"] = ood_entry
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -154,38 +156,27 @@ def write_run(
     )
 
 
-def calibrate(run_dir: Path, module: ImageClassifier, data: ImageDataModule) -> dict[str, float]:
-    """A temperature fitted on val (the best checkpoint's logits), measured on test; reliability.png draws it."""
-    val, test = (
-        calibration.collect_logits(module.model, loader, data.on_after_batch_transfer, module.device)
-        for loader in (data.val_dataloader(), data.test_dataloader())
-    )
-    calibrated = calibration.calibrate(val, test)
-    calibration.reliability_diagram(*test, calibrated["temperature"], run_dir / "reliability.png")
-    return calibrated
-
-
-def measure_ood(
-    run_dir: Path, module: ImageClassifier, data: ImageDataModule, temperature: float, accept: float
-) -> tuple[OODRecord, torch.Tensor | None, dict[str, Any]]:
-    """The out-of-distribution scores measured on the data module's sets, the served one's threshold fitted on val;
-    ood.png draws them (visionapp.train.ood)."""
+def collect_passes(module: ImageClassifier, data: ImageDataModule) -> dict[str, ood.Pass]:
+    """The best checkpoint's logits, features and labels on val, test, train, each out-of-distribution set the data
+    module names, and its validation outliers where it has them (visionapp.train.ood)."""
     sources = data.source_splits()
+    loaders: dict[str, Any] = {"val": data.val_dataloader(), "test": data.test_dataloader(),
+                               "train": data.eval_loader(sources["train"])}  # fmt: skip
+    loaders |= {name: data.eval_loader(ds) for name, ds in data.ood_sets().items()}
     outliers = data.outliers("val")
-    sets = {name: data.eval_loader(ds) for name, ds in data.ood_sets().items()}
-    return ood.measure(
-        module.model,
-        val=data.val_dataloader(),
-        test=data.test_dataloader(),
-        train=data.eval_loader(sources["train"]),
-        sets=sets,
-        val_outliers=data.eval_loader(outliers) if outliers is not None else None,
-        transfer=data.on_after_batch_transfer,
-        device=module.device,
-        temperature=temperature,
-        accept=accept,
-        plot=run_dir / "ood.png" if sets else None,
-    )
+    if outliers is not None:
+        loaders["val_outliers"] = data.eval_loader(outliers)
+    return {
+        name: ood.collect(module.model, batches, data.on_after_batch_transfer, module.device)
+        for name, batches in loaders.items()
+    }
+
+
+def calibrate(run_dir: Path, val: ood.Pass, test: ood.Pass) -> dict[str, float]:
+    """A temperature fitted on val (the best checkpoint's logits), measured on test; reliability.png draws it."""
+    calibrated = calibration.calibrate((val.logits, val.labels), (test.logits, test.labels))
+    calibration.reliability_diagram(test.logits, test.labels, calibrated["temperature"], run_dir / "reliability.png")
+    return calibrated
 
 
 def run_metrics(
