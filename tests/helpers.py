@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import http.client
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
+import psutil
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from visionapp.deploy.archive import build_archives
 from visionapp.deploy.local import LocalServer
 from visionapp.train.cli import cli_main
 
@@ -39,6 +43,34 @@ def fit(runs_dir: Path, *args: str) -> Path:
 def run_fit(runs_dir: Path, shapes_root: Path, *extra: str) -> Path:
     """Train the default config on tiny shapes through the real LightningCLI entry point."""
     return fit(runs_dir, "--config=configs/train.yaml", f"--data.init_args.root={shapes_root}", *TINY_DATA, *extra)
+
+
+@contextmanager
+def real_server(
+    server: str, run: Path, tmp: Path, *, model_config: str | None = None, explain_config: str | None = None,
+    store: Path | None = None, extra_vars: tuple[str, ...] = (),
+) -> Iterator[LocalServer]:  # fmt: skip
+    """`run`'s bundle served by the real `server` (torchserve or kserve) through make serve-bg on free ports, with
+    these model and explanation configs (YAML text; the shipped ones by default), stopped after with no process
+    left behind. TorchServe's archives are built in `tmp` unless `store` already holds them."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    configs = {}
+    for key, text, shipped in (("model_config", model_config, MODEL_CONFIG),
+                               ("explain_config", explain_config, EXPLAIN_CONFIG)):  # fmt: skip
+        configs[key] = shipped if text is None else tmp / f"{key.replace('_', '-')}.yaml"
+        if text is not None:
+            configs[key].write_text(text)
+    if store is None:
+        store = tmp / "store"
+        if server == "torchserve":  # KServe's server reads the bundle itself
+            build_archives(run / "bundle", out=store, **configs)
+    make_vars = (f"RUN={run}", f"MODEL_CONFIG={configs['model_config']}",
+                 f"EXPLAIN_CONFIG={configs['explain_config']}", *extra_vars)  # fmt: skip
+    with LocalServer(store, tmp / "serve", "classifier", *make_vars, server=server) as s:
+        before = s.processes()
+        yield s
+    _, alive = psutil.wait_procs(before, timeout=30)
+    assert not alive and not s.processes(), f"left behind: {alive or s.processes()}"
 
 
 def sample_image(run: Path, cls: str = "star") -> bytes:

@@ -13,9 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import EXPLAIN_CONFIG, MODEL_CONFIG, ROOT
+from helpers import ROOT, real_server
 
-from visionapp.deploy.archive import build_archives
 from visionapp.deploy.local import LocalServer, free_ports
 
 pytestmark = pytest.mark.slow
@@ -25,10 +24,7 @@ needs_browser = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here (a
 
 @pytest.fixture(scope="module")
 def server(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
-    tmp = tmp_path_factory.mktemp("demo")
-    build_archives(trained_run / "bundle", out=tmp / "store", model_config=MODEL_CONFIG, explain_config=EXPLAIN_CONFIG)
-    make_vars = (f"RUN={trained_run}", f"MODEL_CONFIG={MODEL_CONFIG}", f"EXPLAIN_CONFIG={EXPLAIN_CONFIG}")
-    with LocalServer(tmp / "store", tmp / "serve", "classifier", *make_vars) as s:
+    with real_server("torchserve", trained_run, tmp_path_factory.mktemp("demo")) as s:
         yield s
 
 

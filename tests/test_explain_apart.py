@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 from helpers import EXPLAIN_CONFIG as EXPLAIN_CONFIG_FILE
-from helpers import MODEL_CONFIG, sample_image, scrape
+from helpers import real_server, sample_image, scrape
 
 from visionapp.client.api import call
-from visionapp.deploy.archive import build_archives
 from visionapp.deploy.local import LocalServer
 
 pytestmark = pytest.mark.slow
@@ -30,14 +29,9 @@ OCCLUSION = {"X-Method": "occlusion"}  # hundreds of model passes per image: the
 def apart(
     request: pytest.FixtureRequest, trained_run: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalServer]:
-    tmp = tmp_path_factory.mktemp("apart")
-    explain_config = tmp / "explain-config.yaml"
-    explain_config.write_text(EXPLAIN_CONFIG)
     assert "maxExplanationsWaiting: 1" in EXPLAIN_CONFIG
-    build_archives(trained_run / "bundle", out=tmp / "store", model_config=MODEL_CONFIG, explain_config=explain_config)
-    make_vars = (f"RUN={trained_run}", f"MODEL_CONFIG={MODEL_CONFIG}", f"EXPLAIN_CONFIG={explain_config}")
-    with LocalServer(tmp / "store", tmp / "serve", "classifier", *make_vars, server=request.param) as server:
-        yield server
+    with real_server(request.param, trained_run, tmp_path_factory.mktemp("apart"), explain_config=EXPLAIN_CONFIG) as s:
+        yield s
 
 
 def _timed(server: LocalServer, endpoint: str, image: bytes, headers: dict[str, str] | None = None) -> tuple:

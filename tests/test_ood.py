@@ -11,12 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import EXPLAIN_CONFIG, MODEL_CONFIG
+from helpers import real_server
 
 from visionapp import shapes
 from visionapp.bundle import load_bundle
-from visionapp.deploy.archive import build_archives
-from visionapp.deploy.local import LocalServer
 from visionapp.imagefiles import find_images
 from visionapp.ood import OODRecord, fit_threshold, knn_scores, scores
 from visionapp.train.ood import auroc, fpr_at_tpr
@@ -122,8 +120,6 @@ def test_a_bundle_from_before_the_scores_loads_and_serves(trained_run: Path, tmp
     image = find_images(Path(json.loads((old / "metrics.json").read_text())["data_root"]) / "test")[0]
     probabilities, s, flags = bundle.answer(bundle.transform(load_image(image))[None])
     assert s is None and flags is None and probabilities.shape == (1, 5)
-    build_archives(old / "bundle", out=tmp_path / "store", model_config=MODEL_CONFIG, explain_config=EXPLAIN_CONFIG)
-    make_vars = (f"RUN={old}", f"MODEL_CONFIG={MODEL_CONFIG}", f"EXPLAIN_CONFIG={EXPLAIN_CONFIG}")
-    with LocalServer(tmp_path / "store", tmp_path / "serve", "classifier", *make_vars) as server:
+    with real_server("torchserve", old, tmp_path) as server:
         status, answer = server.post(image.read_bytes())
     assert status == 200 and isinstance(answer, dict) and len(answer) == 5

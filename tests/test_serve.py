@@ -27,7 +27,7 @@ import psutil
 import pytest
 import torch
 import yaml
-from helpers import EXPLAIN_CONFIG, MODEL_CONFIG, ROOT, scrape
+from helpers import EXPLAIN_CONFIG, MODEL_CONFIG, ROOT, real_server, scrape
 from PIL import Image
 
 from visionapp.bundle import load_bundle
@@ -69,12 +69,12 @@ def server(
     request: pytest.FixtureRequest, model_store: Path, trained_run: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     """The same archive's bundle and model config, served by each server in turn."""
-    make_vars = (f"RUN={trained_run}", f"MODEL_CONFIG={MODEL_CONFIG}", f"EXPLAIN_CONFIG={EXPLAIN_CONFIG}")
+    extra: tuple[str, ...] = ()
     if request.param == "kserve":  # with its gRPC endpoint on, and a short body deadline to test it
-        make_vars += (f"KSERVE_GRPC_PORT={free_ports(1)[0]}", f"BODY_TIMEOUT={BODY_TIMEOUT}")
-    s = start_server(model_store, tmp_path_factory.mktemp("serve"), *make_vars, server=request.param)
-    yield s
-    stop_server(s)
+        extra = (f"KSERVE_GRPC_PORT={free_ports(1)[0]}", f"BODY_TIMEOUT={BODY_TIMEOUT}")
+    tmp = tmp_path_factory.mktemp("serve")
+    with real_server(request.param, trained_run, tmp, store=model_store, extra_vars=extra) as s:
+        yield s
 
 
 def torchserve_only(server: Server, why: str) -> None:

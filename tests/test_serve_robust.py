@@ -15,11 +15,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import EXPLAIN_CONFIG, ROOT, TINY_DATA, fit, sample_image
+from helpers import EXPLAIN_CONFIG, ROOT, TINY_DATA, fit, real_server, sample_image
 from PIL import Image
 
 from visionapp.client.api import call, keys
-from visionapp.deploy.archive import build_archive, build_archives
+from visionapp.deploy.archive import build_archive
 from visionapp.deploy.local import LocalServer
 
 pytestmark = pytest.mark.slow
@@ -48,14 +48,8 @@ def gathering(
     request: pytest.FixtureRequest, trained_run: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalServer]:
     """Each server with the small limits above (KServe's server does not batch: requests sent together queue)."""
-    tmp = tmp_path_factory.mktemp("gathering")
-    config, explain_config = tmp / "model-config.yaml", tmp / "explain-config.yaml"
-    config.write_text(GATHERING_CONFIG)
-    explain_config.write_text(GATHERING_EXPLAIN_CONFIG)
-    build_archives(trained_run / "bundle", out=tmp / "store", model_config=config, explain_config=explain_config)
-    # RUN names a valid run: an archive made elsewhere is still served as it is, not rebuilt from that run.
-    make_vars = (f"RUN={trained_run}", f"MODEL_CONFIG={config}", f"EXPLAIN_CONFIG={explain_config}")
-    with LocalServer(tmp / "store", tmp / "serve", "classifier", *make_vars, server=request.param) as server:
+    with real_server(request.param, trained_run, tmp_path_factory.mktemp("gathering"), model_config=GATHERING_CONFIG,
+                     explain_config=GATHERING_EXPLAIN_CONFIG) as server:  # fmt: skip
         yield server
 
 
