@@ -17,7 +17,6 @@ from PIL import Image
 from visionapp import shapes
 from visionapp.bundle import load_bundle
 from visionapp.deploy.local import LocalServer
-from visionapp.transforms import load_image
 
 pytestmark = pytest.mark.slow
 
@@ -70,6 +69,6 @@ def test_photos_train_explain_archive_and_serve(photos_root: Path, tmp_path: Pat
             status, answer = server.post(photo.read_bytes())
             assert status == 200 and isinstance(answer, dict) and set(answer) == {"circle", "star"}, answer
             with torch.no_grad():
-                probs = bundle.probabilities(bundle.transform(load_image(photo))[None])[0]
+                probs = bundle.probabilities(bundle.transform.load(photo)[None])[0]
             for name, p in answer.items():
                 assert p == pytest.approx(float(probs[bundle.class_names.index(name)]), abs=1e-4)

@@ -20,7 +20,6 @@ from visionapp.bundle import load_bundle
 from visionapp.deploy.archive import build_archive
 from visionapp.deploy.local import LocalServer
 from visionapp.predict.__main__ import main as predict_main
-from visionapp.transforms import load_image
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +74,7 @@ def test_a_folder_of_every_kind_is_scored_as_load_bundle_scores_it(trained_run: 
     assert bundle.ood is not None and len(rows[0]) == 1 + 2 * 5 + 2  # path, top-5 pairs, ood_score, ood
     for row in rows:
         with torch.no_grad():
-            probs, scores, flags = bundle.answer(bundle.transform(load_image(root / row[0]))[None])
+            probs, scores, flags = bundle.answer(bundle.transform.load(root / row[0])[None])
         for name, p in zip(row[1:11:2], row[2:11:2], strict=True):
             assert abs(float(p) - float(probs[0, bundle.class_names.index(name)])) < 1e-4, row
         assert scores is not None and flags is not None

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -200,3 +201,34 @@ def test_admission_refuses_past_its_limit_and_frees_its_place() -> None:
     with pytest.raises(RuntimeError), gate.admit():  # a failed explanation frees its place too
         raise RuntimeError("explainer died")
     assert gate.admitted == 0 and gate.refusal() is None
+
+
+def test_images_are_decoded_only_as_big_as_the_model_needs() -> None:
+    """load_image's min_side: a big JPEG decoded at a reduced DCT scale, any image shrunk by a whole factor while
+    both sides keep min_side; 16-bit grey through the lookup table equals the float64 scaling exactly; a
+    48-megapixel JPEG stays under the decompression-bomb limit at the scale it is decoded at."""
+    from visionapp.serve.inputs import MAX_PIXELS
+    from visionapp.transforms import EvalPreset, load_image
+
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (3000, 4000, 3), dtype=np.uint8))
+    jpeg, png = io.BytesIO(), io.BytesIO()
+    photo.save(jpeg, "JPEG")
+    photo.save(png, "PNG")
+    for raw in (jpeg.getvalue(), png.getvalue()):
+        small = load_image(raw, min_side=128)
+        assert min(small.size) >= 128 and min(small.size) < 2 * 128 * 2, small.size
+        assert abs(small.width / small.height - 4 / 3) < 0.02
+    assert load_image(png.getvalue()).size == (4000, 3000)  # min_side 0: whole
+    grey = np.random.default_rng(1).integers(0, 65536, (40, 50)).astype(np.uint16)
+    sixteen = io.BytesIO()
+    Image.fromarray(grey).save(sixteen, "PNG")
+    expected = (grey.astype(np.float64) / 65535 * 255).round().astype(np.uint8)
+    assert (np.asarray(load_image(sixteen.getvalue()))[..., 0] == expected).all()
+    huge = io.BytesIO()
+    Image.linear_gradient("L").resize((8000, 6000)).save(huge, "JPEG", quality=30)  # 48 MP
+    decoded = load_image(huge.getvalue(), min_side=128, max_pixels=MAX_PIXELS)
+    assert decoded.size == (200, 150)  # an eighth a side (DCT scaling), then a fifth (box reduce)
+    with pytest.raises(Image.DecompressionBombError):
+        load_image(huge.getvalue(), max_pixels=MAX_PIXELS)  # decoded whole it would be 48 megapixels
+    preset = EvalPreset(image_size=64)
+    assert preset.decode_side == 128 and preset.load(jpeg.getvalue()).shape == (3, 64, 64)

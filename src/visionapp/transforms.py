@@ -185,3 +185,8 @@ class EvalPreset:
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         return self.normalize(self.geometry(img))
+
+    def load(self, source: str | Path | bytes) -> torch.Tensor:
+        """A file or its bytes, decoded as the servers and predict-folder decode it (load_image's min_side), as the
+        model's input: what they answer for it."""
+        return self(load_image(source, min_side=self.decode_side))

@@ -68,7 +68,7 @@ class Backend:
         """The top-5 classes and a line on the out-of-distribution flag."""
         if not self.remote:
             with torch.no_grad():
-                probs, scores, flags = self.bundle.answer(self.bundle.transform(load_image(path))[None])
+                probs, scores, flags = self.bundle.answer(self.bundle.transform.load(path)[None])
             answer = dict(zip(self.bundle.class_names, probs[0].tolist(), strict=True))
             ood = None if scores is None or flags is None else (float(scores[0]), bool(flags[0]))
             return answer, ood_line(ood, self.bundle.ood.threshold if self.bundle.ood else None)

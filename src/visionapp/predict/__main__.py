@@ -77,8 +77,9 @@ def predict_folder(args: argparse.Namespace) -> dict[str, float]:
         print(f"{len(found):,} files under {root}: {len(found) - len(todo):,} done before, {len(images):,} images to "
               f"score, {len(others):,} other files; {bundle.compiled_note}", flush=True)  # fmt: skip
     if images:
-        loader = DataLoader(FolderImages(images, bundle.transform.geometry), batch_size=args.batch_size,
-                            num_workers=args.workers, collate_fn=collate, pin_memory=gpu)  # fmt: skip
+        folder = FolderImages(images, bundle.transform.geometry, bundle.transform.decode_side)  # as the servers decode
+        loader = DataLoader(folder, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate,
+                            pin_memory=gpu)  # fmt: skip
         start = time.perf_counter()
         trainer.predict(BundlePredictor(bundle, topk), loader, return_predictions=False)
         seconds = time.perf_counter() - start

@@ -21,15 +21,18 @@ class Batch:
 
 
 class FolderImages(Dataset):
-    def __init__(self, files: Sequence[Path], geometry: Callable) -> None:
-        self.files, self.geometry = list(files), geometry
+    """`min_side`: decode each image only as big as the model needs (the bundle's EvalPreset.decode_side), as the
+    servers do, so that a row equals the served answer for a photo of any size."""
+
+    def __init__(self, files: Sequence[Path], geometry: Callable, min_side: int = 0) -> None:
+        self.files, self.geometry, self.min_side = list(files), geometry, min_side
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            return i, self.geometry(load_image(self.files[i])), None
+            return i, self.geometry(load_image(self.files[i], min_side=self.min_side)), None
         except Exception as e:  # a corrupt file, a file that is not an image, a decompression bomb: a row in errors
             return i, None, f"{type(e).__name__}: {e}"
 
