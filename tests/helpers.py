@@ -100,6 +100,21 @@ class InterruptAt(L.Callback):
             raise Interrupted(f"interrupted at the start of epoch {self.epoch}")
 
 
+class RecordTrainable(L.Callback):
+    """Writes to `out` (JSON), for the first optimizer step of each epoch, every parameter's requires_grad and
+    whether it has a gradient: what a run trains, epoch by epoch."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: object) -> None:
+        seen = json.loads(self.out.read_text()) if self.out.is_file() else {}
+        if str(trainer.current_epoch) in seen:
+            return
+        params = {n: [p.requires_grad, p.grad is not None] for n, p in pl_module.named_parameters()}
+        self.out.write_text(json.dumps({**seen, str(trainer.current_epoch): params}))
+
+
 def scrape(server: LocalServer) -> dict[tuple[str, frozenset], float]:
     """Every sample of the metrics port's /metrics (Prometheus text format, no token), keyed by name and labels.
     A direct connection: urllib's global opener keeps whatever proxy an earlier test's environment named."""

@@ -74,9 +74,11 @@ def _lrs(run: Path) -> dict[int, tuple[str, str]]:
 
 
 @pytest.mark.slow
-def test_resume_after_the_thaw_gives_the_same_learning_rates(tmp_path: Path, photos_root: Path) -> None:
-    """A run interrupted after the backbone thawed, resumed from last.ckpt, steps with the LRs of the same run
-    uninterrupted: the thawed group and where its warm-up started come back with the optimizer's state."""
+def test_a_run_resumed_after_the_thaw_trains_as_the_uninterrupted_run(tmp_path: Path, photos_root: Path) -> None:
+    """configs/folder.yaml (backbone thawed at epoch 1), interrupted at the start of epoch 2 and resumed from
+    last.ckpt: the resumed epoch trains the parameters the uninterrupted run trains (requires_grad and a gradient,
+    the backbone included, not only its LRs), its backbone weights move, and it steps with the same LRs: the
+    thawed group and where its warm-up started come back with the optimizer's state."""
     base = [
         "--config=configs/train.yaml",
         "--config=configs/folder.yaml",
@@ -88,7 +90,12 @@ def test_resume_after_the_thaw_gives_the_same_learning_rates(tmp_path: Path, pho
         "--trainer.log_every_n_steps=1",
         "--model.scheduler.init_args.warmup_fraction=0.25",  # the backbone's warm-up spans steps: visible below
     ]
-    whole = fit(tmp_path / "whole", *base)
+
+    def recorded(name: str) -> str:
+        callback = {"class_path": "helpers.RecordTrainable", "init_args": {"out": str(tmp_path / name)}}
+        return f"--trainer.callbacks+={json.dumps(callback)}"
+
+    whole = fit(tmp_path / "whole", *base, recorded("whole.json"))
     crashed = tmp_path / "crashed"
     with pytest.raises(Interrupted):
         fit(
@@ -97,11 +104,22 @@ def test_resume_after_the_thaw_gives_the_same_learning_rates(tmp_path: Path, pho
             "--run_name=r",
             '--trainer.callbacks+={"class_path": "helpers.InterruptAt", "init_args": {"epoch": 2}}',
         )
-    resumed = fit(tmp_path / "resumed", *base, f"--ckpt_path={crashed / 'r' / 'checkpoints' / 'last.ckpt'}")
-    before, after = _lrs(whole), _lrs(resumed)
-    assert after and min(after) > min(before)  # the resumed run logs only the steps after the checkpoint
-    assert {s: before[s] for s in after} == after
-    assert all(pg2 for pg1, pg2 in after.values())
+    checkpoint = crashed / "r" / "checkpoints" / "last.ckpt"
+    resumed = fit(tmp_path / "resumed", *base, f"--ckpt_path={checkpoint}", recorded("resumed.json"))
+    trained = {run: json.loads((tmp_path / f"{run}.json").read_text()) for run in ("whole", "resumed")}
+    assert set(trained["resumed"]) == {"2"}  # the resumed run trains epoch 2 only
+    assert trained["resumed"]["2"] == trained["whole"]["2"]
+    backbone = [n for n, (grad, has) in trained["whole"]["2"].items() if n.startswith("model.") and "fc" not in n]
+    assert backbone and all(trained["resumed"]["2"][n] == [True, True] for n in backbone)
+    before = torch.load(checkpoint, weights_only=False)["state_dict"]
+    after = torch.load(resumed / "bundle" / "model.pt", weights_only=True)
+    convs = [k for k in after if k.endswith(".weight") and after[k].dim() == 4]
+    moved = sum(not torch.equal(before[f"model.{k}"], after[k]) for k in convs)
+    assert moved == len(convs), f"{moved} of {len(convs)} convolution weights changed over the resumed epoch"
+    lrs_before, lrs_after = _lrs(whole), _lrs(resumed)
+    assert lrs_after and min(lrs_after) > min(lrs_before)  # the resumed run logs only the steps after the checkpoint
+    assert {s: lrs_before[s] for s in lrs_after} == lrs_after
+    assert all(pg2 for pg1, pg2 in lrs_after.values())
 
 
 def test_warmup_cosine_gives_a_group_added_later_its_own_warmup_and_decay() -> None:

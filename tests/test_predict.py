@@ -6,7 +6,9 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -133,3 +135,64 @@ def test_rows_equal_the_served_answers(trained_run: Path, tmp_path: Path) -> Non
             assert list(answer) == row[1:11:2]  # type: ignore[arg-type]
             for name, p in zip(row[1:11:2], row[2:11:2], strict=True):
                 assert abs(answer[name] - float(p)) < 1e-4  # type: ignore[index]
+
+
+def _five_jpegs(root: Path, trained_run: Path) -> list[Path]:
+    data = Path(json.loads((trained_run / "metrics.json").read_text())["data_root"]) / "test"
+    files = []
+    for i, f in enumerate(sorted((data / "star").glob("*.png"))[:5]):
+        target = root / ("a" if i < 3 else "b") / f"{i}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(f).convert("RGB").save(target)
+        files.append(target)
+    return files
+
+
+def test_a_folder_with_a_link_loop_and_a_link_out_finishes(trained_run: Path, tmp_path: Path) -> None:
+    """photos/a/up -> .. (a loop) and photos/b/elsewhere.jpg -> a file outside the folder: the run ends with each
+    of the five JPEGs scored once; the outside link is listed in the errors file, and followed when asked."""
+    root = tmp_path / "photos"
+    _five_jpegs(root, trained_run)
+    (root / "a" / "up").symlink_to("..")
+    outside = tmp_path / "elsewhere.jpg"
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(outside)
+    (root / "b" / "elsewhere.jpg").symlink_to(outside)
+    out = tmp_path / "out" / "predictions.csv"
+    assert predict_main(predict_args(trained_run, root, out, "--workers", "0")) == 0
+    assert [r[0] for r in read(out)] == ["a/0.jpg", "a/1.jpg", "a/2.jpg", "b/3.jpg", "b/4.jpg"]
+    assert [(path, "not followed" in why) for path, why in read(out.with_name("predictions.errors.csv"))] == [
+        ("b/elsewhere.jpg", True)
+    ]
+    followed = tmp_path / "followed" / "predictions.csv"
+    assert predict_main(predict_args(trained_run, root, followed, "--workers", "0", "--follow-links")) == 0
+    assert "b/elsewhere.jpg" in [r[0] for r in read(followed)] and len(read(followed)) == 6
+
+
+def test_one_writer_per_output_and_errors_scored_again(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A second run on an output another live process writes is refused naming it; a lock left by a process that
+    is gone is taken over; --retry-errors scores again a file that was half-copied when first scanned."""
+    root = tmp_path / "photos"
+    files = _five_jpegs(root, trained_run)
+    whole = files[0].read_bytes()
+    files[0].write_bytes(whole[: len(whole) // 3])  # half-copied
+    out = tmp_path / "predictions.csv"
+    lock = out.with_name(".predictions.csv.lock")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "command": "make predict-folder"}))
+        assert predict_main(predict_args(trained_run, root, out, "--workers", "0")) == 2  # one error line
+        assert f"is being written by process {holder.pid} (make predict-folder)" in capsys.readouterr().err
+        assert not out.exists() and json.loads(lock.read_text())["pid"] == holder.pid  # its lock left alone
+    finally:
+        holder.kill()
+        holder.wait()
+    assert predict_main(predict_args(trained_run, root, out, "--workers", "0")) == 0  # its process is gone
+    assert not lock.exists() and len(read(out)) == 4
+    assert [r[0] for r in read(out.with_name("predictions.errors.csv"))] == ["a/0.jpg"]
+    files[0].write_bytes(whole)  # the copy finished
+    assert predict_main(predict_args(trained_run, root, out, "--workers", "0")) == 0
+    assert len(read(out)) == 4  # a file in the errors file counts as done ...
+    assert predict_main(predict_args(trained_run, root, out, "--workers", "0", "--retry-errors")) == 0
+    assert len(read(out)) == 5 and not out.with_name("predictions.errors.csv").exists()  # ... until retried

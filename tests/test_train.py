@@ -81,16 +81,24 @@ def test_resume_from_checkpoint(tmp_path: Path, shapes_root: Path) -> None:
         "--trainer.limit_val_batches=1",
         "--trainer.limit_test_batches=1",
     )
-    resumed = run_fit(
-        tmp_path / "runs2",
-        shapes_root,
-        "--trainer.max_epochs=2",
-        "--trainer.limit_train_batches=2",
-        "--trainer.limit_val_batches=1",
-        "--trainer.limit_test_batches=1",
-        f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
-    )
+    with pytest.warns(UserWarning, match="schedule is stretched to end at step 4"):  # it was planned for 2 steps
+        resumed = run_fit(
+            tmp_path / "runs2",
+            shapes_root,
+            "--trainer.max_epochs=2",
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1",
+            "--trainer.limit_test_batches=1",
+            "--trainer.log_every_n_steps=1",
+            f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+        )
     assert json.loads((resumed / "metrics.json").read_text())["global_steps"] == 4
+    # Training longer trains: the LR of the added steps is not the finished schedule's 0, and the weights move.
+    lrs = [float(r["lr-AdamW"]) for r in csv.DictReader((resumed / "metrics.csv").open()) if r.get("lr-AdamW")]
+    assert lrs and min(lrs) > 0, lrs
+    before = torch.load(run / "bundle" / "model.pt", weights_only=True)
+    after = torch.load(resumed / "bundle" / "model.pt", weights_only=True)
+    assert not torch.equal(before["fc.weight"], after["fc.weight"])
     # What only a resume gives (a fresh 2-epoch run also ends at step 4): the first epoch is not trained again,
     # and the optimizer comes back with its state (AdamW's step count goes on from the checkpoint's 2).
     rows = list(csv.DictReader((resumed / "metrics.csv").open()))

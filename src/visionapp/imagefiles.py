@@ -36,13 +36,48 @@ def is_image_file(path: str | Path) -> bool:
     return not is_hidden(name) and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def walk_files(folder: str | Path) -> list[Path]:
-    """Every file under `folder` that is not hidden and not inside a hidden folder, sorted; symlinks followed."""
+def walk_files(folder: str | Path, *, follow_outside: bool = True, outside: list[Path] | None = None) -> list[Path]:
+    """Every file under `folder` that is not hidden and not inside a hidden folder, in sorted walk order.
+
+    Symlinks are followed, each real folder and file visited once (a link back up the tree, `photos/a/up -> ..`,
+    ends there instead of looping; a file reached through two links is one file). With `follow_outside` false, a
+    link that leads out of `folder` is not followed and is added to `outside` instead (predict-folder lists them);
+    training follows links wherever they lead (a data set is often a folder of links).
+    """
+    root = Path(folder).resolve()
+    seen: set[tuple[int, int]] = set()  # (device, inode) of each folder and file taken
     out: list[Path] = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not is_hidden(d))  # pruned in place: os.walk does not descend into them
-        out += [Path(root, f) for f in sorted(files) if not is_hidden(f)]
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        here = os.stat(top)
+        if (here.st_dev, here.st_ino) in seen:  # reached again through a link: already walked
+            dirs[:] = []
+            continue
+        seen.add((here.st_dev, here.st_ino))
+        dirs[:] = [
+            d for d in sorted(dirs) if not is_hidden(d) and _followed(Path(top, d), root, follow_outside, outside)
+        ]
+        for f in sorted(files):
+            path = Path(top, f)
+            if is_hidden(f) or not _followed(path, root, follow_outside, outside):
+                continue
+            try:
+                st = path.stat()
+            except OSError:  # a dangling link: listed as a file, its reader says why it cannot be read
+                out.append(path)
+                continue
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                out.append(path)
     return out
+
+
+def _followed(path: Path, root: Path, follow_outside: bool, outside: list[Path] | None) -> bool:
+    """Whether the walk takes `path`: anything but a link leading out of `root` when those are not followed."""
+    if follow_outside or not path.is_symlink() or path.resolve().is_relative_to(root):
+        return True
+    if outside is not None:
+        outside.append(path)
+    return False
 
 
 def find_images(folder: str | Path) -> list[Path]:

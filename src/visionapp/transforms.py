@@ -19,6 +19,10 @@ from torchvision.transforms import v2
 
 from visionapp.imagefiles import IMAGE_FORMATS
 
+# An image decoding to more pixels is refused (decompression bombs): ~6300 x 6300, counted at the scale it is decoded
+# at (a JPEG decoded at an eighth a side counts an eighth squared). The servers and predict-folder apply it.
+MAX_DECODED_PIXELS = 40_000_000
+
 # The normalisation of every torchvision ImageNet classification weight (weights.transforms().mean/std).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

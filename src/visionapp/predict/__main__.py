@@ -1,7 +1,8 @@
 """Score a folder of images with a run's bundle: Lightning's `Trainer.predict`, one CSV row per image.
 
     python -m visionapp.predict --bundle runs/latest/bundle --images photos/ [--out predictions.csv] [--topk 5]
-        [--batch-size 64] [--workers 2] [--strict] [--devices 1 --num-nodes 1]        (make predict-folder)
+        [--batch-size 64] [--workers 2] [--strict] [--retry-errors] [--follow-links] [--devices 1 --num-nodes 1]
+                                                                                        (make predict-folder)
 
 Every image under the folder (recursively; hidden folders and files skipped, as everywhere in the project) gets a
 row: its path relative to the folder, then class_1, probability_1, ... class_k, probability_k, calibrated as the
@@ -10,11 +11,14 @@ reason and do not stop the run (--strict: the first one does). Rows are written 
 same command again skips what is already in the output, its errors file or the shards of a run that stopped, and
 scores the rest. Under DDP (--devices/--num-nodes, or make launch-predict through TorchX) each rank writes its own
 shard and rank 0 merges them, sorted by path, each image once; the output folder must be shared by the nodes.
+One run writes an output at a time (a lock file beside it); links are followed inside the folder, each real file
+once; images are decoded as the servers decode them, with their pixel limit.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -40,6 +44,16 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding the images")
     ap.add_argument("--strict", action="store_true", help="stop at the first file that cannot be scored")
+    ap.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="score again the files the errors file lists (a file half-copied when first scanned)",
+    )
+    ap.add_argument(
+        "--follow-links",
+        action="store_true",
+        help="follow links that lead out of the folder (default: listed in the errors file, skipped)",
+    )
     ap.add_argument("--devices", type=int, default=1, help="processes (GPUs) per node; more than 1: DDP")
     ap.add_argument("--num-nodes", type=int, default=1)
     ap.add_argument("--precision", default=None, help="default: bf16-mixed on a GPU, 32-true on the CPU")
@@ -59,8 +73,12 @@ def predict_folder(args: argparse.Namespace) -> dict[str, float]:
     output = Output(Path(args.out))
     output.path.parent.mkdir(parents=True, exist_ok=True)
     ood = bundle.ood is not None
+    if args.retry_errors and _rank() == 0:
+        print(f"{output.forget_errors():,} files of {output.errors} to score again", flush=True)
     done = output.done(topk, ood)
-    found = {f: f.relative_to(root).as_posix() for f in imagefiles.walk_files(root)}  # file → its row's path
+    outside: list[Path] = []
+    walked = imagefiles.walk_files(root, follow_outside=args.follow_links, outside=outside)
+    found = {f: f.relative_to(root).as_posix() for f in walked}  # file → its row's path
     todo = [f for f, name in found.items() if name not in done]
     images = [f for f in todo if imagefiles.is_image_file(f)]
     names = [found[f] for f in images]
@@ -74,6 +92,8 @@ def predict_folder(args: argparse.Namespace) -> dict[str, float]:
     if trainer.is_global_zero:
         others = [f for f in todo if not imagefiles.is_image_file(f)]
         list_other_files(output, others, root, args.strict)
+        links = [f for f in outside if f.relative_to(root).as_posix() not in done]
+        list_files(output, links, root, f"a link out of {root}, not followed (--follow-links follows it)")
         print(f"{len(found):,} files under {root}: {len(found) - len(todo):,} done before, {len(images):,} images to "
               f"score, {len(others):,} other files; {bundle.compiled_note}", flush=True)  # fmt: skip
     if images:
@@ -98,18 +118,31 @@ def list_other_files(output: Output, files: list[Path], root: Path, strict: bool
     """Files under the folder that are not images (by their extension) are listed in the errors file."""
     if files and strict:
         raise UserError(f"{files[0]} is not an image file ({len(files)} such under {root}); --strict stops here")
+    list_files(output, files, root, f"not an image file (images are {', '.join(imagefiles.IMAGE_EXTENSIONS)})")
+
+
+def list_files(output: Output, files: list[Path], root: Path, why: str) -> None:
+    """`files` listed in the errors file, each with `why`."""
     if files:
         f, writer = open_for_append(output.shard(0, errors=True), ERROR_HEADER)
         with f:
-            why = f"not an image file (images are {', '.join(imagefiles.IMAGE_EXTENSIONS)})"
             writer.writerows([file.relative_to(root).as_posix(), why] for file in files)
+
+
+def _rank() -> int:
+    """This process's rank in a DDP job (torchrun sets RANK), 0 alone: rank 0 holds the output's lock."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def score() -> int:
-        predict_folder(args)
+        if _rank() != 0:  # the job's other ranks write their own shards under rank 0's lock
+            predict_folder(args)
+            return 0
+        with Output(Path(args.out)).writing():
+            predict_folder(args)
         return 0
 
     return run_main(score)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from visionapp.transforms import load_image
+from visionapp.transforms import MAX_DECODED_PIXELS, load_image
 
 
 @dataclass
@@ -21,8 +21,9 @@ class Batch:
 
 
 class FolderImages(Dataset):
-    """`min_side`: decode each image only as big as the model needs (the bundle's EvalPreset.decode_side), as the
-    servers do, so that a row equals the served answer for a photo of any size."""
+    """`min_side`: decode each image only as big as the model needs (the bundle's EvalPreset.decode_side), and refuse
+    one that decodes to more than MAX_DECODED_PIXELS, as the servers do: a row equals the served answer for a photo
+    of any size, and a file the servers refuse is an error row here."""
 
     def __init__(self, files: Sequence[Path], geometry: Callable, min_side: int = 0) -> None:
         self.files, self.geometry, self.min_side = list(files), geometry, min_side
@@ -32,7 +33,8 @@ class FolderImages(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            return i, self.geometry(load_image(self.files[i], min_side=self.min_side)), None
+            image = load_image(self.files[i], min_side=self.min_side, max_pixels=MAX_DECODED_PIXELS)
+            return i, self.geometry(image), None
         except Exception as e:  # a corrupt file, a file that is not an image, a decompression bomb: a row in errors
             return i, None, f"{type(e).__name__}: {e}"
 

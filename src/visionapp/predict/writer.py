@@ -5,10 +5,13 @@ in the output, its shards and its errors file is done: running the same command 
 from __future__ import annotations
 
 import csv
+import json
 import os
+import socket
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -44,6 +47,49 @@ class Output:
     def shards(self, errors: bool = False) -> list[Path]:
         base = self.errors if errors else self.path
         return sorted(self.path.parent.glob(f".{base.name}.rank*"))
+
+    @property
+    def lock(self) -> Path:
+        return self.path.with_name(f".{self.path.name}.lock")
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """This process is the one writer of the output while inside: a lock file beside it (its pid, host and
+        command), taken over when the process that left it is gone, removed on the way out. A second run on the
+        same output is refused with one line naming the first."""
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                break
+            except FileExistsError:
+                holder = _read_lock(self.lock)
+                if holder and holder.get("host") == me["host"] and _alive(int(holder.get("pid", 0))):
+                    raise UserError(
+                        f"{self.path} is being written by process {holder['pid']} ({holder.get('command', '?')}); "
+                        f"wait for it, or pass another --out (lock: {self.lock})"
+                    ) from None
+                if holder and holder.get("host") != me["host"]:
+                    where = f"{holder.get('host')} (process {holder.get('pid')})"
+                    raise UserError(f"{self.path} is being written from {where}; if that run is gone, delete "
+                                    f"{self.lock}") from None  # fmt: skip
+                self.lock.unlink(missing_ok=True)  # its process is gone: taken over
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        try:
+            yield
+        finally:
+            if (_read_lock(self.lock) or {}).get("pid") == me["pid"]:
+                self.lock.unlink(missing_ok=True)
+
+    def forget_errors(self) -> int:
+        """--retry-errors: the files in the errors file (and its shards) become files to score again; how many."""
+        paths = [self.errors, *self.shards(errors=True)]
+        count = sum(1 for p in paths for _ in _rows(p, ERROR_HEADER))
+        for p in paths:
+            p.unlink(missing_ok=True)
+        return count
 
     def done(self, topk: int, ood: bool = False) -> set[str]:
         """The paths already scored or listed as errors, by this output or a run that stopped before merging."""
@@ -168,3 +214,22 @@ class Progress(L.Callback):
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.tty and trainer.is_global_zero:
             print(flush=True)
+
+
+def _read_lock(path: Path) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):  # gone, or half-written by a process that died writing it
+        return None
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True

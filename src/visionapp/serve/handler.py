@@ -99,21 +99,12 @@ class ImageClassifierHandler(BaseHandler):
         explanations: list[tuple[int, Request]] = []
         for idx, row in enumerate(data):
             explain_it = context.get_request_header(idx, "explain") == "True"
-            headers = context.get_all_request_header(idx)
+            if explain_it and not self.explains:
+                out[idx] = self._moved(context, idx)
+                continue
             v2 = False
             try:  # everything about one request inside: whatever it holds fails it alone, never its batch
-                v2_request = v2_body(row, headers)
-                v2 = v2_request is not None
-                if explain_it and not self.explains:
-                    out[idx] = self._moved(context, idx)
-                    continue
-                if v2 and explain_it:
-                    raise BadInput("the Open Inference Protocol has no explain verb here; POST the image to "
-                                   f"/explanations/{self.core.name}", kind="bad_body")  # fmt: skip
-                if v2_request is not None:
-                    req = parse_v2(v2_request, self.core.limits)
-                else:
-                    req = parse_request(row, headers, self.core.limits, explain_it)
+                req, v2 = self._parse(row, context.get_all_request_header(idx), explain_it)
                 if req.error is not None:
                     raise req.error
                 metrics.add("ImagesPerRequest", len(req.images), "count", histogram=True,
@@ -142,6 +133,22 @@ class ImageClassifierHandler(BaseHandler):
                 out[idx] = self._answer_failure(context, idx, self.core.failure(e, metrics), v2=False)
         context.metrics.add_time("HandlerTime", round((time.time() - start) * 1000, 2), None, "ms")
         return out
+
+    def _parse(self, row: dict[str, Any], headers: dict[str, Any], explain_it: bool) -> tuple[Request, bool]:
+        """One request of the batch, and whether to answer it in the Open Inference Protocol's shape; what cannot be
+        used is in the request's `error`."""
+        try:
+            v2_request = v2_body(row, headers)
+        except BadInput as e:  # a body that looks like JSON and cannot be read
+            return Request(error=e), False
+        if v2_request is None:
+            return parse_request(row, headers, self.core.limits, explain_it), False
+        if explain_it:
+            where = f"/explanations/{self.core.name}"
+            return Request(
+                error=BadInput(f"the Open Inference Protocol has no explain verb here; POST the image to {where}")
+            ), True
+        return parse_v2(v2_request, self.core.limits), True
 
     def _moved(self, context: Any, idx: int) -> dict[str, Any]:
         """308 to the explanations' own registration: a client that follows redirects gets there, any other reads

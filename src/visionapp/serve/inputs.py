@@ -24,11 +24,10 @@ from typing import Any, ClassVar
 from PIL import Image
 
 from visionapp.imagefiles import FORMATS_TEXT, IMAGE_FORMATS
-from visionapp.transforms import load_image
+from visionapp.transforms import MAX_DECODED_PIXELS, load_image
 
 OPTION_KEYS = {"topk", "target", "method"}
-MAX_PIXELS = 40_000_000  # an image decoding to more is refused (decompression bombs): ~6300 x 6300 (a JPEG counts
-# at the reduced scale it is decoded at)
+MAX_PIXELS = MAX_DECODED_PIXELS  # an image decoding to more is refused: the limit predict-folder applies too
 
 
 @dataclass(frozen=True)

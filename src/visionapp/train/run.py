@@ -145,11 +145,16 @@ def write_run(
     run_report.build(run_dir)  # report.html: the run at a glance (make explain adds its quality table)
     point_latest(run_dir)
     log.info("run written to %s (runs/latest points here)", run_dir)
-    print(
+    print(summary(run_dir, metrics, calibrated, ood_entry))
+
+
+def summary(run_dir: Path, metrics: dict[str, Any], calibrated: dict[str, float], ood_entry: dict[str, Any]) -> str:
+    """The lines `fit` ends with: where the run is, its accuracy, calibration and out-of-distribution figures."""
+    return (
         f"\nRun: {run_dir}  test_acc={metrics['test_acc']:.4f}  wall_seconds={metrics['wall_seconds']}  "
         f"ECE {calibrated['ece_before']:.3f} → {calibrated['ece_after']:.3f} (temperature {calibrated['temperature']})"
         + "".join(
-            f"\n  out of distribution ({record.method}): AUROC {name} {ood_entry[f'auroc_{name}']:.3f}, "
+            f"\n  out of distribution ({ood_entry['method']}): AUROC {name} {ood_entry[f'auroc_{name}']:.3f}, "
             f"{ood_entry['flagged'][name]:.0%} of {name} flagged"
             for name in ood_entry["sets"]
         )

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import BackboneFinetuning
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -79,6 +81,21 @@ class WarmupCosine(LRScheduler):
     def state_dict(self) -> dict[str, Any]:
         return {k: v for k, v in super().state_dict().items() if k != "_hook"}  # a hook handle is not state
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A resumed run continues where its schedule was. Resumed with another length (`--trainer.max_epochs`
+        changed), the cosine is stretched to the new last step and the log says so: the checkpoint's own length
+        would leave every step past its end at LR 0, a run that trains nothing."""
+        total = self.total_steps
+        super().load_state_dict(state_dict)
+        if self.total_steps != total:
+            rank_zero_warn(
+                f"resumed with {total} optimizer steps in all where the checkpoint's run planned "
+                f"{self.total_steps}: the learning-rate schedule is stretched to end at step {total} (a fresh "
+                "fine-tune from the checkpoint's weights is the other way: --model.weights or a new run)"
+            )
+            self.total_steps = total
+            self.apply()  # the groups' LRs for the step it resumes at, before that step logs them
+
 
 class ThawBackbone(BackboneFinetuning):
     """Lightning's BackboneFinetuning, with the thawed backbone's LR left to the schedule.
@@ -90,9 +107,33 @@ class ThawBackbone(BackboneFinetuning):
     schedule overrides at once: this callback leaves that out, so the LR logged is the LR used.
     """
 
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        """On a resume past the thaw, the backbone trains again as it did before the interruption. Lightning's
+        BaseFinetuning freezes it in `setup` whatever the epoch and restores only the optimizer's groups, and
+        BackboneFinetuning thaws it only *at* its epoch, so a resumed run would train its head alone from then on
+        (Lightning issue #21901)."""
+        restarting = self._restarting
+        super().on_fit_start(trainer, pl_module)
+        if restarting and any(self._thawed(pl_module, opt) for opt in trainer.optimizers):
+            self.make_trainable(pl_module.backbone)  # requires_grad and BatchNorm's train mode, as at the thaw
+
+    def freeze_before_training(self, pl_module: Any) -> None:
+        # with the config's train_bn: Lightning's BackboneFinetuning leaves it out here, and BatchNorm trains from
+        # the first step whatever train_bn says
+        self.freeze(pl_module.backbone, train_bn=self.train_bn)
+
+    def _thawed(self, pl_module: Any, optimizer: Optimizer) -> bool:
+        """Whether the parameters the thaw adds (the backbone's; its BatchNorm's too with train_bn) are in the
+        optimizer's groups already (restored from a checkpoint taken after the thaw); before the thaw they are in
+        none."""
+        ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        added = [p for m in self.flatten_modules(pl_module.backbone)
+                 if self.train_bn or not isinstance(m, _BatchNorm) for p in m.parameters(recurse=False)]  # fmt: skip
+        return bool(added) and all(id(p) in ids for p in added)
+
     def finetune_function(self, pl_module: Any, epoch: int, optimizer: Optimizer) -> None:
-        if epoch != self.unfreeze_backbone_at_epoch:
-            return
+        if epoch != self.unfreeze_backbone_at_epoch or self._thawed(pl_module, optimizer):
+            return  # not the thaw's epoch, or resumed within it, after it (the group is back already)
         super().finetune_function(pl_module, epoch, optimizer)
         for config in pl_module.trainer.lr_scheduler_configs:
             if isinstance(config.scheduler, WarmupCosine):
