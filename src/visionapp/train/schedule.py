@@ -110,8 +110,7 @@ class ThawBackbone(BackboneFinetuning):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """On a resume past the thaw, the backbone trains again as it did before the interruption. Lightning's
         BaseFinetuning freezes it in `setup` whatever the epoch and restores only the optimizer's groups, and
-        BackboneFinetuning thaws it only *at* its epoch, so a resumed run would train its head alone from then on
-        (Lightning issue #21901)."""
+        BackboneFinetuning thaws it only *at* its epoch, so a resumed run would train its head alone from then on."""
         restarting = self._restarting
         super().on_fit_start(trainer, pl_module)
         if restarting and any(self._thawed(pl_module, opt) for opt in trainer.optimizers):
