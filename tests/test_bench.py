@@ -158,3 +158,26 @@ def test_train_bench_input_scan(tmp_path: Path) -> None:
     scan = json.loads(out.read_text())["input_scan"]
     assert scan["decode_ms_per_image"] > 0 and scan["augment_ms_per_image"] > 0
     assert all(scan[f"workers_{n}"]["images_per_s"] > 0 for n in (1, 2))
+
+
+@pytest.mark.slow
+def test_the_bench_stages_a_knn_bundle_whole(trained_run: Path, tmp_path: Path) -> None:
+    """The serve bench's staged copy carries every file the OOD record names (knn's training features), so a knn
+    bundle (the default run's choice) loads and answers with its score there."""
+    import shutil
+
+    import torch
+
+    from visionapp.bundle import load_bundle
+    from visionapp.ood import FEATURES_FILE
+
+    bundle = tmp_path / "run" / "bundle"
+    shutil.copytree(trained_run / "bundle", bundle)
+    meta = json.loads((bundle / "model.json").read_text())
+    meta["ood"] = {"method": "knn", "threshold": 0.5, "accept": 0.95, "k": 3, "features": FEATURES_FILE}
+    (bundle / "model.json").write_text(json.dumps(meta))
+    torch.save(torch.nn.functional.normalize(torch.randn(20, 512), dim=1).half(), bundle / FEATURES_FILE)
+    staged = serve_bench.staged_bundle(bundle, tmp_path / "staged" / "bundle", image_size=224)
+    b = load_bundle(staged)
+    _, scores, flags = b.answer(torch.zeros(1, 3, 224, 224))
+    assert b.ood is not None and b.ood.method == "knn" and scores is not None and flags is not None

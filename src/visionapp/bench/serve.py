@@ -54,7 +54,7 @@ import yaml
 from visionapp.bench import run_part
 from visionapp.bundle import TEST_FILES, load_bundle
 from visionapp.client.api import call
-from visionapp.deploy.archive import build_archives
+from visionapp.deploy.archive import build_archives, ood_files
 from visionapp.deploy.export import export_bundle
 from visionapp.deploy.loadgen import percentile, run_load
 from visionapp.deploy.local import LocalServer
@@ -99,11 +99,15 @@ def stock_archive(bundle: Path, out: Path, name: str = "stock") -> Path:
 
 
 def staged_bundle(bundle: Path, staging: Path, **changes: Any) -> Path:
-    """An eager copy of `bundle` in `staging`: its weights linked, model.json with `changes` and without compiled
-    models (an export is tied to its input size; the contenders that compile export their own), the run's
-    test-file list beside it (what an export checks itself on)."""
+    """An eager copy of `bundle` in `staging`: its weights and out-of-distribution files linked, model.json with
+    `changes` and without compiled models (an export is tied to its input size; the contenders that compile export
+    their own), the run's test-file list beside it (what an export checks itself on)."""
     staging.mkdir(parents=True)
-    (staging / "model.pt").symlink_to((bundle / "model.pt").resolve())
+    for f in (
+        bundle / "model.pt",
+        *ood_files(bundle),
+    ):  # the weights, and knn's features where the OOD record names them
+        (staging / f.name).symlink_to(f.resolve())
     meta = {k: v for k, v in json.loads((bundle / "model.json").read_text()).items() if k != "compiled"}
     (staging / "model.json").write_text(json.dumps({**meta, **changes}, indent=2))
     if (bundle.parent / TEST_FILES).is_file():
