@@ -100,13 +100,14 @@ TS_ARGS = --ts-config $(abspath $(TS_CONFIG)) $(if $(TS_LOG_CONFIG),--log-config
 # the explanations' registration, where make archive made its archive (a store archived elsewhere may have none)
 EXPLAIN_REGISTRATION = $(if $(wildcard $(MODEL_STORE)/$(EXPLAIN_MODEL).mar),$(EXPLAIN_MODEL)=$(EXPLAIN_MODEL).mar)
 
-archive: $(STAMP) ## pack RUN's bundle into $(MODEL_STORE)/$(MODEL_NAME).mar and $(MODEL_NAME)-explain.mar (MODEL_CONFIG, EXPLAIN_CONFIG)
+archive: $(STAMP) ## pack RUN's bundle into $(MODEL_STORE)/$(MODEL_NAME).mar and $(MODEL_NAME)-explain.mar (MODEL_CONFIG, EXPLAIN_CONFIG); exports its forms first if it has none
+	$(PY) -m visionapp.deploy.export --bundle $(RUN)/bundle --if-missing $(EXPORT_ARGS)
 	$(PY) -m visionapp.deploy.archive --bundle $(RUN)/bundle --name $(MODEL_NAME) --out $(MODEL_STORE) \
 	  --model-config $(MODEL_CONFIG) --explain-config $(EXPLAIN_CONFIG)
 	@echo "$(ARCHIVE_INPUTS)" > $(ARCHIVE_STAMP)
 
 EXPORT_ARGS ?=
-export: $(STAMP) ## compile RUN's model ahead of time into its bundle (torch.export + AOTInductor); make archive packs it
+export: $(STAMP) ## RUN's model in its faster forms, each checked (AOTInductor, ONNX, int8 ONNX), into its bundle; the servers run the fastest
 	$(PY) -m visionapp.deploy.export --bundle $(RUN)/bundle $(EXPORT_ARGS)
 
 java-check:
@@ -118,7 +119,7 @@ java-check:
 # stamp beside it) or a missing one is managed so; a store archived elsewhere (the bench's, a test's) is served
 # as it is.
 SERVING_CODE := $(wildcard src/visionapp/*.py src/visionapp/serve/*.py src/visionapp/attribution/*.py)
-RUN_BUNDLE = $(wildcard $(RUN)/bundle/model.pt $(RUN)/bundle/model.json $(RUN)/bundle/model.*.pt2)
+RUN_BUNDLE = $(wildcard $(RUN)/bundle/model.pt $(RUN)/bundle/model.json $(RUN)/bundle/model.*.pt2 $(RUN)/bundle/model*.onnx)
 ARCHIVE_INPUTS = $(realpath $(RUN)) $(abspath $(MODEL_CONFIG)) $(abspath $(EXPLAIN_CONFIG))
 ARCHIVE_STAMP = $(MODEL_STORE)/.$(MODEL_NAME).inputs
 MANAGED = $(or $(wildcard $(ARCHIVE_STAMP)),$(if $(wildcard $(MODEL_STORE)/$(MODEL_NAME).mar),,missing))
@@ -325,13 +326,13 @@ k8s: need-image server-check $(STAMP) $(if $(filter torchserve,$(SERVER)),$(MODE
 
 # ---- benchmarks (not part of make test: these machines are noisy, ratios come from one run) ----------------
 BENCH_ARGS ?=
-bench: $(STAMP) java-check $(MODEL_STORE)/$(MODEL_NAME).mar ## every stage vs its peer and ceiling → bench/results.json, docs/bench-results.md (BENCH_ARGS="--rounds 5")
-	$(PY) -m visionapp.bench --run $(RUN) --mar $(MODEL_STORE)/$(MODEL_NAME).mar --report docs/bench-results.md $(BENCH_ARGS)
+bench: $(STAMP) java-check ## every stage vs its peer and ceiling → bench/results.json, docs/bench-results.md (BENCH_ARGS="--rounds 5")
+	$(PY) -m visionapp.bench --run $(RUN) --report docs/bench-results.md $(BENCH_ARGS)
 
 bench-train: $(STAMP) ## training alone (ARGS="--device cuda --image-size 224 --batch-size 128 --num-workers 12")
 	$(PY) -m visionapp.bench.train $(ARGS)
 
-bench-serve: $(STAMP) java-check $(MODEL_STORE)/$(MODEL_NAME).mar ## serving alone: in process vs ours vs stock TorchServe
-	$(PY) -m visionapp.bench.serve --mar $(MODEL_STORE)/$(MODEL_NAME).mar --bundle $(RUN)/bundle --image $$(ls data/shapes/test/star/*.png | head -1) $(ARGS)
+bench-serve: $(STAMP) java-check ## serving alone at 224 px: in process vs ours vs KServe vs stock TorchServe
+	$(PY) -m visionapp.bench.serve --bundle $(RUN)/bundle --image-size 224 --image $$(ls data/shapes/test/star/*.png | head -1) $(ARGS)
 
 .PHONY: bench bench-train bench-serve

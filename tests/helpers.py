@@ -73,6 +73,17 @@ def real_server(
     assert not alive and not s.processes(), f"left behind: {alive or s.processes()}"
 
 
+def post_with_headers(server: LocalServer, body: bytes, content_type: str = "image/png") -> tuple[int, dict, object]:
+    """A prediction request: the status, the answer's headers (names in lower case) and its decoded JSON."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    headers = {"Content-Type": content_type, **({"Authorization": f"Bearer {server.key}"} if server.key else {})}
+    conn.request("POST", "/predictions/classifier", body=body, headers=headers)
+    r = conn.getresponse()
+    answer = json.loads(r.read())
+    conn.close()
+    return r.status, {k.lower(): v for k, v in r.getheaders()}, answer
+
+
 def sample_image(run: Path, cls: str = "star") -> bytes:
     """The first test image of class `cls` of a shapes run (64 x 64 px in the tiny set-up), as file bytes."""
     root = Path(json.loads((run / "metrics.json").read_text())["data_root"]) / "test" / cls

@@ -1,166 +1,231 @@
-"""The compiled model: make export's AOTInductor package, checked against the eager model, loaded in process
-(`load_bundle(..., compiled=...)`) and served by TorchServe; the eager model wherever the package does not fit."""
+"""The model's forms (make export): AOTInductor, ONNX and int8 ONNX, each checked against the eager model,
+recorded with its figures, loaded in process (`load_bundle(..., runtime=...)`) and served by both servers; the
+eager model wherever a form does not fit."""
 
 from __future__ import annotations
 
-import base64
 import json
 import shutil
 import subprocess
 from collections.abc import Iterator
-from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import EXPLAIN_CONFIG, MODEL_CONFIG, ROOT
+from helpers import MODEL_CONFIG, ROOT, post_with_headers, real_server
 
 from visionapp.bundle import TEST_FILES, file_sha256, load_bundle
-from visionapp.deploy.archive import build_archive, build_archives
+from visionapp.deploy.archive import build_archive
 from visionapp.deploy.export import export_bundle
 from visionapp.deploy.local import LocalServer
-from visionapp.transforms import load_image
 
 pytestmark = pytest.mark.slow
 
 
 def copy_run(run: Path, to: Path) -> Path:
-    """A run directory holding a copy of `run`'s bundle and its test split's file list."""
+    """A run directory holding a copy of `run`'s bundle, its test split's file list and its metrics (which name its
+    data: the validation images int8 is calibrated on, the OOD sets)."""
     to.mkdir(parents=True)
     shutil.copytree(run / "bundle", to / "bundle")
-    shutil.copy2(run / TEST_FILES, to / TEST_FILES)
+    for name in (TEST_FILES, "metrics.json"):
+        shutil.copy2(run / name, to / name)
     return to
+
+
+# The tiny run (64 px, a few epochs) is far from the default run's accuracy, so int8's answers move more than on a
+# trained model: its check runs with wider limits here (a user's flags), so that the int8 form is served and tested
+# on every CPU. The default limits are tested against the figures they are computed from, whichever way they fall.
+LOOSE_INT8 = "--int8-agreement 0.8 --int8-accuracy-points 10 --int8-auroc 0.2"
 
 
 @pytest.fixture(scope="module")
 def exported(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the trained run, exported by `make export` as a user runs it."""
     run = copy_run(trained_run, tmp_path_factory.mktemp("exported") / "run")
-    r = subprocess.run(["make", "-s", "export", f"RUN={run}"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(["make", "-s", "export", f"RUN={run}", f"EXPORT_ARGS={LOOSE_INT8}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=900)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "checked on" in r.stdout
+    assert "default form on cpu:" in r.stdout
     return run
 
 
-def test_export_records_a_package_equal_to_the_eager_model(exported: Path) -> None:
-    meta = json.loads((exported / "bundle" / "model.json").read_text())
-    record = meta["compiled"]["cpu"]
-    assert (exported / "bundle" / record["file"]).is_file() and record["device"] == "cpu"
-    assert record["torch"] == torch.__version__ and record["batch"] == [1, 8] and record["options"]["freezing"]
-    assert record["channels_last"]  # NHWC inputs: converted by Bundle.forward
-    assert record["max_abs_diff"] <= 1e-4 and record["checked_images"] == 8
-    assert record["seconds"]["compile"] > 0 and record["cpu_isa"]
-    assert record["sha256"] == file_sha256(exported / "bundle" / record["file"])
+def forms_of(run: Path) -> dict:
+    return json.loads((run / "bundle" / "model.json").read_text())["forms"]["cpu"]
 
-    eager, compiled = load_bundle(exported / "bundle"), load_bundle(exported / "bundle", compiled=True)
-    assert compiled.compiled is not None and compiled.compiled_note.startswith("compiled")
+
+def test_export_records_each_form_with_its_check(exported: Path) -> None:
+    records = forms_of(exported)
+    assert set(records) == {"aoti", "onnx", "onnx-int8"}
+    for name, record in records.items():
+        assert record["passed"], (name, record.get("reason"))
+        assert record["outputs"] == ["logits", "features"] and record["images_per_s"] > 0 and record["vs_eager"] > 0
+        assert record["sha256"] == file_sha256(exported / "bundle" / record["file"])
+    for name in ("aoti", "onnx"):
+        assert records[name]["max_abs_diff"] <= 1e-4 and records[name]["checked_images"] == 8
+    aoti = records["aoti"]
+    assert aoti["torch"] == torch.__version__ and aoti["batch"] == [1, 8] and aoti["options"]["freezing"]
+    assert aoti["channels_last"] and aoti["cpu_isa"]
+    int8 = records["onnx-int8"]
+    assert int8["checked_images"] == len((exported / TEST_FILES).read_text().split())  # the whole test split
+    assert set(int8["auroc"]) == set(int8["eager_auroc"]) == {"near", "far"}  # the run's OOD sets
+    assert int8["limits"]["agreement"] == 0.8 and "ood_threshold" in int8
+    default = load_bundle(exported / "bundle", runtime="auto")
+    assert default.form == max(records, key=lambda n: records[n]["images_per_s"])  # the fastest that passed
+    assert default.form_note.startswith(default.form) and "fastest" in default.form_note
+
+
+def test_the_default_int8_check_follows_its_figures(exported: Path) -> None:
+    """int8's check with the default limits, again on the same run's images: it passes exactly where its figures
+    are within them (a tiny run falls either way), and its figures are those make export recorded."""
+    from visionapp.deploy.export import INT8_CHECKS, check_int8, run_images
+    from visionapp.forms import WithFeatures
+
+    b = load_bundle(exported / "bundle")
+    images = run_images(b, exported / "bundle", 8, 300, int8=True)
+    runner = load_bundle(exported / "bundle", runtime="onnx-int8").runner
+    assert runner is not None and images.limits == INT8_CHECKS
+    record = check_int8(b, WithFeatures(b.model).eval(), runner, images)
+    assert record["agreement"] == pytest.approx(forms_of(exported)["onnx-int8"]["agreement"])
+    aurocs = all(abs(v - record["eager_auroc"][k]) <= INT8_CHECKS["auroc"] for k, v in record["auroc"].items())
+    accuracy = abs(record["accuracy"] - record["eager_accuracy"]) * 100 <= INT8_CHECKS["accuracy_points"]
+    within = record["agreement"] >= INT8_CHECKS["agreement"] and aurocs and accuracy
+    assert record["passed"] == within and (within or record["reason"])
+
+
+def test_every_form_answers_as_the_eager_model(exported: Path) -> None:
+    """fp32 forms: logits and features within 1e-4 of eager for batches inside and past the exported range; int8:
+    the same class for nearly every image, and a knn bundle's OOD flag from the form's own features."""
+    eager = load_bundle(exported / "bundle")
     files = (exported / TEST_FILES).read_text().split()
-    x = torch.stack([eager.transform(load_image(f)) for f in files[:20]])
+    x = torch.stack([eager.transform.load(f) for f in files[:20]])
     with torch.inference_mode():
-        for n in (1, 3, 8, 20):  # 20: past the exported batch range, run in chunks of 8
-            assert torch.allclose(compiled.probabilities(x[:n]), eager.probabilities(x[:n]), atol=1e-4)
-            assert torch.allclose(compiled.forward(x[:n]), eager.model(x[:n]), atol=1e-4)
+        expected = eager.run(x)
+        for name in ("aoti", "onnx"):
+            form = load_bundle(exported / "bundle", runtime=name)
+            assert form.form == name
+            for n in (1, 3, 8, 20):  # 20: past the AOTInductor package's batch range, run in chunks of 8
+                logits, features = form.run(x[:n])
+                assert torch.allclose(logits, expected[0][:n], atol=1e-4)
+                assert torch.allclose(features, expected[1][:n], atol=1e-4)
+            assert torch.allclose(form.answer(x)[0], eager.answer(x)[0], atol=1e-4)
+        int8 = load_bundle(exported / "bundle", runtime="onnx-int8")
+        probs, scores, flags = int8.answer(x)
+        assert (probs.argmax(1) == expected[0].argmax(1)).float().mean() >= 0.8
+        record = forms_of(exported)["onnx-int8"]
+        assert int8.ood is not None and int8.ood.threshold == pytest.approx(record["ood_threshold"])
+        assert flags is not None and scores is not None and torch.equal(flags, scores > record["ood_threshold"])
 
 
-def test_a_package_that_does_not_fit_falls_back_to_eager_or_is_refused(exported: Path, tmp_path: Path) -> None:
+def test_a_form_that_does_not_fit_falls_back_or_is_refused(exported: Path, tmp_path: Path) -> None:
     run = copy_run(exported, tmp_path / "run")
     meta_path = run / "bundle" / "model.json"
     meta = json.loads(meta_path.read_text())
     for field, value, reason in (("torch", "2.0.0", "compiled with torch 2.0.0"),
                                  ("cpu_isa", "neon", "compiled for neon instructions")):  # fmt: skip
         changed = json.loads(json.dumps(meta))
-        changed["compiled"]["cpu"][field] = value
+        changed["forms"]["cpu"]["aoti"][field] = value
+        changed["forms"]["cpu"]["aoti"]["images_per_s"] = 1e9  # the fastest: auto tries it first
         meta_path.write_text(json.dumps(changed))
-        b = load_bundle(run / "bundle", compiled="auto")
-        assert b.compiled is None and reason in b.compiled_note
+        b = load_bundle(run / "bundle", runtime="auto")
+        assert b.form != "aoti" and reason in b.form_note
         with pytest.raises(ValueError, match=reason):
-            load_bundle(run / "bundle", compiled=True)
+            load_bundle(run / "bundle", runtime="aoti")
     meta_path.write_text(json.dumps(meta))
-    package = run / "bundle" / "model.cpu.pt2"
-    package.write_bytes(package.read_bytes() + b"\0")  # native code changed since make export checked it
-    for compiled in ("auto", True):  # refused before it is loaded: eager with the reason, or the reason raised
-        with pytest.raises(ValueError, match="SHA-256 differs") if compiled is True else nullcontext():
-            b = load_bundle(run / "bundle", compiled=compiled)
-            assert b.compiled is None and "SHA-256 differs" in b.compiled_note
+    onnx = run / "bundle" / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes() + b"\0")  # changed since make export checked it
+    with pytest.raises(ValueError, match="SHA-256 differs"):
+        load_bundle(run / "bundle", runtime="onnx")
     unrecorded = json.loads(json.dumps(meta))
-    del unrecorded["compiled"]["cpu"]["sha256"]
+    del unrecorded["forms"]["cpu"]["onnx"]["sha256"]
     meta_path.write_text(json.dumps(unrecorded))
-    assert "records no SHA-256" in load_bundle(run / "bundle", compiled="auto").compiled_note
-    package.write_bytes(b"not a package")  # fits on paper and its hash is the recorded one: cannot be loaded
-    meta["compiled"]["cpu"]["sha256"] = file_sha256(package)
+    with pytest.raises(ValueError, match="records no SHA-256"):
+        load_bundle(run / "bundle", runtime="onnx")
+    onnx.write_bytes(b"not a model")  # its hash is the recorded one, and it cannot be loaded
+    for record in meta["forms"]["cpu"].values():
+        record["passed"] = record["file"] == "model.onnx"
+    meta["forms"]["cpu"]["onnx"]["sha256"] = file_sha256(onnx)
     meta_path.write_text(json.dumps(meta))
-    assert "loading model.cpu.pt2 failed" in load_bundle(run / "bundle", compiled="auto").compiled_note
-    (run / "bundle" / "model.cpu.pt2").unlink()
-    assert "missing" in load_bundle(run / "bundle", compiled="auto").compiled_note
+    b = load_bundle(run / "bundle", runtime="auto")  # the only form that passed cannot load: eager, saying why
+    assert b.form == "eager" and "loading model.onnx failed" in b.form_note
+    with pytest.raises(ValueError, match="failed its check"):
+        load_bundle(run / "bundle", runtime="aoti")
+    onnx.unlink()
+    assert "missing" in load_bundle(run / "bundle", runtime="auto").form_note
 
 
-def test_an_export_that_differs_from_the_eager_model_is_refused(
+def test_an_export_that_differs_from_the_eager_model_is_left_out(
     exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The check after compiling: the bundle's weights changed, while the "compiled" package is the one made from
-    the old weights (compiling is replaced by copying it); the export is refused, naming the difference, and
-    leaves no package and no record behind."""
+    the old weights (compiling is replaced by copying it); the form is recorded as failed, naming the difference,
+    and no package is left behind."""
     run = copy_run(exported, tmp_path / "run")
     (run / "bundle" / "model.cpu.pt2").unlink()
     meta_path = run / "bundle" / "model.json"
-    meta_path.write_text(json.dumps({k: v for k, v in json.loads(meta_path.read_text()).items() if k != "compiled"}))
+    meta_path.write_text(json.dumps({k: v for k, v in json.loads(meta_path.read_text()).items() if k != "forms"}))
     state = torch.load(run / "bundle" / "model.pt", weights_only=True)
     state["fc.bias"] += 1.0
     torch.save(state, run / "bundle" / "model.pt")
     old = exported / "bundle" / "model.cpu.pt2"
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package",
                         lambda program, package_path, **kw: shutil.copy2(old, package_path))  # fmt: skip
-    with pytest.raises(ValueError, match=r"differ from the eager model's by 1"):
-        export_bundle(run / "bundle")
-    assert not (run / "bundle" / "model.cpu.pt2").exists() and "compiled" not in json.loads(meta_path.read_text())
+    records = export_bundle(run / "bundle", forms=("aoti",))
+    assert not records["aoti"]["passed"] and "differ from the eager model's by 1" in records["aoti"]["reason"]
+    assert not (run / "bundle" / "model.cpu.pt2").exists() and not forms_of(run)["aoti"]["passed"]
     assert not [f for f in (run / "bundle").iterdir() if ".tmp-" in f.name]  # no candidate left behind
+    assert load_bundle(run / "bundle", runtime="auto").form == "eager"
 
 
-def test_a_refused_re_export_keeps_the_package_and_record_that_were_there(
+def test_a_refused_re_export_keeps_the_form_and_record_that_were_there(
     exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Exporting again over a checked package: the new one fails its check, the old package and its record in
+    """Exporting again over a checked package: the new one cannot even load, the old package and its record in
     model.json stay as they were, so make archive still packs a consistent bundle."""
     run = copy_run(exported, tmp_path / "run")
-    package, meta_path = run / "bundle" / "model.cpu.pt2", run / "bundle" / "model.json"
-    before = package.read_bytes(), meta_path.read_text()
+    package = run / "bundle" / "model.cpu.pt2"
+    before = package.read_bytes(), forms_of(run)["aoti"]["sha256"]
 
     def broken(program: object, package_path: str, **kw: object) -> None:
         Path(package_path).write_bytes(b"a broken package")
 
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", broken)
     with pytest.raises(Exception):  # noqa: B017  # whatever loading a broken package raises
-        export_bundle(run / "bundle")
-    assert (package.read_bytes(), meta_path.read_text()) == before
+        export_bundle(run / "bundle", forms=("aoti",))
+    assert (package.read_bytes(), forms_of(run)["aoti"]["sha256"]) == before
     assert not [f for f in (run / "bundle").iterdir() if ".tmp-" in f.name]
     build_archive(run / "bundle", name="classifier", out=tmp_path / "store", model_config=MODEL_CONFIG)
 
 
-@pytest.fixture(scope="module")
-def compiled_server(exported: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
-    store = tmp_path_factory.mktemp("compiled_store")
-    build_archives(exported / "bundle", name="classifier", out=store, model_config=MODEL_CONFIG,
-                   explain_config=EXPLAIN_CONFIG)  # fmt: skip
-    with LocalServer(store, tmp_path_factory.mktemp("serve"), checkout=ROOT) as server:
-        yield server
+@pytest.fixture(scope="module", params=["torchserve", "kserve"])
+def int8_server(
+    request: pytest.FixtureRequest, exported: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalServer]:
+    """The exported run served by each server with the int8 form pinned in the model config."""
+    config = (ROOT / "serve" / "model-config.yaml").read_text().replace("runtime: auto", "runtime: onnx-int8")
+    assert "runtime: onnx-int8" in config
+    with real_server(
+        request.param, exported, tmp_path_factory.mktemp(f"int8-{request.param}"), model_config=config
+    ) as s:
+        yield s
 
 
-def test_served_compiled_probabilities_equal_in_process(compiled_server: LocalServer, exported: Path) -> None:
-    """The parity test on the compiled path: the worker says it runs the package; its answers equal the eager
-    model in process within 1e-4, for one image and for a batch past the exported batch range."""
-    assert "predictions: compiled: model.cpu.pt2" in (compiled_server.dir / "torchserve.out").read_text()
-    bundle = load_bundle(exported / "bundle")
+def test_both_servers_answer_with_the_int8_form_as_in_process(int8_server: LocalServer, exported: Path) -> None:
+    """The worker says it runs the int8 form; its answers equal the same form in process within 1e-4 (the OOD flag
+    and score with them), for a batch past the exported batch range; explanations still come from eager."""
+    log = "torchserve.out" if int8_server.server == "torchserve" else "kserve.out"
+    assert "predictions: onnx-int8: model.int8.onnx" in (int8_server.dir / log).read_text()
+    bundle = load_bundle(exported / "bundle", runtime="onnx-int8")
     files = (exported / TEST_FILES).read_text().split()[:12]
-    status, answers = compiled_server.post(
-        json.dumps({"images": [base64.b64encode(Path(f).read_bytes()).decode() for f in files], "topk": "5"}).encode(),
-        content_type="application/json",
-    )
-    assert status == 200 and len(answers) == len(files)  # type: ignore[arg-type]
     with torch.no_grad():
-        probs = bundle.probabilities(torch.stack([bundle.transform(load_image(f)) for f in files]))
-    for answer, p in zip(answers, probs, strict=True):  # type: ignore[call-overload]
+        probs, scores, flags = bundle.answer(torch.stack([bundle.transform.load(f) for f in files]))
+    assert scores is not None and flags is not None
+    for f, p, score, flag in zip(files, probs, scores, flags, strict=True):
+        status, headers, answer = post_with_headers(int8_server, Path(f).read_bytes())
+        assert status == 200
         expected = dict(zip(bundle.class_names, p.tolist(), strict=True))
-        for name, value in answer.items():
+        for name, value in answer.items():  # type: ignore[union-attr]
             assert value == pytest.approx(expected[name], abs=1e-4)
-    status, answer = compiled_server.post(Path(files[0]).read_bytes(), endpoint="explanations")
+        assert headers["x-ood"] == ("true" if flag else "false")
+        assert float(headers["x-ood-score"]) == pytest.approx(float(score), abs=1e-4)
+    status, answer = int8_server.post(Path(files[0]).read_bytes(), endpoint="explanations")
     assert status == 200 and "heatmap_png_base64" in answer  # type: ignore[operator]  # the eager model explains

@@ -206,10 +206,11 @@ def test_model_json_file_names_stay_inside_the_bundle(trained_run: Path, tmp_pat
     outside.write_bytes(b"native code from elsewhere")
     meta = json.loads((bundle / "model.json").read_text())
     for name in ("../model.cpu.pt2", str(outside)):
-        record = {"file": name, "device": "cpu", "torch": torch.__version__, "cpu_isa": "", "batch": [1, 8]}
-        (bundle / "model.json").write_text(json.dumps({**meta, "compiled": {"cpu": record}}))
-        b = load_bundle(bundle, compiled="auto")
-        assert b.compiled is None and "expected a file name inside the bundle" in b.compiled_note
+        record = {"file": name, "device": "cpu", "torch": torch.__version__, "cpu_isa": "", "batch": [1, 8],
+                  "passed": True, "sha256": "0"}  # fmt: skip
+        (bundle / "model.json").write_text(json.dumps({**meta, "forms": {"cpu": {"aoti": record}}}))
+        b = load_bundle(bundle, runtime="auto")
+        assert b.form == "eager" and "expected a file name inside the bundle" in b.form_note
         with pytest.raises(ValueError, match="expected a file name inside the bundle"):
             build_archive(bundle, out=tmp_path / "store", model_config=ROOT / "serve" / "model-config.yaml")
 

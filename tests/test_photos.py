@@ -59,11 +59,13 @@ def test_photos_train_explain_archive_and_serve(photos_root: Path, tmp_path: Pat
     assert len(list(heatmaps.glob("*.png"))) == len(list((photos_root / "val").rglob("*.jpg")))
 
     proc = subprocess.run(
-        ["make", "-s", "archive", f"RUN={run}", f"MODEL_STORE={store}"],
+        ["make", "-s", "archive", f"RUN={run}", f"MODEL_STORE={store}", "EXPORT_ARGS=--forms onnx onnx-int8"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    bundle = load_bundle(run / "bundle")
+    int8 = json.loads((run / "bundle" / "model.json").read_text())["forms"]["cpu"]["onnx-int8"]
+    assert int8["checked_images"] == len(test_files) and int8["passed"] == ("reason" not in int8)  # either way
+    bundle = load_bundle(run / "bundle", runtime="auto")  # make archive exported first: the server runs this form
     with LocalServer(store, tmp_path / "serve", "classifier", f"RUN={run}") as server:
         for photo in (cmyk, sideways, photos_root / "val" / "circle" / "IMG_0001.jpg"):  # CMYK, EXIF, grayscale
             status, answer = server.post(photo.read_bytes())

@@ -9,6 +9,7 @@ import http.client
 import io
 import json
 import os
+import shutil
 import signal
 import site
 import subprocess
@@ -27,7 +28,7 @@ import psutil
 import pytest
 import torch
 import yaml
-from helpers import EXPLAIN_CONFIG, MODEL_CONFIG, ROOT, real_server, scrape
+from helpers import EXPLAIN_CONFIG, MODEL_CONFIG, ROOT, post_with_headers, real_server, scrape
 from PIL import Image
 
 from visionapp.bundle import load_bundle
@@ -140,16 +141,6 @@ def test_served_probabilities_equal_in_process(server: Server, sample: dict[str,
             assert p == pytest.approx(expected[name], abs=1e-4)
 
 
-def _post_with_headers(server: Server, body: bytes, content_type: str = "image/png") -> tuple[int, dict, object]:
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    headers = {"Content-Type": content_type, **({"Authorization": f"Bearer {server.key}"} if server.key else {})}
-    conn.request("POST", "/predictions/classifier", body=body, headers=headers)
-    r = conn.getresponse()
-    answer = json.loads(r.read())
-    conn.close()
-    return r.status, {k.lower(): v for k, v in r.getheaders()}, answer
-
-
 def test_served_ood_flag_equals_in_process(server: Server, sample: dict[str, bytes], trained_run: Path) -> None:
     """Each answer's out-of-distribution score and flag (response headers; v2 outputs) are the bundle's own."""
     bundle = load_bundle(trained_run / "bundle")
@@ -161,14 +152,14 @@ def test_served_ood_flag_equals_in_process(server: Server, sample: dict[str, byt
         _, scores, flags = bundle.answer(torch.stack([bundle.transform(load_image(raw)) for raw in images]))
     assert scores is not None and flags is not None
     for raw, score, flag in zip(images, scores.tolist(), flags.tolist(), strict=True):
-        status, headers, answer = _post_with_headers(server, raw)
+        status, headers, answer = post_with_headers(server, raw)
         assert status == 200 and isinstance(answer, dict) and len(answer) == 5  # the top-k body keeps its shape
         assert headers["x-ood"] == ("true" if flag else "false")
         assert float(headers["x-ood-score"]) == pytest.approx(score, abs=1e-3)
         assert float(headers["x-ood-threshold"]) == pytest.approx(bundle.ood.threshold, rel=1e-4)
         assert headers["x-ood-method"] == bundle.ood.method
     body = json.dumps({"images": [base64.b64encode(raw).decode() for raw in images]}).encode()
-    status, headers, answer = _post_with_headers(server, body, "application/json")
+    status, headers, answer = post_with_headers(server, body, "application/json")
     assert status == 200 and headers["x-ood"] == ", ".join("true" if f else "false" for f in flags.tolist())
     status, v2 = v2_post(server, v2_request(images))
     outputs = {o["name"]: o for o in v2["outputs"]}
@@ -738,7 +729,8 @@ def test_archive_names_a_bad_model_config(trained_run: Path, tmp_path: Path, tex
 
 def test_make_archive_works_from_a_non_editable_install(trained_run: Path, tmp_path: Path) -> None:
     """`pip install .` (no checkout on the path) then `make archive`: the handler and the serving code come from
-    the installed package, the model config from the path the Makefile gives."""
+    the installed package, the model config from the path the Makefile gives; a run without forms is exported
+    first (here its ONNX form only), and the form travels in the .mar."""
     site_dir = tmp_path / "site"
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site_dir), str(ROOT)]
     assert subprocess.run(pip, capture_output=True, text=True, timeout=600).returncode == 0
@@ -747,12 +739,15 @@ def test_make_archive_works_from_a_non_editable_install(trained_run: Path, tmp_p
     where = subprocess.run([sys.executable, "-c", "import visionapp; print(visionapp.__file__)"],
                            env=env, cwd=tmp_path, capture_output=True, text=True, check=True)  # fmt: skip
     assert where.stdout.startswith(str(site_dir))
-    make = ["make", "-s", "archive", f"RUN={trained_run}", f"MODEL_STORE={tmp_path / 'store'}"]
+    run = tmp_path / "run"  # a copy: the export writes into the bundle
+    shutil.copytree(trained_run / "bundle", run / "bundle")
+    make = ["make", "-s", "archive", f"RUN={run}", f"MODEL_STORE={tmp_path / 'store'}", "EXPORT_ARGS=--forms onnx"]
     proc = subprocess.run(make, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with zipfile.ZipFile(tmp_path / "store" / "classifier.mar") as z:
         names = set(z.namelist())
-    assert {"handler.py", "model.json", "visionapp/serve/handler.py", "visionapp/bundle.py"} <= names
+    assert {"handler.py", "model.json", "visionapp/serve/handler.py", "visionapp/bundle.py", "model.onnx"} <= names
+    assert "visionapp/forms.py" in names
     assert "visionapp/serve/INSTALLED" in names  # packed from the installed copy, not from the checkout
     assert not any(n.startswith("visionapp/train/") for n in names)  # the training stack stays out
 

@@ -2,7 +2,8 @@
 
     bundle/model.pt    the plain nn.Module's state_dict (torch.load(..., weights_only=True))
     bundle/model.json  arch, class names, input size, mean/std, pretrained origin, metrics, versions
-    bundle/model.<device>.pt2   optional: the model compiled ahead of time (make export), recorded in model.json
+    bundle/model.<device>.pt2, model.onnx, model.int8.onnx   optional, from make export: the model's faster forms
+                       (visionapp.forms), each recorded in model.json's `forms` with its checks and speed
 
 From the first two files alone, with torch and torchvision, `load_bundle` rebuilds the model and its exact
 eval preprocessing. explain/ and serve/ use nothing else from training.
@@ -16,7 +17,7 @@ import os
 import platform
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,8 @@ from torch import nn
 from torchvision.models import get_model
 
 from visionapp.errors import UserError
-from visionapp.imagefiles import find_images
+from visionapp.forms import FORMS, OnnxRunner, fastest
+from visionapp.imagefiles import find_images, is_image_file
 from visionapp.ood import FEATURES_FILE, OODRecord, knn_scores, logits_and_features
 from visionapp.ood import scores as ood_scores
 from visionapp.transforms import EvalPreset
@@ -58,6 +60,7 @@ def check_complete(bundle_dir: str | Path) -> None:
 
 
 def compiled_file(device: str) -> str:
+    """The AOTInductor form's file for `device`."""
     return f"model.{device}.pt2"
 
 
@@ -83,24 +86,29 @@ def cpu_isa() -> str:
     return str(cpu_vec_isa.pick_vec_isa())
 
 
+Runner = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # a normalised batch -> (logits, features)
+
+
 @dataclass
 class Bundle:
     model: nn.Module  # in eval mode: the eager model (Captum explains it)
     transform: EvalPreset
     meta: dict[str, Any]
-    compiled: Callable[[torch.Tensor], torch.Tensor] | None = None  # the AOTInductor package, when loaded
-    compiled_note: str = "eager: not asked for"  # which model forward() runs, and why
+    # the exported form that answers (visionapp.forms): a normalised batch in, (logits, features) out; None: eager
+    runner: Runner | None = None
+    form: str = "eager"  # which form runs
+    form_note: str = "eager: not asked for"  # which form runs, and why
     ood_bank: torch.Tensor | None = None  # knn's training features (normalised), when the OOD method is knn
 
+    def run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass of a normalised batch: raw logits and penultimate features, from the loaded form."""
+        if self.runner is None:
+            return logits_and_features(self.model, x)
+        return self.runner(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw logits of a normalised batch: the compiled model's where one is loaded (in chunks of the batch
-        sizes it was exported for), else the eager model's."""
-        if self.compiled is None:
-            return self.model(x)
-        record = self.meta["compiled"][x.device.type]
-        if record.get("channels_last"):  # exported for NHWC inputs
-            x = x.contiguous(memory_format=torch.channels_last)
-        return torch.cat([self.compiled(chunk) for chunk in x.split(record["batch"][1])])
+        """Raw logits of a normalised batch, from the loaded form."""
+        return self.model(x) if self.runner is None else self.runner(x)[0]
 
     @property
     def class_names(self) -> list[str]:
@@ -117,20 +125,34 @@ class Bundle:
 
     @property
     def ood(self) -> OODRecord | None:
-        """The out-of-distribution method and threshold fitted after fit; None for a run from before them."""
-        return OODRecord.from_dict(self.meta.get("ood"))
+        """The out-of-distribution method and threshold fitted after fit; None for a run from before them. A form
+        whose scores differ from the eager model's (int8) carries its own threshold, refitted on the same
+        validation images at export."""
+        record = OODRecord.from_dict(self.meta.get("ood"))
+        own = self.form_record.get("ood_threshold")
+        return record if record is None or own is None else replace(record, threshold=float(own))
+
+    @property
+    def form_record(self) -> dict[str, Any]:
+        """model.json's record of the loaded form ({} for eager)."""
+        if self.form == "eager":
+            return {}
+        return dict(self.meta["forms"][self.device][self.form])
+
+    @property
+    def device(self) -> str:
+        return next(self.model.parameters()).device.type
 
     def answer(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """One forward pass of a normalised batch: calibrated probabilities, and the out-of-distribution scores and
-        flags (None without an OOD record). knn reads the penultimate features, which only the eager model gives:
-        a knn bundle answers with it even where a compiled model is loaded."""
+        """One forward pass of a normalised batch, on the loaded form: calibrated probabilities, and the
+        out-of-distribution scores and flags (None without an OOD record)."""
         record = self.ood
         if record is None:
-            return (self.forward(x) / self.temperature).softmax(dim=1), None, None
+            return self.probabilities(x), None, None
         if record.method == "knn":
             if self.ood_bank is None or record.k is None:
                 raise ValueError(f"the bundle's OOD method is knn but it has no {record.features or 'features file'}")
-            logits, features = logits_and_features(self.model, x)
+            logits, features = self.run(x)
             scores = knn_scores(self.ood_bank, features, record.k)
         else:
             logits = self.forward(x)
@@ -159,6 +181,42 @@ def run_test_images(run_dir: str | Path) -> list[Path]:
     metrics = run_dir / "metrics.json"
     root = json.loads(metrics.read_text()).get("data_root") if metrics.is_file() else None
     return find_images(Path(root) / "test") if root and (Path(root) / "test").is_dir() else []
+
+
+def _data_root(run_dir: Path, key: str = "data_root") -> Path | None:
+    metrics = run_dir / "metrics.json"
+    root = json.loads(metrics.read_text()).get(key) if metrics.is_file() else None
+    return Path(root) if root else None
+
+
+def run_split_images(run_dir: str | Path, split: str, n: int) -> list[Path]:
+    """Up to n images of the run's `split` (a seeded sample): its data root's `split`/ folder, or where the data has
+    no such folder (a folder split at random), the data's images outside the test split."""
+    run_dir = Path(run_dir)
+    root = _data_root(run_dir)
+    if root is None or not root.is_dir():
+        return []
+    if (root / split).is_dir():
+        files = find_images(root / split)
+    else:
+        test = set(run_test_images(run_dir))
+        files = [f for f in find_images(root) if f not in test]
+    if len(files) > n:
+        files = [files[i] for i in torch.randperm(len(files), generator=torch.Generator().manual_seed(0))[:n]]
+    return files
+
+
+def run_ood_images(run_dir: str | Path) -> dict[str, list[Path]]:
+    """The run's out-of-distribution sets (its data's `ood_root`, else `ood/` under its data root), by the rule
+    training measured them by: each folder a set, or the whole folder one set `ood` when it holds images itself."""
+    run_dir = Path(run_dir)
+    root = _data_root(run_dir, "ood_root") or ((_data_root(run_dir) or run_dir / "none") / "ood")
+    if not root.is_dir():
+        return {}
+    if any(f.is_file() and is_image_file(f) for f in root.iterdir()):
+        return {"ood": find_images(root)}
+    folders = [d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+    return {d.name: files for d in folders if (files := find_images(d))}
 
 
 def save_bundle(
@@ -203,12 +261,11 @@ def save_bundle(
     return directory
 
 
-def load_bundle(
-    directory: str | Path, map_location: str | torch.device = "cpu", compiled: bool | str = False
-) -> Bundle:
-    """The bundle's model, preprocessing and metadata. compiled=True also loads the compiled model (make export)
-    for map_location's device, or raises saying why it cannot; "auto" loads it where it fits and otherwise
-    keeps to the eager model; `compiled_note` says which and why."""
+def load_bundle(directory: str | Path, map_location: str | torch.device = "cpu", runtime: str = "eager") -> Bundle:
+    """The bundle's model, preprocessing and metadata, answering with the form `runtime` names (visionapp.forms):
+    "eager"; an exported form ("aoti", "onnx", "onnx-int8"), or ValueError saying why it cannot run here; or "auto":
+    the fastest form that passed its checks at export and loads here, falling back form by form to eager.
+    `form_note` says which form answers and why."""
     directory = Path(directory)
     check_complete(directory)
     if not (directory / META_FILE).is_file():
@@ -216,6 +273,8 @@ def load_bundle(
             f"{directory} is not a bundle (no {META_FILE}); train first (make train) "
             "or pass a run's bundle/ folder, e.g. runs/latest/bundle"
         )
+    if runtime not in (*FORMS, "auto"):
+        raise UserError(f"runtime {runtime!r} is not a form; choose from auto, {', '.join(FORMS)}")
     meta = json.loads((directory / META_FILE).read_text())
     model = get_model(meta["arch"], weights=None, num_classes=meta["num_classes"], **meta.get("model_kwargs", {}))
     model.load_state_dict(torch.load(directory / WEIGHTS_FILE, map_location=map_location, weights_only=True))
@@ -225,23 +284,55 @@ def load_bundle(
     if record is not None and record.features:
         bank = torch.load(bundle_file(directory, record.features), map_location=map_location, weights_only=True)
         bundle.ood_bank = bank.float()
-    if compiled:
-        device = torch.device(map_location).type
-        reason = _unfit(directory, meta.get("compiled", {}).get(device), device)
-        if reason is None:
-            from torch._inductor import aoti_load_package
-
-            file = meta["compiled"][device]["file"]
-            try:
-                bundle.compiled = aoti_load_package(str(bundle_file(directory, file)))
-                bundle.compiled_note = f"compiled: {file} (AOTInductor)"
-            except Exception as e:  # a package this torch cannot load after all: say why
-                reason = f"loading {file} failed: {type(e).__name__}: {e}"
-        if reason is not None:
-            if compiled != "auto":
-                raise ValueError(f"{directory}: no compiled model to load: {reason}")
-            bundle.compiled_note = f"eager: {reason}"
+    if runtime != "eager":
+        _load_form(bundle, directory, torch.device(map_location).type, runtime)
     return bundle
+
+
+def _load_form(bundle: Bundle, directory: Path, device: str, runtime: str) -> None:
+    """Load the form asked for, or under "auto" the fastest that loads; the reasons for each passed over."""
+    records = bundle.meta.get("forms", {}).get(device, {})
+    reasons = []
+    if runtime == "auto" and not records:
+        old = " (its compiled model predates the forms: make export again)" if "compiled" in bundle.meta else ""
+        reasons.append(f"the bundle has no exported forms for {device}{old}: make export")
+    for name in fastest(records) if runtime == "auto" else [runtime]:
+        if name == "eager":
+            break
+        reason = _unfit(directory, records.get(name), name, device)
+        if reason is None:
+            try:
+                bundle.runner = form_runner(bundle_file(directory, records[name]["file"]), name, records[name])
+                bundle.form = name
+                why = "the fastest form that passed its checks here" if runtime == "auto" else "asked for"
+                bundle.form_note = f"{name}: {records[name]['file']}, {why}"
+                if reasons:
+                    bundle.form_note += f" ({'; '.join(reasons)})"
+                return
+            except Exception as e:  # a form this machine cannot load after all (no onnxruntime, another CPU)
+                reason = f"loading {records[name]['file']} failed: {type(e).__name__}: {e}"
+        if runtime != "auto":
+            raise ValueError(f"{directory}: cannot run the {name} form: {reason}")
+        reasons.append(f"{name}: {reason}")
+    bundle.form_note = f"eager: {'; '.join(reasons) or 'the fastest form here'}"
+
+
+def form_runner(path: Path, name: str, record: dict[str, Any]) -> Runner:
+    """The exported form in `path` as a Runner (ONNX Runtime's session, or AOTInductor's package)."""
+    if name != "aoti":
+        return OnnxRunner(path)
+    from torch._inductor import aoti_load_package
+
+    package = aoti_load_package(str(path))
+    largest, channels_last = record["batch"][1], record.get("channels_last", False)
+
+    def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if channels_last:  # exported for NHWC inputs
+            x = x.contiguous(memory_format=torch.channels_last)
+        outs = [package(chunk) for chunk in x.split(largest)]  # in chunks of the batch sizes it was exported for
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+    return run
 
 
 def file_sha256(path: Path) -> str:
@@ -253,12 +344,15 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _unfit(directory: Path, record: dict[str, Any] | None, device: str) -> str | None:
-    """Why the compiled package cannot run here (None: it can). AOTInductor's output is tied to its torch
-    version, its device and, on the CPU, the instruction set it was compiled for; and it is native code, loaded
-    only when its SHA-256 is the one make export recorded."""
+def _unfit(directory: Path, record: dict[str, Any] | None, name: str, device: str) -> str | None:
+    """Why the exported form cannot run here (None: it can). Each form is loaded only if it passed its checks at
+    export and its file is the one checked (its SHA-256): AOTInductor's is native code. AOTInductor's output is
+    also tied to its torch version, its device and, on the CPU, the instruction set it was compiled for; the ONNX
+    forms run on ONNX Runtime's CPU provider."""
     if record is None:
-        return f"the bundle has no compiled model for {device} (make export on a {device} machine)"
+        return f"the bundle has no {name} form for {device} (make export on a {device} machine)"
+    if not record.get("passed"):
+        return f"it failed its check at export: {record.get('reason', 'no reason recorded')}"
     try:
         path = bundle_file(directory, record["file"])
         if not path.is_file():
@@ -266,10 +360,12 @@ def _unfit(directory: Path, record: dict[str, Any] | None, device: str) -> str |
     except ValueError as e:
         return str(e)
     if record.get("sha256") is None:
-        return f"model.json records no SHA-256 for {record['file']} (exported before checksums): make export again"
+        return f"model.json records no SHA-256 for {record['file']}: make export again"
     if file_sha256(path) != record["sha256"]:
         return (f"refused: {record['file']} is not the file make export checked (its SHA-256 differs from "
                 "model.json's); make export again")  # fmt: skip
+    if name != "aoti":
+        return None if device == "cpu" else f"the ONNX forms run on the CPU here, not on {device}"
     if record["torch"] != torch.__version__:
         return f"compiled with torch {record['torch']}, this is torch {torch.__version__}: export again"
     if device == "cpu":

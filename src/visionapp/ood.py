@@ -71,6 +71,16 @@ def knn_scores(bank: torch.Tensor, features: torch.Tensor, k: int) -> torch.Tens
     return (2 - 2 * similar).clamp_min(0).sqrt()
 
 
+def auroc(in_scores: torch.Tensor, out_scores: torch.Tensor) -> float:
+    """How often an out-of-distribution image scores above an in-distribution one, ties counted half (1.0: always,
+    0.5: chance): the area under the ROC curve as the Mann-Whitney statistic, compared pair by pair in chunks."""
+    inside, above = in_scores.double().flatten(), 0.0
+    for chunk in out_scores.double().flatten().split(1024):
+        pairs = chunk[:, None] - inside[None, :]
+        above += float((pairs > 0).sum()) + 0.5 * float((pairs == 0).sum())
+    return above / max(1, len(inside) * len(out_scores))
+
+
 @dataclass(frozen=True)
 class OODRecord:
     """What model.json stores: the method, its threshold, the acceptance on validation it was fitted for, and for

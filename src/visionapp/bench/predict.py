@@ -4,7 +4,8 @@ alternated over rounds, images/s each:
   predict   the predict stage as make predict-folder runs it (Trainer.predict, loader workers decoding the JPEGs)
   forward   the model's forward pass alone on the same images already decoded and preprocessed, at the same batch
             size: the ceiling
-  served    our TorchServe (the same eager weights at 224 px), the folder sent one image a request at concurrency 8
+  served    our TorchServe (the same weights at 224 px), the folder sent one image a request at concurrency 8
+All three run the default form (the bundle copied at 224 px and exported into --forms, as make export does).
 
     python -m visionapp.bench.predict --bundle runs/latest/bundle [--images 512] [--rounds 3]
 """
@@ -22,7 +23,7 @@ import torch
 
 from visionapp import shapes
 from visionapp.bench import run_part
-from visionapp.bench.serve import Server, resized_archive
+from visionapp.bench.serve import FORM_CHOICES, Server, check_resizable, exported_bundle, our_archives
 from visionapp.bundle import load_bundle
 from visionapp.deploy.loadgen import run_load
 from visionapp.predict.__main__ import parser as predict_parser
@@ -45,8 +46,9 @@ def photo_folder(root: Path, n: int) -> list[Path]:
 
 
 def forward_ceiling(bundle_dir: Path, files: list[Path], batch_size: int) -> float:
-    """images/s of the calibrated forward alone over the folder's images, decoded and preprocessed beforehand."""
-    bundle = load_bundle(bundle_dir)
+    """images/s of the calibrated forward alone (the default form) over the folder's images, decoded and
+    preprocessed beforehand."""
+    bundle = load_bundle(bundle_dir, runtime="auto")
     x = torch.stack([bundle.transform(load_image(f)) for f in files])
     with torch.inference_mode():
         bundle.probabilities(x[:batch_size])  # warm
@@ -59,7 +61,10 @@ def forward_ceiling(bundle_dir: Path, files: list[Path], batch_size: int) -> flo
 def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
-        mar, bundle_dir = resized_archive(Path(args.bundle), SIZE, tmpdir)  # eager, as the server's
+        check_resizable(Path(args.bundle), SIZE)
+        bundle_dir, _ = exported_bundle(Path(args.bundle), tmpdir / "served", tuple(args.forms), image_size=SIZE)
+        mar = our_archives(bundle_dir, tmpdir / "store")
+        form = load_bundle(bundle_dir, runtime="auto").form  # what all three run
         files = photo_folder(tmpdir / "photos", args.images)
         bodies = [f.read_bytes() for f in files]
         raw: dict[str, list[float]] = {"predict": [], "forward": [], "served": []}
@@ -69,7 +74,7 @@ def run(args: argparse.Namespace) -> dict:
                 out = tmpdir / f"round{i}" / "predictions.csv"
                 predict_args = predict_parser().parse_args(
                     ["--bundle", str(bundle_dir), "--images", str(tmpdir / "photos"), "--out", str(out),
-                     "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--compiled", "no"]
+                     "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--runtime", "auto"]
                 )  # fmt: skip
                 summary = predict_folder(predict_args)
                 raw["predict"].append(summary["scored"] / summary["seconds"])
@@ -90,6 +95,7 @@ def run(args: argparse.Namespace) -> dict:
             "workers": args.workers,
             "rounds": args.rounds,
             "concurrency": 8,
+            "form": form,
         },
     }
 
@@ -101,6 +107,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--forms", nargs="*", choices=FORM_CHOICES, default=list(FORM_CHOICES))
     ap.add_argument("--out", default="bench/predict_results.json")
     return ap
 

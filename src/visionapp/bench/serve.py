@@ -1,19 +1,20 @@
 """Serving: our handler in process vs our TorchServe deployment vs KServe's model server vs TorchServe's stock
-handler, same weights.
+handler, same weights; and the model's forms' forward pass alone, in process.
 
-    python -m visionapp.bench.serve --mar model_store/classifier.mar --bundle runs/latest/bundle --image photo.png
+    python -m visionapp.bench.serve --bundle runs/latest/bundle --image photo.png [--image-size 224]
 
-Contenders, alternated within each of --rounds rounds:
-  inprocess  our handler exactly as TorchServe loads it (extracted from the .mar), called directly: one
+The bundle is copied (at --image-size: the same weights at another input size, timing only) and exported by make
+export's code into --forms; our servers run the default form (the fastest that passed its checks), as make serve
+does. Contenders, alternated within each of --rounds rounds:
+  inprocess  our handler exactly as TorchServe loads it (extracted from our .mar), called directly: one
              request for latency; a batch of min(c, batchSize) requests for throughput at concurrency c
   ours       our .mar in TorchServe (make serve-bg), HTTP from a keep-alive load generator on loopback
-  compiled   the same with the model compiled ahead of time (make export: AOTInductor) in the .mar
   kserve     the same bundle and model config in KServe's Python model server (make serve-bg SERVER=kserve),
              the same serving core; it does not batch requests (KServe's batcher is a separate sidecar)
   stock      TorchServe's built-in `image_classifier` handler serving the same state_dict (a model file
              for the architecture, index_to_name.json; its own Resize(256)/CenterCrop(224) preprocessing),
              with the same model-config.yaml and server config: the peer users would start from
-  --image-size  serve the bundle's weights at another input size (our .mar rebuilt with it; timing only)
+  --skip     leave out stock and/or kserve (their ratios with them)
   --variant  more servers of our .mar with other make variables, measured in the same rounds, e.g.
              --variant builtin-logs:TS_LOG_CONFIG=      (TorchServe's built-in log configuration)
              --variant window3:MODEL_STORE=/tmp/store3  (a .mar archived with another model config:
@@ -23,8 +24,8 @@ first thousands of requests, and a cold frontend is not what a running service h
 Latency p50/p90/p99 at concurrency 1 (request by request, contenders in turn), throughput and p50/p99 latency
 at each --concurrency (blocks of requests, contenders in turn); CPU seconds of the server's
 frontend, worker and the client during each served measurement, and the mean batch TorchServe formed;
-the size of one /explanations answer; the forward pass alone in process, eager vs compiled, at batch 1 and
-the serving batch size, and the export's seconds.
+the size of one /explanations answer; the forward pass alone in process at batch 1 and the serving batch size:
+eager (NCHW and channels-last) and each exported form, failed ones included (their records say so).
 """
 
 from __future__ import annotations
@@ -52,16 +53,18 @@ import torch
 import yaml
 
 from visionapp.bench import run_part
-from visionapp.bundle import TEST_FILES, load_bundle
+from visionapp.bundle import TEST_FILES, form_runner, load_bundle
 from visionapp.client.api import call
 from visionapp.deploy.archive import build_archives, ood_files
 from visionapp.deploy.export import export_bundle
 from visionapp.deploy.loadgen import percentile, run_load
 from visionapp.deploy.local import LocalServer
+from visionapp.forms import ONNX_FILES
 
 MODEL_CONFIG_FILE = Path("serve/model-config.yaml")  # ours, also given to the stock archive
 EXPLAIN_CONFIG_FILE = Path("serve/explain-config.yaml")  # our explanations' own workers and queue
 MODEL_CONFIG = yaml.safe_load(MODEL_CONFIG_FILE.read_text())
+FORM_CHOICES = ("aoti", *ONNX_FILES)  # what make export writes
 
 # The stock handler loads `--model-file`: one class whose no-argument constructor builds the architecture.
 STOCK_MODEL_FILE = """from torchvision.models.resnet import {block}, ResNet
@@ -100,34 +103,36 @@ def stock_archive(bundle: Path, out: Path, name: str = "stock") -> Path:
 
 def staged_bundle(bundle: Path, staging: Path, **changes: Any) -> Path:
     """An eager copy of `bundle` in `staging`: its weights and out-of-distribution files linked, model.json with
-    `changes` and without compiled models (an export is tied to its input size; the contenders that compile export
-    their own), the run's test-file list beside it (what an export checks itself on)."""
+    `changes` and without exported forms (an export is tied to its input size: the bench exports its own), the
+    run's test-file list beside it (what an export checks itself on)."""
     staging.mkdir(parents=True)
     for f in (
         bundle / "model.pt",
         *ood_files(bundle),
     ):  # the weights, and knn's features where the OOD record names them
         (staging / f.name).symlink_to(f.resolve())
-    meta = {k: v for k, v in json.loads((bundle / "model.json").read_text()).items() if k != "compiled"}
+    meta = {k: v for k, v in json.loads((bundle / "model.json").read_text()).items() if k not in ("compiled", "forms")}
     (staging / "model.json").write_text(json.dumps({**meta, **changes}, indent=2))
     if (bundle.parent / TEST_FILES).is_file():
         (staging.parent / TEST_FILES).symlink_to((bundle.parent / TEST_FILES).resolve())
     return staging
 
 
-def resized_archive(bundle: Path, image_size: int, out: Path) -> tuple[Path, Path]:
-    """Our .mar of the bundle's weights served at another input size, and that bundle: for timing only (a
-    torchvision CNN's global pooling takes any size, but the accuracy it was trained for is at its own size)."""
+def check_resizable(bundle: Path, image_size: int | None) -> None:
+    """--image-size serves the weights at another size: a torchvision CNN's global pooling takes any size (timing
+    only: its accuracy is for its own size); a ViT's position embeddings are made for the size it was trained at."""
     meta = json.loads((bundle / "model.json").read_text())
-    if "model_kwargs" in meta:  # a ViT's position embeddings are made for the size it was trained at
+    if image_size and image_size != meta["image_size"] and "model_kwargs" in meta:
         raise SystemExit(f"--image-size: a {meta['arch']} is built for {meta['image_size']} px; serve it at that")
-    return eager_archive(bundle, out, image_size=image_size)
 
 
-def eager_archive(bundle: Path, out: Path, **changes: Any) -> tuple[Path, Path]:
-    """Our .mar of an eager copy of `bundle` (staged_bundle), and that copy."""
-    staging = staged_bundle(bundle, out / "eager" / "bundle", **changes)
-    return our_archives(staging, out / "store-eager"), staging
+def exported_bundle(bundle: Path, out: Path, forms: tuple[str, ...], **changes: Any) -> tuple[Path, dict]:
+    """A staged copy of `bundle` (with `changes`) exported by make export's code into `forms`, failed forms kept
+    for timing (never served); the copy and the forms' records."""
+    staging = staged_bundle(bundle, out / "run" / "bundle", **changes)
+    if not forms:
+        return staging, {}
+    return staging, export_bundle(staging, forms=forms, max_batch=MODEL_CONFIG["batchSize"], keep_failed=True)
 
 
 def our_archives(bundle: Path, out: Path) -> Path:
@@ -137,25 +142,23 @@ def our_archives(bundle: Path, out: Path) -> Path:
     return mar
 
 
-def compiled_archive(bundle: Path, out: Path) -> tuple[Path, dict]:
-    """Our .mar of a copy of `bundle` exported by make export's code (AOTInductor, up to the serving batch size),
-    and the export's record."""
-    staging = staged_bundle(bundle, out / "compiled" / "bundle")
-    record = export_bundle(staging, max_batch=MODEL_CONFIG["batchSize"])
-    mar = our_archives(staging, out / "store-compiled")
-    return mar, record
-
-
-def forward_times(bundle_dir: Path, batch_sizes: tuple[int, ...], rounds: int, repeats: int = 10) -> dict:
-    """Milliseconds of the forward pass alone, eager vs compiled, alternated within each round (median)."""
-    eager, compiled = load_bundle(bundle_dir), load_bundle(bundle_dir, compiled=True)
+def form_times(bundle_dir: Path, records: dict, batch_sizes: tuple[int, ...], rounds: int, repeats: int = 10) -> dict:
+    """Milliseconds of the forward pass alone per batch size: eager NCHW, eager channels-last and each exported
+    form (logits and features), alternated within each round (medians)."""
+    eager = load_bundle(bundle_dir)
+    last = load_bundle(bundle_dir).model.to(memory_format=torch.channels_last)
+    runners: dict[str, Callable[[torch.Tensor], object]] = {
+        "eager": eager.run, "eager_channels_last": lambda x: last(x.contiguous(memory_format=torch.channels_last)),
+        **{name: form_runner(bundle_dir / r["file"], name, r) for name, r in records.items()
+           if (bundle_dir / r.get("file", "")).is_file()},
+    }  # fmt: skip
     size = eager.meta["image_size"]
-    out: dict[str, dict[str, list[float]]] = {"eager": {}, "compiled": {}}
+    out: dict[str, dict[str, list[float]]] = {name: {} for name in runners}
     with torch.inference_mode():
         for _ in range(rounds):
             for n in batch_sizes:
                 x = torch.randn(n, 3, size, size)
-                for name, fn in (("eager", eager.model), ("compiled", compiled.forward)):
+                for name, fn in runners.items():
                     fn(x)  # warm
                     times = timed(functools.partial(fn, x), repeats)
                     out[name].setdefault(f"b{n}", []).append(statistics.median(times))
@@ -354,85 +357,75 @@ def nest(flat: dict[str, Any]) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     body = Path(args.image).read_bytes()
-    mar, bundle = Path(args.mar).resolve(), Path(args.bundle)
+    bundle = Path(args.bundle)
+    check_resizable(bundle, args.image_size)
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
-        if args.image_size:
-            mar, bundle = resized_archive(bundle, args.image_size, tmpdir)
-        elif "compiled" in json.loads((bundle / "model.json").read_text()):
-            # after make export the given .mar packs the compiled model: "ours" stays the eager server
-            mar, bundle = eager_archive(bundle, tmpdir)
-        image_size = json.loads((bundle / "model.json").read_text())["image_size"]
-        stock_mar = stock_archive(bundle, tmpdir / "stock_store")
-        compiled_mar, export_record = compiled_archive(bundle, tmpdir) if args.compiled else (None, None)
-        rounds, explain_bytes, during = measure_servers(args, body, mar, bundle, stock_mar, compiled_mar, tmpdir)
-        # the forward alone, with the servers stopped: eager vs the package the compiled server ran
-        forward_ms = (forward_times(tmpdir / "compiled" / "bundle", (1, MODEL_CONFIG["batchSize"]), args.rounds)
-                      if args.compiled else None)  # fmt: skip
+        resize = {"image_size": args.image_size} if args.image_size else {}
+        staging, records = exported_bundle(bundle, tmpdir / "served", tuple(args.forms), **resize)
+        default = load_bundle(staging, runtime="auto").form  # what our servers run, as make serve does
+        mar = our_archives(staging, tmpdir / "store")
+        stock_mar = None if "stock" in args.skip else stock_archive(staging, tmpdir / "stock_store")
+        rounds, explain_bytes, during = measure_servers(args, body, mar, staging, stock_mar, tmpdir)
+        # the forward alone, with the servers stopped: eager and each form
+        forward_ms = form_times(staging, records, (1, MODEL_CONFIG["batchSize"]), args.rounds)
     median = nest({k: statistics.median(r[k] for r in rounds) for k in rounds[0]})
     spread = nest({k: [min(r[k] for r in rounds), max(r[k] for r in rounds)] for k in rounds[0]})
-    result = {
-        "median": median,
-        "spread": spread,
-        "explanation_response_bytes": explain_bytes,
-        **ratios(median, "ours", "serve"),
-        # KServe's model server against the same handler in process and against ours on TorchServe (both eager)
-        "serve.kserve_p50_vs_inprocess_c1": (
-            median["kserve"]["latency_ms"]["p50"] / median["inprocess"]["latency_ms"]["p50"]
-        ),
-        "serve.kserve_throughput_vs_torchserve_c8": (
-            median["kserve"]["c8"]["images_per_s"] / median["ours"]["c8"]["images_per_s"]
-        ),
-        # a lone prediction's p50 while 4 occlusion explanations are in flight, against idle: ours on TorchServe
-        "during_explanations": during,
+    settings = {"image": args.image, "bundle": args.bundle, "image_size": json.loads(
+        (staging / "model.json").read_text())["image_size"], "rounds": args.rounds, "warmup": args.warmup,
+        "requests": args.requests, "concurrency": args.concurrency, "forms": args.forms, "skip": args.skip,
+        "variants": dict(args.variant)}  # fmt: skip
+    return {"median": median, "spread": spread, "explanation_response_bytes": explain_bytes,
+            "during_explanations": during, "forms": records, "default_form": default, "forward_ms": forward_ms,
+            **ratios(median, during, explain_bytes, forward_ms, default), "settings": settings,
+            "raw_rounds": rounds}  # fmt: skip
+
+
+def ratios(median: dict, during: dict, explain_bytes: dict, forward_ms: dict, default: str) -> dict[str, float]:
+    """The part's keys: our TorchServe against the handler in process and the stock handler, KServe's server
+    against both, predictions while explanations run, and the forms' forward pass against eager's."""
+    ours, inprocess, b = median["ours"], median["inprocess"], f"b{MODEL_CONFIG['batchSize']}"
+    out = {
+        "serve.p50_vs_inprocess_c1": ours["latency_ms"]["p50"] / inprocess["latency_ms"]["p50"],
+        "serve.throughput_vs_inprocess_c8": ours["c8"]["images_per_s"] / inprocess["c8"]["images_per_s"],
+        # a lone prediction's p50 while 4 occlusion explanations are in flight, against idle
         "serve.predict_p50_during_explanations_vs_idle": (
             during["ours"]["during_p50_ms"] / during["ours"]["idle_p50_ms"]
         ),
-        "serve.kserve_predict_p50_during_explanations_vs_idle": (
-            during["kserve"]["during_p50_ms"] / during["kserve"]["idle_p50_ms"]
-        ),
-        "explain.response_bytes_vs_stock": explain_bytes["ours"] / explain_bytes["stock"],
-        "settings": {"image": args.image, "mar": args.mar, "bundle": args.bundle,
-                     "image_size": image_size, "rounds": args.rounds,
-                     "warmup": args.warmup, "requests": args.requests, "concurrency": args.concurrency,
-                     "compiled": args.compiled, "variants": dict(args.variant)},
-        "raw_rounds": rounds,
+        "infer.default_vs_eager_b8": forward_ms["eager"][b] / forward_ms[default][b],
+        "infer.channels_last_vs_eager_b8": forward_ms["eager"][b] / forward_ms["eager_channels_last"][b],
     }  # fmt: skip
-    if forward_ms is not None:
-        result.update({
-            # the compiled server against the stock handler (the same size where this part runs at 224 px)
-            "serve.compiled_throughput_vs_stock_c8": ratios(median, "compiled", "s")["s.throughput_vs_stock_c8"],
-            "serve.compiled_p50_vs_stock_c1": (
-                median["compiled"]["latency_ms"]["p50"] / median["stock"]["latency_ms"]["p50"]
-            ),
-            "forward_ms": forward_ms,  # and the compiled forward's speed-up over eager, per batch size
-            "forward_speedup": {b: forward_ms["eager"][b] / forward_ms["compiled"][b] for b in forward_ms["eager"]},
-            "export": export_record,
-        })  # fmt: skip
-    return result
+    if "onnx-int8" in forward_ms:
+        out["infer.int8_vs_eager_b8"] = forward_ms["eager"][b] / forward_ms["onnx-int8"][b]
+    if "stock" in median:  # the default form against where users start, same size, same client
+        out["serve.default_form_vs_stock_c8"] = ours["c8"]["images_per_s"] / median["stock"]["c8"]["images_per_s"]
+        out["serve.default_form_p50_vs_stock_c1"] = ours["latency_ms"]["p50"] / median["stock"]["latency_ms"]["p50"]
+        out["explain.response_bytes_vs_stock"] = explain_bytes["ours"] / explain_bytes["stock"]
+    if "kserve" in median:
+        kserve = median["kserve"]
+        out["serve.kserve_p50_vs_inprocess_c1"] = kserve["latency_ms"]["p50"] / inprocess["latency_ms"]["p50"]
+        out["serve.kserve_throughput_vs_torchserve_c8"] = kserve["c8"]["images_per_s"] / ours["c8"]["images_per_s"]
+        out["serve.kserve_predict_p50_during_explanations_vs_idle"] = (
+            during["kserve"]["during_p50_ms"] / during["kserve"]["idle_p50_ms"]
+        )
+    return out
 
 
 def measure_servers(
-    args: argparse.Namespace,
-    body: bytes,
-    mar: Path,
-    bundle: Path,
-    stock_mar: Path,
-    compiled_mar: Path | None,
-    tmpdir: Path,
+    args: argparse.Namespace, body: bytes, mar: Path, bundle: Path, stock_mar: Path | None, tmpdir: Path
 ) -> tuple[list[dict], dict, dict]:
-    """Start every server (ours, compiled, stock, KServe's with `bundle`, the --variant ones), warm each, then the
-    rounds side by side with the handler in process; the rounds, each server's /explanations answer size and our
-    servers' prediction latency while explanations run."""
+    """Start every server (ours, stock, KServe's with `bundle`, the --variant ones; --skip leaves some out), warm
+    each, then the rounds side by side with the handler in process; the rounds, each server's /explanations answer
+    size and our servers' prediction latency while explanations run."""
     handle = in_process_handler(mar, tmpdir)
     with ExitStack() as stack:
         servers = {"ours": stack.enter_context(Server(mar, tmpdir / "ours"))}
-        if compiled_mar is not None:
-            servers["compiled"] = stack.enter_context(Server(compiled_mar, tmpdir / "compiled"))
-        servers["stock"] = stack.enter_context(Server(stock_mar, tmpdir / "stock"))
-        served_bundle = (f"RUN={bundle.resolve().parent}", f"MODEL_CONFIG={MODEL_CONFIG_FILE.resolve()}",
-                         f"EXPLAIN_CONFIG={EXPLAIN_CONFIG_FILE.resolve()}")  # fmt: skip
-        servers["kserve"] = stack.enter_context(Server(mar, tmpdir / "kserve", *served_bundle, server="kserve"))
+        if stock_mar is not None:
+            servers["stock"] = stack.enter_context(Server(stock_mar, tmpdir / "stock"))
+        if "kserve" not in args.skip:
+            served_bundle = (f"RUN={bundle.resolve().parent}", f"MODEL_CONFIG={MODEL_CONFIG_FILE.resolve()}",
+                             f"EXPLAIN_CONFIG={EXPLAIN_CONFIG_FILE.resolve()}")  # fmt: skip
+            servers["kserve"] = stack.enter_context(Server(mar, tmpdir / "kserve", *served_bundle, server="kserve"))
         for name, make_vars in args.variant:
             if name in servers:
                 raise SystemExit(f"--variant {name}: the name is given twice")
@@ -442,24 +435,14 @@ def measure_servers(
         handle([{"body": body}] * 8)
         rounds = [leaves(measure_round(handle, servers, body, args, seed=i)) for i in range(args.rounds)]
         # predictions while explanations run, on our two servers (after the rounds: explanations load the CPU)
-        during = {name: during_explanations(servers[name], body, args.requests) for name in ("ours", "kserve")}
-        return rounds, response_bytes(servers, body), during
-
-
-def ratios(median: dict, server: str, prefix: str) -> dict[str, float]:
-    """`server` against the handler in process and against the stock handler."""
-    ours, inprocess, stock = median[server], median["inprocess"], median["stock"]
-    return {
-        f"{prefix}.p50_vs_inprocess_c1": ours["latency_ms"]["p50"] / inprocess["latency_ms"]["p50"],
-        f"{prefix}.throughput_vs_stock_c8": ours["c8"]["images_per_s"] / stock["c8"]["images_per_s"],
-        f"{prefix}.throughput_vs_inprocess_c8": ours["c8"]["images_per_s"] / inprocess["c8"]["images_per_s"],
-    }
+        during = {name: during_explanations(servers[name], body, args.requests) for name in ("ours", "kserve")
+                  if name in servers}  # fmt: skip
+        return rounds, response_bytes({n: s for n, s in servers.items() if n in ("ours", "stock")}, body), during
 
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mar", default="model_store/classifier.mar")
-    ap.add_argument("--bundle", default="runs/latest/bundle", help="the bundle the .mar was built from")
+    ap.add_argument("--bundle", default="runs/latest/bundle", help="the bundle served (a copy, exported here)")
     ap.add_argument("--image", required=True)
     ap.add_argument(
         "--image-size", type=int, default=None, help="serve the weights at this input size (default: the bundle's)"
@@ -470,7 +453,10 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--requests", type=int, default=60, help="requests per measurement at concurrency ≤ 4")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
-    ap.add_argument("--no-compiled", dest="compiled", action="store_false", help="leave out the compiled server")
+    ap.add_argument("--forms", nargs="*", choices=FORM_CHOICES, default=list(FORM_CHOICES),
+                    help="the forms exported and timed (none: the eager model serves)")  # fmt: skip
+    ap.add_argument("--skip", nargs="*", choices=["stock", "kserve"], default=[],
+                    help="servers left out (and the ratios against them)")  # fmt: skip
     ap.add_argument(
         "--variant",
         type=variant,
@@ -486,14 +472,9 @@ def parser() -> argparse.ArgumentParser:
 def variant(spec: str) -> tuple[str, list[str]]:
     name, sep, assignments = spec.partition(":")
     make_vars = assignments.split(",") if assignments else []
-    if (
-        not sep
-        or not name
-        or name in ("inprocess", "ours", "compiled", "stock", "kserve")
-        or not all("=" in v for v in make_vars)
-    ):
+    if not sep or not name or name in ("inprocess", "ours", "stock", "kserve") or not all("=" in v for v in make_vars):
         raise argparse.ArgumentTypeError(
-            f"{spec!r}: expected NAME:VAR=VALUE[,VAR=VALUE], NAME not inprocess/ours/compiled/stock/kserve "
+            f"{spec!r}: expected NAME:VAR=VALUE[,VAR=VALUE], NAME not inprocess/ours/stock/kserve "
             "(e.g. builtin-logs:TS_LOG_CONFIG=)"
         )
     return name, make_vars
@@ -523,11 +504,14 @@ def print_table(result: dict) -> None:
             f"  {name}: prediction p50 idle {d['idle_p50_ms']:.1f} ms, with 4 explanations in flight "
             f"{d['during_p50_ms']:.1f} ms ({d['during_requests']} predictions)"
         )
-    if "forward_ms" in result:
-        for b, ms in result["forward_ms"]["eager"].items():
-            print(f"  forward {b}: eager {ms:.1f} ms, compiled {result['forward_ms']['compiled'][b]:.1f} ms")
-        print(f"  export + compile: {sum(result['export']['seconds'].values()):.1f} s")
-    for k in (k for k in result if k.startswith(("serve.", "explain."))):  # the ratios run() computed
+    for b in result["forward_ms"]["eager"]:
+        print(f"  forward {b} ms: " + ", ".join(f"{n} {ms[b]:.1f}" for n, ms in result["forward_ms"].items()))
+    for name, record in result["forms"].items():
+        print(
+            f"  {name}: {'passed' if record['passed'] else 'FAILED: ' + record['reason']}, export {record['seconds']} s"
+        )
+    print(f"  our servers ran the {result['default_form']} form")
+    for k in (k for k in result if k.startswith(("serve.", "explain.", "infer."))):  # the ratios run() computed
         print(f"  {k:36s} {result[k]:.3f}")
 
 

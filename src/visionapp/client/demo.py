@@ -46,7 +46,8 @@ class Backend:
         self.run, self.server, self.model = run, server, model
         self.base, self.management = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{management_port or port + 1}"
         self.serve_dir = serve_dir or Path(f"logs/serve-{port}")  # where the server keeps its keys
-        self.bundle = load_bundle(run / "bundle")  # class names for the page; the answers when no server runs
+        # class names for the page; the answers when no server runs, from the fastest form, as the servers answer
+        self.bundle = load_bundle(run / "bundle", runtime="auto")
         self.remote = is_ready(self.base, self.management, self.serve_dir, model, server)
 
     @property

@@ -5,13 +5,13 @@
 
 writes classifier.mar (predictions) and classifier-explain.mar (explanations, their own workers and queue).
 
-The .mar holds the bundle (model.pt, model.json, and the compiled model.<device>.pt2 packages model.json
-records, from make export), the handler (visionapp/serve/handler.py, as the archive's
+The .mar holds the bundle (model.pt, model.json, and the model's forms that passed make export's checks:
+model.<device>.pt2, model.onnx, model.int8.onnx), the handler (visionapp/serve/handler.py, as the archive's
 handler.py), the model config (batching, workers, timeouts) and the package code serving imports: the shared
 layer it needs (bundle, transforms, imagefiles, errors, attribution) and the serving runtime, visionapp/serve/
 (nothing of the tooling in visionapp/deploy/ or visionapp/client/, nor the training stack).
-So TorchServe needs torch, torchvision, Pillow and captum but not visionapp installed. Everything is found from
-the installed package (editable or not) and the paths given; nothing is read from a checkout.
+So TorchServe needs torch, torchvision, Pillow, captum and onnxruntime but not visionapp installed. Everything is
+found from the installed package (editable or not) and the paths given; nothing is read from a checkout.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ SERVING_CODE = (
     "bundle.py",
     "errors.py",
     "imagefiles.py",
+    "forms.py",
     "ood.py",
     "transforms.py",
     "attribution",
@@ -79,7 +80,7 @@ def build_archive(
             "--version", version,
             "--serialized-file", str(bundle / "model.pt"),
             "--handler", str(HANDLER),
-            "--extra-files", ",".join([str(bundle / "model.json"), *map(str, compiled_packages(bundle)),
+            "--extra-files", ",".join([str(bundle / "model.json"), *map(str, form_files(bundle)),
                                        *map(str, ood_files(bundle)), tmp]),
             "--config-file", str(model_config),
             "--export-path", str(out),
@@ -110,10 +111,12 @@ def ood_files(bundle: Path) -> list[Path]:
     return files
 
 
-def compiled_packages(bundle: Path) -> list[Path]:
-    """The compiled models (make export) model.json records: packed too, the handler picks the one that fits."""
+def form_files(bundle: Path) -> list[Path]:
+    """The model's exported forms that passed their checks (make export; model.json's `forms`): packed too, the
+    server runs the fastest that loads where it runs."""
     meta = json.loads((bundle / META_FILE).read_text())
-    packages = [bundle_file(bundle, record["file"]) for record in meta.get("compiled", {}).values()]
+    records = [r for per_device in meta.get("forms", {}).values() for r in per_device.values() if r.get("passed")]
+    packages = [bundle_file(bundle, record["file"]) for record in records]
     for p in packages:
         if not p.is_file():
             raise FileNotFoundError(f"{p} is recorded in {bundle / 'model.json'} but missing; make export again")

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from visionapp import imagefiles
 from visionapp.bundle import load_bundle
 from visionapp.errors import UserError, run_main
+from visionapp.forms import FORMS
 from visionapp.predict.folder import FolderImages, collate
 from visionapp.predict.module import BundlePredictor
 from visionapp.predict.writer import ERROR_HEADER, Output, Progress, RowWriter, open_for_append
@@ -57,8 +58,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--devices", type=int, default=1, help="processes (GPUs) per node; more than 1: DDP")
     ap.add_argument("--num-nodes", type=int, default=1)
     ap.add_argument("--precision", default=None, help="default: bf16-mixed on a GPU, 32-true on the CPU")
-    ap.add_argument("--compiled", choices=["auto", "no"], default="auto",
-                    help="the compiled model (make export) where it fits, as the server does; no: eager")  # fmt: skip
+    ap.add_argument("--runtime", choices=["auto", *FORMS], default="auto",
+                    help="the model form (make export); auto: the fastest that passed its checks")  # fmt: skip
     return ap
 
 
@@ -67,8 +68,7 @@ def predict_folder(args: argparse.Namespace) -> dict[str, float]:
     if not root.is_dir():
         raise UserError(f"{root} is not a folder; --images takes the folder of images to score")
     gpu = torch.cuda.is_available()
-    bundle = load_bundle(Path(args.bundle), map_location="cuda" if gpu else "cpu",
-                         compiled="auto" if args.compiled == "auto" else False)  # fmt: skip
+    bundle = load_bundle(Path(args.bundle), map_location="cuda" if gpu else "cpu", runtime=args.runtime)
     topk = min(args.topk, len(bundle.class_names))
     output = Output(Path(args.out))
     output.path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,7 +85,7 @@ def predict_folder(args: argparse.Namespace) -> dict[str, float]:
     trainer = L.Trainer(
         accelerator="gpu" if gpu else "cpu", devices=args.devices, num_nodes=args.num_nodes,
         strategy="ddp" if args.devices * args.num_nodes > 1 else "auto",
-        precision=args.precision or ("bf16-mixed" if gpu and bundle.compiled is None else "32-true"),
+        precision=args.precision or ("bf16-mixed" if gpu and bundle.form == "eager" else "32-true"),
         logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
         callbacks=[RowWriter(output, names, bundle.class_names, topk, args.strict, ood), Progress(len(images))],
     )  # fmt: skip
@@ -95,7 +95,7 @@ def predict_folder(args: argparse.Namespace) -> dict[str, float]:
         links = [f for f in outside if f.relative_to(root).as_posix() not in done]
         list_files(output, links, root, f"a link out of {root}, not followed (--follow-links follows it)")
         print(f"{len(found):,} files under {root}: {len(found) - len(todo):,} done before, {len(images):,} images to "
-              f"score, {len(others):,} other files; {bundle.compiled_note}", flush=True)  # fmt: skip
+              f"score, {len(others):,} other files; model form {bundle.form_note}", flush=True)  # fmt: skip
     if images:
         folder = FolderImages(images, bundle.transform.geometry, bundle.transform.decode_side)  # as the servers decode
         loader = DataLoader(folder, batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate,

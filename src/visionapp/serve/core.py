@@ -128,15 +128,17 @@ class ServingCore:
         # Pillow's own bomb check reads the header's size; decode_image checks the pixels at the reduced scale it
         # decodes at instead (a 100-megapixel JPEG decodes at an eighth a side), against MAX_PIXELS.
         Image.MAX_IMAGE_PIXELS = None
-        # Predictions run the compiled model (make export) where it fits this device, torch and CPU; explanations
-        # always run the eager one (Captum needs its gradients).
-        self.bundle = load_bundle(model_dir, map_location=device, compiled="auto")
+        # Predictions run the model config's form (visionapp.forms; "auto": the fastest that passed its checks at
+        # make export and loads on this device, torch and CPU); explanations always run the eager model (Captum
+        # needs its gradients).
+        runtime = str((config.get("handler") or {}).get("runtime", "auto"))
+        self.bundle = load_bundle(model_dir, map_location=device, runtime=runtime)
         self.bundle.model.to(device)
         self.limits = replace(self.limits, decode_side=self.bundle.transform.decode_side)
         self.class_names = self.bundle.class_names
         log.info(
             "loaded %s with classes %s on %s%s; predictions: %s; %s", self.bundle.meta["arch"], self.class_names,
-            device, threads, self.bundle.compiled_note, self.limits,
+            device, threads, self.bundle.form_note, self.limits,
         )  # fmt: skip
 
     def warm_up(self) -> None:

@@ -30,6 +30,9 @@ OPTION_KEYS = {"topk", "target", "method"}
 MAX_PIXELS = MAX_DECODED_PIXELS  # an image decoding to more is refused: the limit predict-folder applies too
 
 
+OTHER_KEYS = ("runtime",)  # the handler section's keys that are not limits: the model form (visionapp.forms)
+
+
 @dataclass(frozen=True)
 class Limits:
     """Bounded work per request: read from the `handler:` section of serve/model-config.yaml (packed into the
@@ -58,10 +61,10 @@ class Limits:
 
     @classmethod
     def from_model_config(cls, config: dict[str, Any] | None) -> Limits:
-        section = (config or {}).get("handler") or {}
+        section = {k: v for k, v in ((config or {}).get("handler") or {}).items() if k not in OTHER_KEYS}
         unknown = set(section) - set(cls.KEYS)
         if unknown:
-            known = ", ".join(cls.KEYS)
+            known = ", ".join([*cls.KEYS, *OTHER_KEYS])
             raise ValueError(f"unknown keys {sorted(unknown)} in the model config's handler section; known: {known}")
         return cls(**{cls.KEYS[k]: int(v) for k, v in section.items()})
 

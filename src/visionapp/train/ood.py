@@ -22,13 +22,13 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 from torch.nn import functional as F
-from torchmetrics.functional.classification import binary_auroc
 
 from visionapp.ood import (
     FEATURES_FILE,
     MAX_BANK,
     METHODS,
     OODRecord,
+    auroc,
     fit_threshold,
     knn_scores,
     logits_and_features,
@@ -70,16 +70,6 @@ def bank_of(train_features: torch.Tensor, size: int = MAX_BANK) -> torch.Tensor:
             torch.randperm(len(train_features), generator=torch.Generator().manual_seed(0))[:size]
         ]
     return F.normalize(train_features, dim=1).half().float()
-
-
-def auroc(in_scores: torch.Tensor, out_scores: torch.Tensor) -> float:
-    """How often an out-of-distribution image scores above an in-distribution one (1.0: always, 0.5: chance)."""
-    preds = torch.cat([in_scores, out_scores]).double()
-    # as ranks in [0, 1], ties kept: torchmetrics reads scores outside [0, 1] as logits, and its sigmoid would turn
-    # large scores into ties
-    _, ranks = torch.unique(preds, return_inverse=True)
-    target = torch.cat([torch.zeros(len(in_scores)), torch.ones(len(out_scores))]).long()
-    return float(binary_auroc(ranks.double() / max(1, int(ranks.max())), target))
 
 
 def fpr_at_tpr(in_scores: torch.Tensor, out_scores: torch.Tensor, tpr: float = TPR) -> float:

@@ -198,6 +198,7 @@ def run_metrics(
         "arch": module.hparams["arch"],
         "dataset": data.name,
         "data_root": str(getattr(data, "root", "")) or None,  # explain/ finds the test split (and masks) here
+        "ood_root": str(getattr(data, "ood_root", "") or "") or None,  # make export checks int8's OOD scores here
         "num_classes": len(module.class_names),
         "class_names": module.class_names,
         "pretrained": module.pretrained_info.pretrained,
