@@ -59,7 +59,7 @@ def test_make_bench_writes_every_key(trained_run: Path, tmp_path: Path) -> None:
         assert key in result["goals"]
     assert result["machine"]["cores"] >= 1 and result["versions"]["torchserve"] != "not installed"
     forms = result["forms"]  # at the model's own size: each form's check on the run's test split, its forward
-    assert set(forms["forms"]) == {"onnx", "onnx-int8"} and "agreement" in forms["forms"]["onnx-int8"]
+    assert set(forms["forms"]) == {"eager", "onnx", "onnx-int8"} and "agreement" in forms["forms"]["onnx-int8"]
     assert set(forms["forward_ms"]) == {"eager", "eager_channels_last", "onnx", "onnx-int8"}
     assert set(result["train_224px"]["images_per_second"]) == {"input", "loop", "input_files", "loop_files",
                                                                "input_device", "loop_device"}  # fmt: skip

@@ -55,7 +55,10 @@ def forms_of(run: Path) -> dict:
 
 def test_export_records_each_form_with_its_check(exported: Path) -> None:
     records = forms_of(exported)
-    assert set(records) == {"aoti", "onnx", "onnx-int8"}
+    assert set(records) == {"eager", "aoti", "onnx", "onnx-int8"}
+    eager = records.pop("eager")  # timed beside them, in the faster of its layouts
+    assert eager["images_per_s"] == max(eager["nchw_images_per_s"], eager["channels_last_images_per_s"])
+    assert eager["channels_last"] == (eager["channels_last_images_per_s"] > eager["nchw_images_per_s"])
     for name, record in records.items():
         assert record["passed"], (name, record.get("reason"))
         assert record["outputs"] == ["logits", "features"] and record["images_per_s"] > 0 and record["vs_eager"] > 0
@@ -70,7 +73,9 @@ def test_export_records_each_form_with_its_check(exported: Path) -> None:
     assert set(int8["auroc"]) == set(int8["eager_auroc"]) == {"near", "far"}  # the run's OOD sets
     assert int8["limits"]["agreement"] == 0.8 and "ood_threshold" in int8
     default = load_bundle(exported / "bundle", runtime="auto")
+    records["eager"] = eager
     assert default.form == max(records, key=lambda n: records[n]["images_per_s"])  # the fastest that passed
+    assert default.channels_last == (default.form == "eager" and eager["channels_last"])
     assert default.form_note.startswith(default.form) and "fastest" in default.form_note
 
 

@@ -254,7 +254,7 @@ def goal_keys(result: dict) -> dict:
     int8 = result["forms"]["forms"].get("onnx-int8", {})  # its checks at the model's own size, on the test split
     keys["forms.int8_agreement"] = int8.get("agreement", math.nan)
     keys["forms.int8_accuracy_delta_points"] = abs(int8.get("accuracy", math.nan) - int8.get("eager_accuracy", 0)) * 100
-    keys["export.seconds"] = sum(r["seconds"] for r in result["forms"]["forms"].values())
+    keys["export.seconds"] = sum(r.get("seconds", 0) for r in result["forms"]["forms"].values())
     keys.update({k: v for k, v in result["predict_224px"].items() if k in GOALS})
     keys.update({k: v for k, v in result["ood"].items() if k in GOALS})
     keys.update({k: math.nan for k in GOALS if k not in keys})  # a part left out (e.g. no int8 form exported)

@@ -115,7 +115,8 @@ def form_files(bundle: Path) -> list[Path]:
     """The model's exported forms that passed their checks (make export; model.json's `forms`): packed too, the
     server runs the fastest that loads where it runs."""
     meta = json.loads((bundle / META_FILE).read_text())
-    records = [r for per_device in meta.get("forms", {}).values() for r in per_device.values() if r.get("passed")]
+    records = [r for per_device in meta.get("forms", {}).values() for r in per_device.values()
+               if r.get("passed") and "file" in r]  # fmt: skip
     packages = [bundle_file(bundle, record["file"]) for record in records]
     for p in packages:
         if not p.is_file():

@@ -24,6 +24,7 @@ convolutions, oneDNN prepacks the weights), channels-last (on), --max-autotune (
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -51,7 +52,7 @@ from visionapp.bundle import (
 )
 from visionapp.errors import UserError, run_main
 from visionapp.forms import ONNX_FILES, OUTPUTS, WithFeatures, fastest
-from visionapp.ood import auroc, fit_threshold, knn_scores
+from visionapp.ood import auroc, fit_threshold, knn_scores, logits_and_features
 from visionapp.ood import scores as ood_scores
 
 TOLERANCE = 1e-4
@@ -264,9 +265,14 @@ def batched(fn: Runner | torch.nn.Module, x: torch.Tensor, size: int = 64) -> tu
 def time_forms(
     bundle_dir: Path, bundle: Bundle, device: str, records: dict[str, dict], x: torch.Tensor, failed: bool = False
 ) -> None:
-    """Images/s of each passed form and the eager model at the batch given, alternated over three rounds (medians):
-    what `runtime="auto"` chooses by. Timed in this process, on this machine: the same for every form."""
-    runners: dict[str, Runner] = {"eager": bundle.run}
+    """Images/s of each passed form and the eager model (NCHW and channels-last) at the batch given, alternated over
+    three rounds (medians): what `runtime="auto"` chooses by, eager among the forms, in the faster of its layouts.
+    Timed in this process, on this machine: the same for every form."""
+    last = copy.deepcopy(bundle.model).to(memory_format=torch.channels_last)
+    runners: dict[str, Runner] = {
+        "eager": bundle.run,
+        "eager_channels_last": lambda b: logits_and_features(last, b.contiguous(memory_format=torch.channels_last)),
+    }
     for name, record in records.items():
         if record.get("passed") or (failed and (bundle_dir / record.get("file", "")).is_file()):
             runners[name] = form_runner(bundle_dir / record["file"], name, record)
@@ -281,10 +287,13 @@ def time_forms(
                     run(x)
                 seconds[name].append((time.perf_counter() - start) / 5)
     speed = {name: round(len(x) / statistics.median(s), 1) for name, s in seconds.items()}
+    nchw, channels_last = speed.pop("eager"), speed.pop("eager_channels_last")
+    records["eager"] = {"passed": True, "channels_last": channels_last > nchw, "images_per_s": max(nchw, channels_last),
+                        "nchw_images_per_s": nchw, "channels_last_images_per_s": channels_last}  # fmt: skip
     for name, ips in speed.items():
-        if name in records:
-            records[name]["images_per_s"] = ips
-            records[name]["vs_eager"] = round(ips / speed["eager"], 2)
+        records[name]["images_per_s"] = ips
+        records[name]["vs_eager"] = round(ips / records["eager"]["images_per_s"], 2)
+    speed = {"eager": nchw, "eager channels-last": channels_last, **speed}
     print("  images/s at batch " + str(len(x)) + ": " + ", ".join(f"{n} {v:g}" for n, v in speed.items()), flush=True)
 
 
