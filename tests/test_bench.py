@@ -68,7 +68,8 @@ def test_make_bench_writes_every_key(trained_run: Path, tmp_path: Path) -> None:
     serve = part["median"]
     assert set(serve) == {"inprocess", "ours", "stock", "kserve"}
     assert part["default_form"] in ("eager", "onnx", "onnx-int8") and set(part["forward_ms"]["onnx"]) == {"b1", "b8"}
-    assert serve["kserve"]["c8"]["batch"] == 1  # KServe's server runs each request alone
+    assert 1 <= serve["kserve"]["c8"]["batch"] <= 8  # KServe's server batches as the model config says
+    assert part["during_explanations"]["kserve"]["ready"]["p99_ms"] > 0  # probes answered while saturated
     assert serve["kserve"]["c8"]["cores_busy"]["worker"] > 0  # its one process, found
     for name in ("ours", "kserve"):  # predictions measured while explanations ran, on both of our servers
         during = part["during_explanations"][name]

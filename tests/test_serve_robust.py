@@ -15,9 +15,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import EXPLAIN_CONFIG, ROOT, TINY_DATA, fit, real_server, sample_image
+import torch
+from helpers import EXPLAIN_CONFIG, ROOT, TINY_DATA, fit, post_with_headers, real_server, sample_image, scrape
 from PIL import Image
 
+from visionapp.bundle import load_bundle
 from visionapp.client.api import call, keys
 from visionapp.deploy.archive import build_archive
 from visionapp.deploy.local import LocalServer
@@ -47,7 +49,7 @@ GATHERING_EXPLAIN_CONFIG = (
 def gathering(
     request: pytest.FixtureRequest, trained_run: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalServer]:
-    """Each server with the small limits above (KServe's server does not batch: requests sent together queue)."""
+    """Each server with the small limits above; both batch by the config's batchSize and maxBatchDelay."""
     with real_server(request.param, trained_run, tmp_path_factory.mktemp("gathering"), model_config=GATHERING_CONFIG,
                      explain_config=GATHERING_EXPLAIN_CONFIG) as server:  # fmt: skip
         yield server
@@ -110,6 +112,50 @@ def test_odd_requests_fail_alone_in_their_batch(gathering: LocalServer, trained_
     assert answers[0][0] == 200 and answers[-1][0] == 200, answers
     for status, answer in answers[1:-1]:
         assert status == 400 and answer["type"] == "BadInput", (status, answer)  # type: ignore[index]
+
+
+def test_a_mixed_batch_answers_each_request_as_in_process(gathering: LocalServer, trained_run: Path) -> None:
+    """Eight different images sent together share one batch (1.5 s gathering) on both servers: each answer and its
+    out-of-distribution flag equal the in-process answer for that image alone; KServe's server counts the batch."""
+    files = sorted((Path(json.loads((trained_run / "metrics.json").read_text())["data_root"]) / "test").rglob("*.png"))
+    files = files[:: max(1, len(files) // 8)][:8]
+    before = _batches(gathering)
+    with ThreadPoolExecutor(len(files)) as pool:
+        answers = list(pool.map(lambda f: post_with_headers(gathering, f.read_bytes()), files))
+    bundle = load_bundle(trained_run / "bundle", runtime="auto")
+    for f, (status, headers, answer) in zip(files, answers, strict=True):
+        with torch.no_grad():
+            probs, _, flags = bundle.answer(bundle.transform.load(f)[None])
+        assert status == 200 and flags is not None
+        expected = dict(zip(bundle.class_names, probs[0].tolist(), strict=True))
+        for name, value in answer.items():  # type: ignore[union-attr]
+            assert value == pytest.approx(expected[name], abs=1e-4), f
+        assert headers["x-ood"] == ("true" if flags[0] else "false")
+    if gathering.server == "kserve":  # one forward pass (or two, where the eighth came after the first ran)
+        assert 1 <= _batches(gathering) - before <= 2
+
+
+def _batches(server: LocalServer) -> float:
+    """KServe's server's forward passes so far (its BatchesRun counter); TorchServe logs its batches instead."""
+    if server.server != "kserve":
+        return 0
+    return sum(v for (name, _), v in scrape(server).items() if name == "BatchesRun_total")
+
+
+def test_kserve_answers_probes_while_a_batch_is_gathered_and_run(gathering: LocalServer, trained_run: Path) -> None:
+    """Readiness, health, metadata and /metrics are answered while predictions wait for their batch: the event
+    loop hands predictions to the inference thread and never runs a forward pass itself."""
+    if gathering.server != "kserve":
+        pytest.skip("TorchServe's frontend answers its probes on its own threads")
+    image = sample_image(trained_run)
+    base = f"http://127.0.0.1:{gathering.port}"
+    with ThreadPoolExecutor(4) as pool:
+        pending = [pool.submit(gathering.post, image) for _ in range(4)]
+        time.sleep(0.3)  # sent, and gathering for 1.5 s
+        for path in ("/v2/models/classifier/ready", "/v2/health/live", "/v2/models/classifier", "/metrics"):
+            assert call(base + path, "")[0] == 200, path
+        assert not any(f.done() for f in pending)  # answered before any prediction was
+        assert all(f.result()[0] == 200 for f in pending)
 
 
 def test_limits_per_request_are_413_naming_the_limit(gathering: LocalServer, trained_run: Path) -> None:

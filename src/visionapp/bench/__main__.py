@@ -60,7 +60,13 @@ GOALS = {
     ),
     "serve.kserve_p50_vs_inprocess_c1_224px": Goal(1.15, "max", "KServe's model server may add what TorchServe may"),
     "serve.kserve_throughput_vs_torchserve_c8_224px": Goal(
-        0.8, "min", "KServe's server, which does not batch, against ours on TorchServe at concurrency 8"
+        1.0, "min", "KServe's server, batching in the serving core, against ours on TorchServe at concurrency 8"
+    ),
+    "serve.kserve_throughput_vs_inprocess_c8_224px": Goal(
+        0.8, "min", "KServe's batching recovers most of the in-process batch speed"
+    ),
+    "serve.kserve_ready_p99_ms_saturated": Goal(
+        100, "max", "readiness answered while the server is saturated: the event loop never runs a forward pass"
     ),
     "serve.predict_p50_during_explanations_vs_idle_224px": Goal(
         3.0, "max", "4 occlusion explanations in flight: a lone prediction at most 3x its idle p50 (2 shared cores)"
@@ -112,7 +118,7 @@ def ood_bench(run_dir: Path, image: Path, rounds: int, repeats: int = 200) -> di
     measured = json.loads((run_dir / "metrics.json").read_text()).get("ood")
     if not measured:
         raise SystemExit(f"{run_dir} has no out-of-distribution record (trained before the scores): make train")
-    bundle = load_bundle(run_dir / "bundle")
+    bundle = load_bundle(run_dir / "bundle", runtime="auto")  # the form the servers run
     x = bundle.transform(load_image(image))[None]
     contenders = {"with": lambda: bundle.answer(x), "without": lambda: bundle.probabilities(x)}
     seconds: dict[str, list[float]] = {name: [] for name in contenders}
@@ -128,7 +134,7 @@ def ood_bench(run_dir: Path, image: Path, rounds: int, repeats: int = 200) -> di
     with_, without = statistics.median(seconds["with"]), statistics.median(seconds["without"])
     return {
         "method": measured["method"], "threshold": measured["threshold"], "methods": measured["methods"],
-        "ms_with_score": with_ * 1e3, "ms_without": without * 1e3, "raw_seconds": seconds,
+        "ms_with_score": with_ * 1e3, "ms_without": without * 1e3, "raw_seconds": seconds, "form": bundle.form,
         "ood.auroc_far": measured["auroc_far"], "ood.auroc_near": measured["auroc_near"],
         "ood.auroc_near_vs_msp": measured["auroc_near"] / measured["methods"]["msp"]["auroc_near"],
         "ood.predict_with_score_vs_without": with_ / without,
@@ -248,7 +254,8 @@ def goal_keys(result: dict) -> dict:
     keys = {k: v for k, v in result["train"].items() if k in GOALS}
     serve = result["serve_224px"]
     keys.update({f"{k}_224px": v for k, v in serve.items() if f"{k}_224px" in GOALS})
-    keys["explain.response_bytes_vs_stock"] = serve["explain.response_bytes_vs_stock"]
+    for key in ("explain.response_bytes_vs_stock", "serve.kserve_ready_p99_ms_saturated"):  # as the part names them
+        keys[key] = serve.get(key, math.nan)
     keys["train.cache_loader_vs_file_loader_224px"] = result["train_224px"]["train.input_vs_input_files"]
     keys["explain.ig50_vs_passes"] = result["explain"]["methods"]["integrated_gradients"]["ratio"]
     int8 = result["forms"]["forms"].get("onnx-int8", {})  # its checks at the model's own size, on the test split

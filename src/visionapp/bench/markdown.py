@@ -212,7 +212,7 @@ def ood_section(result: dict) -> list[str]:
     return ["", "## Out of distribution: the trained run's scores side by side (its metrics.json)", "",
             *_table(["method", *keys], rows), "",
             f"A prediction with the score: {part['ms_with_score']:.2f} ms, without: {part['ms_without']:.2f} ms "
-            "(one image, in process, the model's own size)."]  # fmt: skip
+            f"(one image, in process, the model's own size, the {part.get('form', 'eager')} form)."]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ does. Contenders, alternated within each of --rounds rounds:
              request for latency; a batch of min(c, batchSize) requests for throughput at concurrency c
   ours       our .mar in TorchServe (make serve-bg), HTTP from a keep-alive load generator on loopback
   kserve     the same bundle and model config in KServe's Python model server (make serve-bg SERVER=kserve),
-             the same serving core; it does not batch requests (KServe's batcher is a separate sidecar)
+             the same serving core, batching by the same model config's batchSize and maxBatchDelay
   stock      TorchServe's built-in `image_classifier` handler serving the same state_dict (a model file
              for the architecture, index_to_name.json; its own Resize(256)/CenterCrop(224) preprocessing),
              with the same model-config.yaml and server config: the peer users would start from
@@ -23,9 +23,10 @@ Each server first answers --warmup requests (default 1000): the JVM compiles Tor
 first thousands of requests, and a cold frontend is not what a running service has.
 Latency p50/p90/p99 at concurrency 1 (request by request, contenders in turn), throughput and p50/p99 latency
 at each --concurrency (blocks of requests, contenders in turn); CPU seconds of the server's
-frontend, worker and the client during each served measurement, and the mean batch TorchServe formed;
-the size of one /explanations answer; the forward pass alone in process at batch 1 and the serving batch size:
-eager (NCHW and channels-last) and each exported form, failed ones included (their records say so).
+frontend, worker and the client during each served measurement, and the mean batch each server formed;
+the size of one /explanations answer; a readiness probe's latency while each of our servers is saturated; the
+forward pass alone in process at batch 1 and the serving batch size: eager (NCHW and channels-last) and each
+exported form, failed ones included (their records say so).
 """
 
 from __future__ import annotations
@@ -210,10 +211,15 @@ class Server(LocalServer):
         self.answered = 0  # requests sent by load(): KServe's server runs each alone
 
     def batches(self) -> int:
-        """Batches the model has run so far: TorchServe's worker logs one line per batch; KServe's server runs
-        one per request."""
+        """Batches the model has run so far: TorchServe's worker logs one line per batch; KServe's server counts
+        them on its /metrics (BatchesRun)."""
         if self.server == "kserve":
-            return self.answered
+            conn = http.client.HTTPConnection("127.0.0.1", self.metrics_port, timeout=30)
+            conn.request("GET", "/metrics")
+            text = conn.getresponse().read().decode()
+            conn.close()
+            return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                           if line.startswith("BatchesRun_total{")))  # fmt: skip
         log = self.dir / "model_log.log"
         return log.read_text().count("Backend received inference") if log.exists() else 0
 
@@ -300,7 +306,7 @@ def measure_round(handle, servers: dict[str, Server], body: bytes, args: argpars
     return out
 
 
-def during_explanations(server: Server, body: bytes, requests: int, explanations: int = 4) -> dict[str, float]:
+def during_explanations(server: Server, body: bytes, requests: int, explanations: int = 4) -> dict[str, Any]:
     """Prediction latency at concurrency 1, idle and while `explanations` occlusion explanations are in flight
     (sent at once; the predictions counted are those answered before the first explanation finished)."""
     predict = server.request_once(body)
@@ -321,6 +327,32 @@ def during_explanations(server: Server, body: bytes, requests: int, explanations
             f.result()
     return {"idle_p50_ms": percentile(idle, 50) * 1e3, "during_p50_ms": percentile(during, 50) * 1e3,
             "during_requests": len(during), "explained": sum(s == 200 for _, s in done)}  # fmt: skip
+
+
+def ready_latency(server: Server, body: bytes, probes: int = 50, concurrency: int = 16) -> dict[str, float]:
+    """A readiness probe's latency (ms) while the server is saturated at `concurrency`: KServe's
+    /v2/models/<name>/ready, TorchServe's /ping (its frontend wants the key on every path), one every 20 ms."""
+    path = f"/v2/models/{server.model}/ready" if server.server == "kserve" else "/ping"
+    with ThreadPoolExecutor(1) as pool:
+        load = pool.submit(server.load, body, requests=max(64, concurrency * 20), concurrency=concurrency)
+        time.sleep(1.0)  # the load running, batches full
+        seconds = []
+        for _ in range(probes):
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+            start = time.perf_counter()
+            conn.request("GET", path, headers={"Authorization": f"Bearer {server.key}"} if server.key else {})
+            response = conn.getresponse()
+            response.read()
+            status = response.status
+            seconds.append(time.perf_counter() - start)
+            conn.close()
+            if status != 200:
+                raise SystemExit(f"{server.model}: {path} answered {status} under load")
+            time.sleep(0.02)
+        saturated = not load.done()  # the probes were answered while the load ran
+        load.result()
+    return {"p50_ms": percentile(seconds, 50) * 1e3, "p99_ms": percentile(seconds, 99) * 1e3,
+            "during_load": saturated}  # fmt: skip
 
 
 def response_bytes(servers: dict[str, Server], body: bytes) -> dict[str, int]:
@@ -369,10 +401,11 @@ def run(args: argparse.Namespace) -> dict:
         rounds, explain_bytes, during = measure_servers(args, body, mar, staging, stock_mar, tmpdir)
         # the forward alone, with the servers stopped: eager and each form
         forward_ms = form_times(staging, records, (1, MODEL_CONFIG["batchSize"]), args.rounds)
+        image_size = json.loads((staging / "model.json").read_text())["image_size"]
     median = nest({k: statistics.median(r[k] for r in rounds) for k in rounds[0]})
     spread = nest({k: [min(r[k] for r in rounds), max(r[k] for r in rounds)] for k in rounds[0]})
-    settings = {"image": args.image, "bundle": args.bundle, "image_size": json.loads(
-        (staging / "model.json").read_text())["image_size"], "rounds": args.rounds, "warmup": args.warmup,
+    settings = {"image": args.image, "bundle": args.bundle, "image_size": image_size, "rounds": args.rounds,
+        "warmup": args.warmup,
         "requests": args.requests, "concurrency": args.concurrency, "forms": args.forms, "skip": args.skip,
         "variants": dict(args.variant)}  # fmt: skip
     return {"median": median, "spread": spread, "explanation_response_bytes": explain_bytes,
@@ -405,6 +438,8 @@ def ratios(median: dict, during: dict, explain_bytes: dict, forward_ms: dict, de
         kserve = median["kserve"]
         out["serve.kserve_p50_vs_inprocess_c1"] = kserve["latency_ms"]["p50"] / inprocess["latency_ms"]["p50"]
         out["serve.kserve_throughput_vs_torchserve_c8"] = kserve["c8"]["images_per_s"] / ours["c8"]["images_per_s"]
+        out["serve.kserve_throughput_vs_inprocess_c8"] = kserve["c8"]["images_per_s"] / inprocess["c8"]["images_per_s"]
+        out["serve.kserve_ready_p99_ms_saturated"] = during["kserve"]["ready"]["p99_ms"]
         out["serve.kserve_predict_p50_during_explanations_vs_idle"] = (
             during["kserve"]["during_p50_ms"] / during["kserve"]["idle_p50_ms"]
         )
@@ -435,8 +470,14 @@ def measure_servers(
         handle([{"body": body}] * 8)
         rounds = [leaves(measure_round(handle, servers, body, args, seed=i)) for i in range(args.rounds)]
         # predictions while explanations run, on our two servers (after the rounds: explanations load the CPU)
-        during = {name: during_explanations(servers[name], body, args.requests) for name in ("ours", "kserve")
-                  if name in servers}  # fmt: skip
+        during: dict[str, dict[str, Any]] = {
+            name: during_explanations(servers[name], body, args.requests)
+            for name in ("ours", "kserve")
+            if name in servers
+        }
+        for name in ("ours", "kserve"):  # readiness probes while each of our servers is saturated
+            if name in servers:
+                during[name]["ready"] = ready_latency(servers[name], body)
         return rounds, response_bytes({n: s for n, s in servers.items() if n in ("ours", "stock")}, body), during
 
 

@@ -19,8 +19,11 @@ import base64
 import logging
 import math
 import os
+import queue
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -307,3 +310,48 @@ class _NoMetrics:
 
 
 NO_METRICS: Metrics = _NoMetrics()
+
+
+class Batcher:
+    """Dynamic batching for a server that hands over requests one at a time (KServe's): requests arriving within
+    `max_delay` seconds of the first one waiting run as one forward pass of up to `batch_size` requests (the
+    model config's batchSize and maxBatchDelay, the keys TorchServe batches by), each answered or failed alone;
+    a lone request waits no longer than the delay. One inference thread runs every batch: it owns torch (its thread
+    pool, set once by the core), so the thread that submits (an event loop) never runs a forward pass and stays free
+    to answer probes and read other requests' bodies."""
+
+    def __init__(self, core: ServingCore, metrics: Metrics, batch_size: int, max_delay: float) -> None:
+        self.core, self.metrics = core, metrics
+        self.batch_size, self.max_delay = max(1, batch_size), max(0.0, max_delay)
+        self.waiting: queue.SimpleQueue[tuple[Request, Future]] = queue.SimpleQueue()
+        self.batches = 0  # forward passes run, for the bench's mean batch
+        self.thread = threading.Thread(target=self._run, name="inference", daemon=True)
+        self.thread.start()
+
+    def submit(self, req: Request) -> Future:
+        """The request's answer (its answers, or its Failure), once its batch has run."""
+        future: Future = Future()
+        self.waiting.put((req, future))
+        return future
+
+    def _gather(self) -> list[tuple[Request, Future]]:
+        batch = [self.waiting.get()]
+        deadline = time.monotonic() + self.max_delay
+        while len(batch) < self.batch_size:
+            try:  # those already waiting at once; then until the first one's delay is up
+                batch.append(self.waiting.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                break
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._gather()
+            try:
+                answers = self.core.predict([req for req, _ in batch], self.metrics)
+            except Exception as e:  # predict answers per request; anything else fails this batch, not the thread
+                answers = [self.core.failure(e, self.metrics)] * len(batch)
+            self.batches += 1
+            self.metrics.add("BatchesRun", 1, "count")  # forward passes: requests per batch, from /metrics
+            for (_, future), answer in zip(batch, answers, strict=True):
+                future.set_result(answer)

@@ -11,9 +11,10 @@ with a raw image or this project's JSON body), Prometheus metrics on `/metrics`,
 
 KServe's server has no token authorisation: locally it listens on loopback only (`--host`; upstream binds every
 interface, which is what a pod needs), in a cluster a NetworkPolicy admits only the ingress (make k8s). Ready
-(`/v2/health/ready`) only once the model has loaded and answered a warm-up prediction. Predictions are not
-batched (KServe's batcher is a separate sidecar): each runs alone on the event loop's thread, as KServe runs a
-sync predict, so a probe waits at most one prediction. Explanations run apart, in explainer processes of their own
+(`/v2/health/ready`) only once the model has loaded and answered a warm-up prediction. Predictions are batched
+in the serving core (`Batcher`: the model config's batchSize and maxBatchDelay, as TorchServe reads them) and run
+on one inference thread; the event loop only moves bytes, so probes, metadata and other requests' bodies are
+answered while the model works. Explanations run apart, in explainer processes of their own
 (--explain-config: minWorkers processes of torchThreads threads each), so that they never hold up a prediction;
 when maxExplanationsWaiting explanations already wait, another is answered 503 at once with Retry-After.
 """
@@ -23,12 +24,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextvars
+import functools
 import hmac
 import logging
 import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
 from pathlib import Path
@@ -46,7 +49,7 @@ from kserve.protocol.infer_type import InferRequest, InferResponse, to_http_para
 from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 from prometheus_client import Counter, Gauge, Histogram
 
-from visionapp.serve.core import Admission, Failure, Metrics, ServingCore
+from visionapp.serve.core import Admission, Batcher, Failure, Metrics, ServingCore
 from visionapp.serve.inputs import (
     V2_EXAMPLE,
     BadInput,
@@ -57,6 +60,7 @@ from visionapp.serve.inputs import (
     parse_request,
     parse_v2,
     v2_body,
+    worker_threads,
 )
 
 log = logging.getLogger(__name__)
@@ -148,6 +152,8 @@ class ClassifierModel(kserve.Model):
         self.explain_limits = Limits.from_model_config(self.explain_config or model_config)
         self.admission = Admission(self.explain_workers, self.explain_limits.max_explanations_waiting)
         self.core: ServingCore | None = None
+        self.batcher: Batcher | None = None
+        self.decoders: ThreadPoolExecutor | None = None
         # the two queues apart: requests admitted and not yet answered, by endpoint; explanations refused when full
         self.in_flight = Gauge("ExplanationsInFlight", "explanations admitted (running or waiting)", ["ModelName"])
         self.refused = Counter("ExplanationsRefused", "explanations answered 503: the queue was full", ["ModelName"])
@@ -158,6 +164,11 @@ class ClassifierModel(kserve.Model):
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.core = ServingCore(self.bundle, device, self.model_config, self.name, self.version)
         self.core.warm_up()
+        # decoding on the cores torch leaves (at least one thread), predictions on the batcher's inference thread
+        self.decoders = ThreadPoolExecutor(max(1, worker_threads(1) - torch.get_num_threads()), "decode")
+        # TorchServe's batching keys, from the same model config: one config sizes both servers
+        self.batcher = Batcher(self.core, self.metrics, int(self.model_config.get("batchSize", 1)),
+                               float(self.model_config.get("maxBatchDelay", 0)) / 1000)  # fmt: skip
         # explanation requests are decoded here, to the size the model and the overlay need, before they travel
         self.explain_limits = replace(self.explain_limits, decode_side=self.core.limits.decode_side)
         self.explainers = self._start_explainers()
@@ -201,10 +212,10 @@ class ClassifierModel(kserve.Model):
     # --- predictions: v2 (InferRequest), v1 and the project's own API (a request row) -------------------------------
     async def predict(self, payload: Any, headers: dict[str, str] | None = None) -> Any:
         if isinstance(payload, InferRequest):
-            req = parse_v2(_v2_body(payload), self._core.limits)
+            req = await self._decode(parse_v2, _v2_body(payload), self._core.limits)
             answers = await self._predict(req, "predictions")
             return InferResponse.from_rest(self._core.v2_answer(req, answers))
-        req = parse_request({"body": payload}, _options(headers), self._core.limits)
+        req = await self._decode(parse_request, {"body": payload}, _options(headers), self._core.limits)
         return {"predictions": await self._predict(req, "predictions")}
 
     async def predict_v2(self, body: bytes, headers: dict[str, str]) -> ORJSONResponse:
@@ -218,23 +229,21 @@ class ClassifierModel(kserve.Model):
         if request is None:
             failure = self._core.failure(BadInput(f"not an inference request: {V2_EXAMPLE}"), self.metrics)
             raise ServingError(failure)
-        req = parse_v2(request, self._core.limits)
+        req = await self._decode(parse_v2, request, self._core.limits)
         answers = await self._predict(req, "predictions")
         return ORJSONResponse(self._core.v2_answer(req, answers))
 
     async def predict_native(self, row: dict[str, Any], headers: dict[str, str]) -> ORJSONResponse:
         """POST /predictions/<name>: TorchServe's answer, one object per image or a list for several, and the
         out-of-distribution headers."""
-        req = parse_request(row, headers, self._core.limits)
+        req = await self._decode(parse_request, row, headers, self._core.limits)
         answers = await self._predict(req, "predictions", native=True)
         return ORJSONResponse(answers if req.many else answers[0], headers=self._core.ood_headers(req))
 
     async def _predict(self, req: Request, endpoint: str, native: bool = False) -> list[dict[str, float]]:
         self._check(req, endpoint, native)
-        # On the event loop's own thread, as KServe runs a sync predict: handing it to another thread cost 9-10 ms
-        # a request at 224 px (that thread's OpenMP team against the loop's on 2 cores; docs/performance.md). So
-        # predictions have no queue of their own to count: the ones waiting wait at the socket.
-        (answer,) = self._core.predict([req], self.metrics)
+        # Batched with the requests arriving meanwhile, on the inference thread: the event loop only moves bytes
+        answer = await asyncio.wrap_future(self._batcher.submit(req))
         if isinstance(answer, Failure):
             raise ServingError(answer, native)
         return answer
@@ -276,6 +285,17 @@ class ClassifierModel(kserve.Model):
         if self.core is None:
             raise RuntimeError("the model is not loaded")
         return self.core
+
+    async def _decode(self, parse: Callable[..., Request], *args: Any) -> Request:
+        """A request parsed and its images decoded on the decoding threads (Pillow lets go of the GIL while it
+        decodes): the event loop only moves bytes."""
+        return await asyncio.get_running_loop().run_in_executor(self.decoders, functools.partial(parse, *args))
+
+    @property
+    def _batcher(self) -> Batcher:
+        if self.batcher is None:
+            raise RuntimeError("the model is not loaded")
+        return self.batcher
 
 
 def _v2_body(r: InferRequest) -> dict[str, Any]:
