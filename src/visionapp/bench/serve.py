@@ -105,7 +105,7 @@ def stock_archive(bundle: Path, out: Path, name: str = "stock") -> Path:
 def staged_bundle(bundle: Path, staging: Path, **changes: Any) -> Path:
     """An eager copy of `bundle` in `staging`: its weights and out-of-distribution files linked, model.json with
     `changes` and without exported forms (an export is tied to its input size: the bench exports its own), the
-    run's test-file list beside it (what an export checks itself on)."""
+    run's test-file list and metrics beside it (what an export checks itself on and calibrates with)."""
     staging.mkdir(parents=True)
     for f in (
         bundle / "model.pt",
@@ -114,8 +114,9 @@ def staged_bundle(bundle: Path, staging: Path, **changes: Any) -> Path:
         (staging / f.name).symlink_to(f.resolve())
     meta = {k: v for k, v in json.loads((bundle / "model.json").read_text()).items() if k not in ("compiled", "forms")}
     (staging / "model.json").write_text(json.dumps({**meta, **changes}, indent=2))
-    if (bundle.parent / TEST_FILES).is_file():
-        (staging.parent / TEST_FILES).symlink_to((bundle.parent / TEST_FILES).resolve())
+    for name in (TEST_FILES, "metrics.json"):  # the run's test split, and its data (validation images, OOD sets)
+        if (bundle.parent / name).is_file():
+            (staging.parent / name).symlink_to((bundle.parent / name).resolve())
     return staging
 
 
