@@ -210,10 +210,11 @@ def test_a_new_run_is_served_not_the_old_archive(shapes_root: Path, tmp_path: Pa
         "--trainer.fast_dev_run=true",
     ]
     fit(runs, *tiny, "--run_name=first")
-    archive = ["make", "-s", "archive", f"RUN={runs / 'latest'}", f"MODEL_STORE={store}"]
+    onnx = "EXPORT_ARGS=--forms onnx"  # make archive exports a run without forms first: the quick form here
+    archive = ["make", "-s", "archive", f"RUN={runs / 'latest'}", f"MODEL_STORE={store}", onnx]
     subprocess.run(archive, cwd=ROOT, check=True, capture_output=True, timeout=300)  # the first run's .mar
     second = fit(runs, *tiny, "--run_name=second")
-    with LocalServer(store, tmp_path / "serve", "classifier", f"RUN={runs / 'latest'}") as server:
+    with LocalServer(store, tmp_path / "serve", "classifier", f"RUN={runs / 'latest'}", onnx) as server:
         assert _served_version(server) == second.name  # make serve-bg rebuilt the archive: runs/latest moved
 
 
