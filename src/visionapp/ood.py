@@ -71,6 +71,17 @@ def knn_scores(bank: torch.Tensor, features: torch.Tensor, k: int) -> torch.Tens
     return (2 - 2 * similar).clamp_min(0).sqrt()
 
 
+def method_scores(
+    method: str, logits: torch.Tensor, features: torch.Tensor, bank: torch.Tensor | None, k: int, temperature: float
+) -> torch.Tensor:
+    """Scores by method name from one pass's logits and features: knn against `bank`, else a logit score."""
+    if method == "knn":
+        if bank is None:
+            raise ValueError("knn needs the training features it compares with")
+        return knn_scores(bank, features, k)
+    return scores(logits, method, temperature)
+
+
 def auroc(in_scores: torch.Tensor, out_scores: torch.Tensor) -> float:
     """How often an out-of-distribution image scores above an in-distribution one, ties counted half (1.0: always,
     0.5: chance): the area under the ROC curve as the Mann-Whitney statistic, compared pair by pair in chunks."""

@@ -52,8 +52,7 @@ from visionapp.bundle import (
 )
 from visionapp.errors import UserError, run_main
 from visionapp.forms import ONNX_FILES, OUTPUTS, WithFeatures, fastest
-from visionapp.ood import auroc, fit_threshold, knn_scores, logits_and_features
-from visionapp.ood import scores as ood_scores
+from visionapp.ood import auroc, fit_threshold, logits_and_features, method_scores
 
 TOLERANCE = 1e-4
 INT8_CHECKS = {"agreement": 0.99, "accuracy_points": 0.5, "auroc": 0.01}  # int8's checks against the eager model
@@ -235,14 +234,12 @@ def check_int8(bundle: Bundle, eager: torch.nn.Module, form: Runner, images: Ima
         reasons.append(f"accuracy {out['accuracy']:.2%} vs eager {out['eager_accuracy']:.2%}")
     record = bundle.ood
     if record is not None:
-        bank = bundle.ood_bank if bundle.ood_bank is not None else torch.empty(0)
-        score = lambda p: (knn_scores(bank, p[1], record.k or 1) if record.method == "knn"  # noqa: E731
-                           else ood_scores(p[0], record.method, bundle.temperature))  # fmt: skip
+        score = lambda p: method_scores(record.method, p[0], p[1], bundle.ood_bank, record.k or 1,  # noqa: E731
+                                        bundle.temperature)  # fmt: skip
         sets = [n for n in passes if n not in ("test", "val")]
-        out["eager_auroc"] = {
-            n: round(auroc(score(passes["test"]["eager"]), score(passes[n]["eager"])), 4) for n in sets
-        }
-        out["auroc"] = {n: round(auroc(score(passes["test"]["form"]), score(passes[n]["form"])), 4) for n in sets}
+        for key, which in (("eager_auroc", "eager"), ("auroc", "form")):
+            inside = score(passes["test"][which])  # the test split scored once, against each set
+            out[key] = {n: round(auroc(inside, score(passes[n][which])), 4) for n in sets}
         reasons += [f"AUROC {n} {out['auroc'][n]:.3f} vs eager {out['eager_auroc'][n]:.3f}" for n in sets
                     if abs(out["auroc"][n] - out["eager_auroc"][n]) > limits["auroc"]]  # fmt: skip
         if "val" in passes:  # the flag's threshold on the form's own scores, at the run's acceptance

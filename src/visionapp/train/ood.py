@@ -30,9 +30,8 @@ from visionapp.ood import (
     OODRecord,
     auroc,
     fit_threshold,
-    knn_scores,
     logits_and_features,
-    scores,
+    method_scores,
 )
 
 KNN_K = 10
@@ -84,7 +83,7 @@ def scorer(bank: torch.Tensor, temperature: float) -> Scorer:
     """Scores of a pass by method name: knn against `bank`, the logit scores at the calibration `temperature`."""
 
     def score(method: str, p: Pass) -> torch.Tensor:
-        return knn_scores(bank, p.features, KNN_K) if method == "knn" else scores(p.logits, method, temperature)
+        return method_scores(method, p.logits, p.features, bank, KNN_K, temperature)
 
     return score
 
