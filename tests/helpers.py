@@ -30,7 +30,7 @@ TINY_DATA = [
     "--data.init_args.num_train=1500",
     "--data.init_args.num_val=100",
     "--data.init_args.num_test=100",
-    "--data.init_args.num_workers=0",
+    "--data.init_args.loader.num_workers=0",
 ]
 
 

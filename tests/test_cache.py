@@ -12,13 +12,14 @@ from scipy import stats
 from test_data import _folder, _image
 
 from visionapp.train.cache import DeviceLoader, ImageCache
-from visionapp.train.data import DataError, FolderDataModule, TorchvisionDataModule, train_cache_size
+from visionapp.train.data import DataError, FolderDataModule, LoaderConfig, TorchvisionDataModule, train_cache_size
 from visionapp.transforms import TrainPreset
 
 
-def _module(root: Path, tmp_path: Path, **kw) -> FolderDataModule:
-    kw = {"val_fraction": 0.2, "test_fraction": 0.2, "image_size": 24, "num_workers": 0, "batch_size": 4, **kw}
-    return FolderDataModule(root, cache_dir=str(tmp_path / "cache"), **kw)
+def _module(root: Path, tmp_path: Path, **loader) -> FolderDataModule:
+    """A small FolderDataModule; `loader` sets LoaderConfig fields (no workers, the test's cache folder by default)."""
+    config = LoaderConfig(**{"num_workers": 0, "cache_dir": str(tmp_path / "cache"), **loader})
+    return FolderDataModule(root, val_fraction=0.2, test_fraction=0.2, image_size=24, batch_size=4, loader=config)
 
 
 def _cache_files(tmp_path: Path) -> dict[str, int]:
@@ -67,15 +68,15 @@ def test_a_corrupt_image_is_named_and_the_previous_cache_survives(tmp_path: Path
 
 
 def test_loader_device_needs_the_cache() -> None:
-    with pytest.raises(DataError, match=r"loader=device.*cache"):
-        FolderDataModule("x", loader="device", cache=False)
+    with pytest.raises(DataError, match=r"loader.mode=device.*cache"):
+        LoaderConfig(mode="device", cache=False)
     with pytest.raises(DataError, match="'gpu' is not one of"):
-        FolderDataModule("x", loader="gpu")  # type: ignore[arg-type]
+        LoaderConfig(mode="gpu")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("loader, cache", [("workers", True), ("device", True), ("workers", False)])
 def test_every_path_gives_batches_of_the_same_kind(tmp_path: Path, loader: str, cache: bool) -> None:
-    dm = _module(_folder(tmp_path / "pets", n=10), tmp_path, loader=loader, cache=cache)
+    dm = _module(_folder(tmp_path / "pets", n=10), tmp_path, mode=loader, cache=cache)
     dm.setup("fit")
     assert dm.loader_path("train") == loader
     for dl in (dm.train_dataloader(), dm.val_dataloader()):
@@ -146,7 +147,9 @@ def test_the_batched_augmentation_draws_from_the_per_image_distribution() -> Non
 
 def test_a_torchvision_set_is_cached_too(tmp_path: Path) -> None:
     """Data sets without files (CIFAR-10's arrays; here `fake`, its shape) are keyed by name, split and items."""
-    dm = TorchvisionDataModule("fake", root=str(tmp_path / "tv"), image_size=32, num_workers=0, batch_size=16)
+    dm = TorchvisionDataModule(
+        "fake", root=str(tmp_path / "tv"), image_size=32, loader=LoaderConfig(num_workers=0), batch_size=16
+    )
     dm.prepare_data()
     dm.setup("fit")
     assert {k: len(c) for k, c in dm.caches.items()} == {"train": 180, "val": 20, "test": 50}

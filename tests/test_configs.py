@@ -40,7 +40,7 @@ def tiny_args(config: Path, tmp: Path, photos: Path) -> list[str]:
         "TorchvisionDataModule": ["--data.init_args.name=fake"],  # CIFAR-10's shape, no download
     }  # fmt: skip
     args = [*by_data[data], "--data.init_args.image_size=32", "--data.init_args.batch_size=8"]
-    args += ["--data.init_args.num_workers=0", "--model.weights=null", "--trainer.enable_model_summary=false"]
+    args += ["--data.init_args.loader.num_workers=0", "--model.weights=null", "--trainer.enable_model_summary=false"]
     # Two epochs at least, and past every epoch milestone a callback declares (a backbone thaw).
     milestones = [c.get("init_args", {}).get("unfreeze_backbone_at_epoch", 0) for c in cfg["trainer"]["callbacks"]]
     args += [f"--trainer.max_epochs={max(2, max(milestones) + 1)}", "--trainer.log_every_n_steps=1"]
@@ -85,7 +85,7 @@ def test_a_run_resumed_after_the_thaw_trains_as_the_uninterrupted_run(tmp_path: 
         f"--data.init_args.root={photos_root}",
         "--data.init_args.image_size=32",
         "--data.init_args.batch_size=8",
-        "--data.init_args.num_workers=0",
+        "--data.init_args.loader.num_workers=0",
         "--trainer.max_epochs=3",
         "--trainer.log_every_n_steps=1",
         "--model.scheduler.init_args.warmup_fraction=0.25",  # the backbone's warm-up spans steps: visible below

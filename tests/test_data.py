@@ -7,8 +7,10 @@ import torch
 from PIL import Image
 
 from visionapp import shapes
-from visionapp.train.data import DataError, FolderDataModule, ShapesDataModule, TorchvisionDataModule
+from visionapp.train.data import DataError, FolderDataModule, LoaderConfig, ShapesDataModule, TorchvisionDataModule
 from visionapp.transforms import EvalPreset, load_image
+
+NO_WORKERS = LoaderConfig(num_workers=0)
 
 
 def _image(path: Path, colour: tuple[int, int, int] = (200, 10, 10)) -> None:
@@ -25,7 +27,7 @@ def _folder(root: Path, classes: tuple[str, ...] = ("cat", "dog"), n: int = 6) -
 
 def test_single_folder_is_split_by_seeded_fractions(tmp_path: Path) -> None:
     dm = FolderDataModule(
-        _folder(tmp_path / "pets", n=10), val_fraction=0.2, test_fraction=0.1, image_size=32, num_workers=0
+        _folder(tmp_path / "pets", n=10), val_fraction=0.2, test_fraction=0.1, image_size=32, loader=NO_WORKERS
     )
     assert dm.class_names == ["cat", "dog"]
     dm.setup("fit")
@@ -100,7 +102,7 @@ def test_unknown_torchvision_set_lists_valid_ones() -> None:
 
 
 def test_shapes_module_generates_once(tmp_path: Path) -> None:
-    dm = ShapesDataModule(tmp_path / "s", num_train=10, num_val=5, num_test=5, image_size=48, num_workers=0)
+    dm = ShapesDataModule(tmp_path / "s", num_train=10, num_val=5, num_test=5, image_size=48, loader=NO_WORKERS)
     dm.prepare_data()
     stamp = (tmp_path / "s" / "shapes.json").stat().st_mtime_ns
     dm.prepare_data()
@@ -117,7 +119,7 @@ def test_eval_batches_equal_the_bundles_preprocessing(tmp_path: Path, loader: st
     """Loader (uint8) + on-device normalisation gives exactly what EvalPreset, used by explain/ and serve/,
     gives for the same files: one preprocessing, split between the loader (or the cache) and the device."""
     dm = FolderDataModule(_folder(tmp_path / "d", n=6), val_fraction=0.5, test_fraction=0.2, image_size=24,
-                          num_workers=0, batch_size=4, loader=loader, cache=cache)  # type: ignore[arg-type]  # fmt: skip
+                          batch_size=4, loader=LoaderConfig(mode=loader, num_workers=0, cache=cache))  # type: ignore[arg-type]  # fmt: skip
     dm.setup("fit")
     x, _ = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())))
     files = dm.split_files("val")[:4]
@@ -148,7 +150,7 @@ def test_no_image_is_in_two_splits(tmp_path: Path, layout: str) -> None:
     else:
         _folder(root / "train", n=20)
         _folder(root / "val", n=5)
-    dm = FolderDataModule(root, val_fraction=0.2, test_fraction=0.2, image_size=32, num_workers=0)
+    dm = FolderDataModule(root, val_fraction=0.2, test_fraction=0.2, image_size=32, loader=NO_WORKERS)
     dm.setup("fit")
     files = {split: dm.split_files(split) for split in ("train", "val", "test")}
     assert all(files.values())

@@ -12,7 +12,7 @@ import torch
 from helpers import ROOT
 
 from visionapp.bundle import load_bundle
-from visionapp.train.data import ShapesDataModule
+from visionapp.train.data import LoaderConfig, ShapesDataModule
 
 
 @pytest.mark.slow
@@ -20,8 +20,8 @@ def test_two_process_ddp_through_torchx_writes_a_valid_run(tmp_path: Path, shape
     runs = tmp_path / "runs"
     args = (
         f"--data.init_args.root={shapes_root} --data.init_args.image_size=64 --data.init_args.num_train=256 "
-        "--data.init_args.num_val=100 --data.init_args.num_test=100 --data.init_args.num_workers=0 "
-        "--data.init_args.loader=device "  # our own sharding (the workers path shards by Lightning's sampler)
+        "--data.init_args.num_val=100 --data.init_args.num_test=100 --data.init_args.loader.num_workers=0 "
+        "--data.init_args.loader.mode=device "  # our own sharding (the workers path shards by Lightning's sampler)
         f"--model.weights=null --trainer.max_epochs=1 --trainer.enable_model_summary=false --runs_dir={runs}"
     )
     proc = subprocess.run(
@@ -34,7 +34,7 @@ def test_two_process_ddp_through_torchx_writes_a_valid_run(tmp_path: Path, shape
     # val_acc is that of the whole validation split (metrics synced across ranks), not one rank's half:
     # the bundle (the best checkpoint's weights) re-evaluated on all 100 images in this process agrees.
     bundle = load_bundle(run / "bundle")
-    dm = ShapesDataModule(shapes_root, image_size=64, num_val=100, num_workers=0, batch_size=50)
+    dm = ShapesDataModule(shapes_root, image_size=64, num_val=100, loader=LoaderConfig(num_workers=0), batch_size=50)
     dm.setup("fit")
     correct = total = 0
     with torch.no_grad():

@@ -24,7 +24,7 @@ from PIL import Image
 from visionapp import imagefiles
 from visionapp.bundle import INCOMPLETE, IncompleteRun, load_bundle
 from visionapp.deploy.archive import build_archive
-from visionapp.train.data import DataError, FolderDataModule
+from visionapp.train.data import DataError, FolderDataModule, LoaderConfig
 from visionapp.train.model import build_model
 from visionapp.transforms import load_image
 
@@ -71,7 +71,9 @@ def test_one_rule_finds_classes_and_images_everywhere(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_a_messy_folder_trains_with_every_label_right(tmp_path: Path) -> None:
     root = messy_folder(tmp_path / "photos")
-    dm = FolderDataModule(root, image_size=32, batch_size=4, num_workers=0, cache_dir=str(tmp_path / "cache"))
+    dm = FolderDataModule(
+        root, image_size=32, batch_size=4, loader=LoaderConfig(num_workers=0, cache_dir=str(tmp_path / "cache"))
+    )
     assert dm.class_names == list(CLASSES)
     dm.prepare_data()
     dm.setup("fit")
@@ -82,8 +84,8 @@ def test_a_messy_folder_trains_with_every_label_right(tmp_path: Path) -> None:
         assert [CLASSES[y] for y in labels] == folders
     run = fit(
         tmp_path / "runs", "--config=configs/train.yaml", "--config=configs/folder.yaml",
-        f"--data.init_args.root={root}", "--data.init_args.image_size=32", "--data.init_args.num_workers=0",
-        f"--data.init_args.cache_dir={tmp_path / 'c'}", "--trainer.max_epochs=1", "--run_name=messy",
+        f"--data.init_args.root={root}", "--data.init_args.image_size=32", "--data.init_args.loader.num_workers=0",
+        f"--data.init_args.loader.cache_dir={tmp_path / 'c'}", "--trainer.max_epochs=1", "--run_name=messy",
     )  # fmt: skip
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["class_names"] == list(CLASSES) and not (run / INCOMPLETE).exists()
@@ -116,7 +118,7 @@ def test_data_errors_are_one_line_with_exit_status_2(tmp_path: Path) -> None:
     assert r.returncode != 0 and "Traceback" in r.stderr and "DataError" in r.stderr  # --debug shows it
     root = messy_folder(tmp_path / "broken")
     (root / "train" / "bees" / "IMG_0001.jpg").write_bytes(b"not a JPEG")
-    r = cli(f"--data.init_args.root={root}", f"--data.init_args.cache_dir={tmp_path / 'c'}", "--run_name=x",
+    r = cli(f"--data.init_args.root={root}", f"--data.init_args.loader.cache_dir={tmp_path / 'c'}", "--run_name=x",
             f"--runs_dir={tmp_path / 'runs'}")  # fmt: skip
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "IMG_0001.jpg cannot be read as an image" in r.stderr and "delete or replace" in r.stderr

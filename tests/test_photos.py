@@ -29,7 +29,7 @@ def test_photos_train_explain_archive_and_serve(photos_root: Path, tmp_path: Pat
         shapes.render_other("plasma", i, seed=3, size=80).save(elsewhere / f"img_{i}.jpg")
     args = (
         f"--data.init_args.root={photos_root} --data.init_args.image_size=64 --data.init_args.batch_size=8 "
-        f"--data.init_args.num_workers=0 --model.weights=null --trainer.max_epochs=2 --runs_dir={runs} "
+        f"--data.init_args.loader.num_workers=0 --model.weights=null --trainer.max_epochs=2 --runs_dir={runs} "
         f"--data.init_args.ood_root={elsewhere}"
     )
     proc = subprocess.run(

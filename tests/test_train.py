@@ -9,7 +9,7 @@ import torch
 from helpers import run_fit
 
 from visionapp.bundle import load_bundle
-from visionapp.train.data import ShapesDataModule
+from visionapp.train.data import LoaderConfig, ShapesDataModule
 from visionapp.train.module import ImageClassifier
 
 METRIC_KEYS = {
@@ -27,7 +27,9 @@ METRIC_KEYS = {
 
 @pytest.mark.parametrize("loader", ["auto", "device"])
 def test_fit_fast_dev_run_writes_a_run_directory(tmp_path: Path, shapes_root: Path, loader: str) -> None:
-    run = run_fit(tmp_path / "runs", shapes_root, "--trainer.fast_dev_run=true", f"--data.init_args.loader={loader}")
+    run = run_fit(
+        tmp_path / "runs", shapes_root, "--trainer.fast_dev_run=true", f"--data.init_args.loader.mode={loader}"
+    )
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics.keys() >= METRIC_KEYS
     assert metrics["pretrained"] is False and "weights=null" in metrics["pretrained_reason"]
@@ -63,7 +65,7 @@ def test_bundle_round_trip_gives_the_checkpoints_logits(trained_run: Path, shape
     metrics = json.loads((trained_run / "metrics.json").read_text())
     module = ImageClassifier.load_from_checkpoint(metrics["best_checkpoint"], map_location="cpu").eval()
     bundle = load_bundle(trained_run / "bundle")
-    dm = ShapesDataModule(shapes_root, image_size=64, num_workers=0, batch_size=16)
+    dm = ShapesDataModule(shapes_root, image_size=64, loader=LoaderConfig(num_workers=0), batch_size=16)
     dm.setup("test")
     x, _ = dm.on_after_batch_transfer(next(iter(dm.test_dataloader())))
     with torch.no_grad():

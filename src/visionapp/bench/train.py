@@ -23,12 +23,12 @@ On CUDA all run as `make train` does there: bf16 autocast, channels_last model a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext, suppress
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +36,12 @@ import lightning as L
 import torch
 
 from visionapp.bench import run_part
-from visionapp.train.data import ShapesDataModule
+from visionapp.train.data import LoaderConfig, ShapesDataModule
 from visionapp.train.module import ImageClassifier
 from visionapp.transforms import load_image
 
 
-@dataclass
+@dataclasses.dataclass
 class Setup:
     device: torch.device
     compile: bool
@@ -216,7 +216,7 @@ def loader_with_workers(dm: ShapesDataModule, setup: Setup, n: int, steps: int, 
     import psutil
 
     me = psutil.Process()
-    dm.num_workers = n
+    dm.loader = dataclasses.replace(dm.loader, num_workers=n)
     batches = epochs(dm)
     to_device(dm, setup, batches, warmup)  # starts the workers and fills their prefetch
     children = me.children(recursive=True)
@@ -252,19 +252,19 @@ def machine() -> dict:
     return info
 
 
-# The input paths --compare can set against the default (`auto`) one: the DataModule arguments that pick each.
+# The input paths --compare can set against the default (`auto`) one: the LoaderConfig fields that pick each.
 PATHS: dict[str, dict[str, Any]] = {
-    "files": {"cache": False, "loader": "workers"},
-    "workers": {"loader": "workers"},
-    "device": {"loader": "device"},
+    "files": {"cache": False, "mode": "workers"},
+    "workers": {"mode": "workers"},
+    "device": {"mode": "device"},
 }
 
 
 def data_module(args: argparse.Namespace, setup: Setup, **path: Any) -> ShapesDataModule:
     dm = ShapesDataModule(args.root, image_size=args.image_size, num_train=args.num_train, num_val=args.num_val,
                           num_test=args.num_test,
-                          batch_size=args.batch_size, num_workers=args.num_workers,
-                          outlier_exposure=False, **path)  # fmt: skip  # the loops compared, without the OOD's outliers
+                          batch_size=args.batch_size, loader=LoaderConfig(num_workers=args.num_workers, **path),
+                          outlier_exposure=False)  # fmt: skip  # the loops compared, without the OOD's outliers
     dm.target_device = setup.device
     dm.prepare_data()
     dm.setup("fit")
@@ -300,7 +300,7 @@ def run(args: argparse.Namespace) -> dict:
         "settings": {"device": str(setup.device), "precision": "bf16-mixed" if setup.cuda else "32-true",
                      "channels_last": setup.cuda, "compile": setup.compile, "steps": args.steps,
                      "warmup": args.warmup, "rounds": args.rounds, "batch_size": dm.batch_size,
-                     "image_size": dm.image_size, "threads": torch.get_num_threads(), "workers": dm.num_workers,
+                     "image_size": dm.image_size, "threads": torch.get_num_threads(), "workers": dm.loader.num_workers,
                      "loader": dm.loader_path("train"), "compare": compare,
                      "input_steps": args.input_steps or args.steps},
         "machine": machine(),

@@ -36,6 +36,35 @@ class DataError(UserError, ValueError):
 Loader = Literal["auto", "device", "workers"]
 
 
+@dataclass(frozen=True)
+class LoaderConfig:
+    """How every DataModule makes its batches (`data.init_args.loader` in YAML, `--data.init_args.loader.mode=...`
+    on the command line): one set of options for all data sets, so a new one is added in one place.
+
+      mode     workers: DataLoader workers read each image from the decode-once cache (cache.py; in cache_dir, by
+               default <root>.cache beside the data) and crop/flip it, or, with cache false, decode its file every
+               epoch; device: no workers, the cache sits on the training device (or in pinned memory when it does
+               not fit in device_memory_fraction of a GPU's) and whole batches are cropped/flipped there; auto:
+               device on a GPU when the cache fits, workers otherwise (on the CPU the per-image crops in workers
+               are the faster path: docs/performance.md)
+      cache_size  the side of the train split's cached squares; by default large enough for the smallest crop
+    """
+
+    mode: Loader = "auto"
+    num_workers: int = 2
+    cache: bool = True
+    cache_dir: str | None = None
+    cache_size: int | None = None
+    device_memory_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.mode not in get_args(Loader):
+            raise DataError(f"loader.mode={self.mode!r} is not one of {get_args(Loader)}")
+        if self.mode == "device" and not self.cache:
+            raise DataError("loader.mode=device serves batches from the decode-once cache: set loader.cache true "
+                            "(or use mode workers)")  # fmt: skip
+
+
 def train_cache_size(image_size: int, crop_scale: tuple[float, float]) -> int:
     """The side of the train split's cached squares: the smallest crop (crop_scale[0] of the area) still spans
     about image_size pixels, rounded up to a multiple of 8."""
@@ -71,41 +100,23 @@ class Images(Dataset):
 
 class ImageDataModule(L.LightningDataModule):
     """Shared loaders and transforms; subclasses provide the three splits (`source_splits`) and the class names.
-
-    Input pipeline (`loader`, from YAML like the rest):
-      workers  DataLoader workers read each image from the decode-once cache (cache.py; in cache_dir, by default
-               <root>.cache beside the data) and crop/flip it, or, with cache false, decode its file every epoch
-      device   no workers: the cache sits on the training device (or in pinned memory when it does not fit in
-               device_memory_fraction of a GPU's) and whole batches are cropped/flipped there
-      auto     device on a GPU when the cache fits, workers otherwise (on the CPU the per-image crops in
-               workers are the faster path: docs/performance.md)
-    """
+    How batches are made is a `LoaderConfig`, the same for every subclass."""
 
     def __init__(
         self,
         *,
         image_size: int = 224,
         batch_size: int = 64,
-        num_workers: int = 2,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         crop_scale: tuple[float, float] = (0.7, 1.0),
-        loader: Loader = "auto",
-        cache: bool = True,
-        cache_dir: str | None = None,
-        cache_size: int | None = None,
-        device_memory_fraction: float = 0.5,
+        loader: LoaderConfig = LoaderConfig(),
     ) -> None:
         super().__init__()
-        self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
+        self.image_size, self.batch_size = image_size, batch_size
         self.mean, self.std = tuple(mean), tuple(std)
-        if loader not in get_args(Loader):
-            raise DataError(f"loader={loader!r} is not one of {get_args(Loader)}")
-        if loader == "device" and not cache:
-            raise DataError("loader=device serves batches from the decode-once cache: set cache true (or use workers)")
-        self.loader, self.cache, self.device_memory_fraction = loader, cache, device_memory_fraction
-        self.cache_dir = cache_dir
-        self.cache_size = cache_size or train_cache_size(image_size, crop_scale)
+        self.loader = loader
+        self.cache_size = loader.cache_size or train_cache_size(image_size, crop_scale)
         # The loader workers (or the cache) give uint8 images; `normalize` runs once the batch is on its device
         # (on_after_batch_transfer). Same presets, hence the same pixels, as the bundle's EvalPreset.
         self.train_preset = TrainPreset(image_size=image_size, mean=mean, std=std, crop_scale=crop_scale)
@@ -129,12 +140,14 @@ class ImageDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         # Lightning runs this once per machine before any process's setup: the caches are built here, once.
-        if self.cache:
+        if self.loader.cache:
             self._open_caches(self.all_sources())
 
     def _open_caches(self, sources: dict[str, Dataset]) -> dict[str, ImageCache]:
         root = Path(getattr(self, "root", "")).resolve()
-        base = Path(self.cache_dir) if self.cache_dir else root.with_name(root.name + ".cache")  # beside the data
+        base = (
+            Path(self.loader.cache_dir) if self.loader.cache_dir else root.with_name(root.name + ".cache")
+        )  # beside the data
         folder = base / f"{self.name}-{hashlib.sha256(str(root).encode()).hexdigest()[:8]}"
         key = {"data": type(self).__name__, "name": self.name, "root": str(root)}
         caches = {}
@@ -146,7 +159,7 @@ class ImageDataModule(L.LightningDataModule):
             try:
                 caches[split] = open_or_build(
                     folder / f"{split}-{size}px", source, geometry, size, {**key, "split": split},
-                    workers=self.num_workers,
+                    workers=self.loader.num_workers,
                 )  # fmt: skip
             except DecodeError as e:
                 raise DataError(f"{e}; delete or replace the file") from None
@@ -164,7 +177,7 @@ class ImageDataModule(L.LightningDataModule):
         if self.splits:
             return
         self.sources = self.all_sources()
-        if not self.cache:
+        if not self.loader.cache:
             self.splits = {
                 split: _Transformed(source, self.train_transform if split == "train" else self.eval_transform)
                 for split, source in self.sources.items()
@@ -187,7 +200,7 @@ class ImageDataModule(L.LightningDataModule):
     def eval_loader(self, dataset: Dataset) -> DataLoader:
         """Any (PIL image, label) dataset through the eval preprocessing, in batches (no cache): OOD sets, outliers."""
         return DataLoader(_Transformed(dataset, self.eval_transform), batch_size=self.batch_size,
-                          num_workers=self.num_workers)  # fmt: skip
+                          num_workers=self.loader.num_workers)  # fmt: skip
 
     def split_files(self, split: str) -> list[str]:
         """The image files of a split, in the split's order (the run records the test split's for explain/)."""
@@ -202,15 +215,15 @@ class ImageDataModule(L.LightningDataModule):
         return self.target_device or torch.device("cpu")
 
     def loader_path(self, split: str) -> Literal["device", "workers"]:
-        if self.loader != "auto":
-            return self.loader
+        if self.loader.mode != "auto":
+            return self.loader.mode
         if self.device.type != "cuda" or split not in self.caches:
             return "workers"
         return "device" if self._fits_on_device(split) else "workers"
 
     def _fits_on_device(self, split: str) -> bool:
         total = torch.cuda.get_device_properties(self.device).total_memory
-        return self.caches[split].nbytes <= self.device_memory_fraction * total
+        return self.caches[split].nbytes <= self.loader.device_memory_fraction * total
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader | DeviceLoader:
         if self.loader_path(split) == "device":
@@ -231,8 +244,8 @@ class ImageDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             shuffle=shuffle,
             drop_last=shuffle and len(self.splits[split]) > self.batch_size,  # type: ignore[arg-type]  # no 1-sample BatchNorm batch
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=self.loader.num_workers,
+            persistent_workers=self.loader.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
 
@@ -339,28 +352,14 @@ class FolderDataModule(ImageDataModule):
         ood_root: str | None = None,
         image_size: int = 224,
         batch_size: int = 32,
-        num_workers: int = 2,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
         crop_scale: tuple[float, float] = (0.35, 1.0),
-        loader: Loader = "auto",
-        cache: bool = True,
-        cache_dir: str | None = None,
-        cache_size: int | None = None,
-        device_memory_fraction: float = 0.5,
+        **common: Any,  # mean, std, loader: ImageDataModule's, the same for every data set
     ) -> None:
         super().__init__(
             image_size=image_size,
             batch_size=batch_size,
-            num_workers=num_workers,
-            mean=mean,
-            std=std,
             crop_scale=crop_scale,
-            loader=loader,
-            cache=cache,
-            cache_dir=cache_dir,
-            cache_size=cache_size,
-            device_memory_fraction=device_memory_fraction,
+            **common,
         )
         self.root = Path(root)
         self.ood_root = Path(ood_root) if ood_root else None
@@ -385,7 +384,7 @@ class FolderDataModule(ImageDataModule):
     def source_splits(self) -> dict[str, Dataset]:
         classes = self.class_names
         # With the cache on, building it decodes every image and names a bad one: no separate verification pass.
-        verify = self.verify_images and not self.cache
+        verify = self.verify_images and not self.loader.cache
         if not self.split_layout:
             scan_class_folders(self.root, verify=verify)
             images = imagefiles.ImageFolder(self.root, loader=load_image)
@@ -460,32 +459,19 @@ class ShapesDataModule(FolderDataModule):
         num_test: int = 1000,
         image_size: int = 96,
         batch_size: int = 32,
-        num_workers: int = 2,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
         crop_scale: tuple[float, float] = (0.8, 1.0),
-        loader: Loader = "auto",
-        cache: bool = True,
-        cache_dir: str | None = None,
-        cache_size: int | None = None,
-        device_memory_fraction: float = 0.5,
         outlier_exposure: bool = True,
+        **common: Any,  # mean, std, loader: ImageDataModule's
     ) -> None:
         super().__init__(
             root,
             verify_images=False,
             image_size=image_size,
             batch_size=batch_size,
-            num_workers=num_workers,
-            mean=mean,
-            std=std,
             crop_scale=crop_scale,
-            loader=loader,
-            cache=cache,
-            cache_dir=cache_dir,
-            cache_size=cache_size or image_size,  # generated at image_size: crops come from the images as they are
-            device_memory_fraction=device_memory_fraction,
+            **common,
         )
+        self.cache_size = self.loader.cache_size or image_size  # generated at image_size: crops come from them
         self.name = "shapes"
         self.seed, self.counts = seed, {"train": num_train, "val": num_val, "test": num_test}
         self.outlier_exposure = outlier_exposure
@@ -554,15 +540,8 @@ class TorchvisionDataModule(ImageDataModule):
         split_seed: int = 0,
         image_size: int = 224,
         batch_size: int = 32,
-        num_workers: int = 2,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
         crop_scale: tuple[float, float] = (0.35, 1.0),
-        loader: Loader = "auto",
-        cache: bool = True,
-        cache_dir: str | None = None,
-        cache_size: int | None = None,
-        device_memory_fraction: float = 0.5,
+        **common: Any,  # mean, std, loader: ImageDataModule's, the same for every data set
     ) -> None:
         if name not in TORCHVISION_SETS:
             raise DataError(
@@ -572,15 +551,8 @@ class TorchvisionDataModule(ImageDataModule):
         super().__init__(
             image_size=image_size,
             batch_size=batch_size,
-            num_workers=num_workers,
-            mean=mean,
-            std=std,
             crop_scale=crop_scale,
-            loader=loader,
-            cache=cache,
-            cache_dir=cache_dir,
-            cache_size=cache_size,
-            device_memory_fraction=device_memory_fraction,
+            **common,
         )
         check_fractions(val_fraction=val_fraction)
         self.set_name = self.name = name
