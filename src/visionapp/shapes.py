@@ -58,21 +58,9 @@ def _polygon(name: str) -> np.ndarray:
         return np.stack([r * np.cos(t), r * np.sin(t)], axis=1)
     elif name == "cross":
         a, b = 1.0, 0.3  # arm length, half arm width
-        pts = [
-            (b, b),
-            (b, a),
-            (-b, a),
-            (-b, b),
-            (-a, b),
-            (-a, -b),
-            (-b, -b),
-            (-b, -a),
-            (b, -a),
-            (b, -b),
-            (a, -b),
-            (a, b),
-        ]
-        return np.array(pts, dtype=float)
+        quarter = np.array([(b, b), (b, a), (-b, a)])  # one arm; the others are it turned by 90° steps
+        turn = np.array([[0.0, -1.0], [1.0, 0.0]])
+        return np.concatenate([quarter @ np.linalg.matrix_power(turn, k).T for k in range(4)])
     elif name in ("hexagon", "pentagon"):
         n = 6 if name == "hexagon" else 5
         t = np.linspace(0, 2 * np.pi, n, endpoint=False) + np.pi / 2
@@ -160,21 +148,8 @@ def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nda
     return img, img.reshape(-1, 3).mean(0)
 
 
-def render(
-    index: int, split: str, *, seed: int, size: int, kind: str | None = None
-) -> tuple[Image.Image, Image.Image, int]:
-    """Image, mask and label of sample `index` of `split`; the same arguments always give the same pixels.
-    `kind`: instead of a class, another shape drawn the same way, or "clutter" (no shape at all); label -1."""
-    stream = [seed, SPLITS.index(split), index] if kind is None else [seed, 10 + _KINDS.index(kind), index]
-    rng = np.random.default_rng(stream)
-    label = index % len(CLASSES) if kind is None else -1  # balanced classes; all else is drawn independently of it
-    shape = CLASSES[label] if kind is None else kind
-    big = size * SUPERSAMPLE
-    bg, bg_mean = _background(rng, size)
-    img = Image.fromarray(bg.astype(np.uint8)).resize((big, big), Image.Resampling.BILINEAR)
-    draw = ImageDraw.Draw(img)
-
-    # Clutter: line segments, arcs and specks, none of them a class shape.
+def _draw_clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, big: int) -> None:
+    """Line segments, arcs and specks, none of them a class shape."""
     for _ in range(rng.integers(2, 7)):
         c = tuple(int(v) for v in _colour(rng))
         stroke = rng.integers(3)
@@ -189,6 +164,22 @@ def render(
         else:
             r = rng.uniform(0.5, 1.5) * SUPERSAMPLE
             draw.ellipse([x0 - r, y0 - r, x0 + r, y0 + r], fill=c)
+
+
+def render(
+    index: int, split: str, *, seed: int, size: int, kind: str | None = None
+) -> tuple[Image.Image, Image.Image, int]:
+    """Image, mask and label of sample `index` of `split`; the same arguments always give the same pixels.
+    `kind`: instead of a class, another shape drawn the same way, or "clutter" (no shape at all); label -1."""
+    stream = [seed, SPLITS.index(split), index] if kind is None else [seed, 10 + _KINDS.index(kind), index]
+    rng = np.random.default_rng(stream)
+    label = index % len(CLASSES) if kind is None else -1  # balanced classes; all else is drawn independently of it
+    shape = CLASSES[label] if kind is None else kind
+    big = size * SUPERSAMPLE
+    bg, bg_mean = _background(rng, size)
+    img = Image.fromarray(bg.astype(np.uint8)).resize((big, big), Image.Resampling.BILINEAR)
+    draw = ImageDraw.Draw(img)
+    _draw_clutter(draw, rng, big)
 
     # The class shape: random area, position, rotation and a colour that contrasts with the background.
     side = rng.uniform(0.3, 0.45) * big  # sqrt of the area in pixels
@@ -248,17 +239,41 @@ def render_other(kind: str, index: int, *, seed: int, size: int) -> Image.Image:
     return img
 
 
-def _write_other(job: tuple[Path, str, int, int, int]) -> None:
+Job = tuple[Path, str, int, int, int]  # (folder, split or kind, index, seed, size)
+
+
+def _write_other(job: Job) -> None:
     folder, kind, index, seed, size = job
     render_other(kind, index, seed=seed, size=size).save(folder / kind / f"{index:05d}.png")
 
 
-def _write(job: tuple[Path, str, int, int, int]) -> None:
+def _write(job: Job) -> None:
     root, split, index, seed, size = job
     img, mask, label = render(index, split, seed=seed, size=size)
     name = f"{CLASSES[label]}/{index:05d}.png"
     img.save(root / split / name)
     mask.save(root / "masks" / split / name)
+
+
+def _plan(
+    tmp: Path, counts: dict[str, int], other: dict[str, int], seed: int, size: int
+) -> tuple[list[Job], list[Job]]:
+    """The folders of a data set, made under `tmp`, and the images to write: the classes', then the others'."""
+    for split in SPLITS:
+        for c in CLASSES:
+            (tmp / split / c).mkdir(parents=True)
+            (tmp / "masks" / split / c).mkdir(parents=True)
+    jobs = [(tmp, split, i, seed, size) for split in SPLITS for i in range(counts[split])]
+    groups: list[tuple[Path, tuple[str, ...], int, int]] = [
+        (tmp / "outliers" / split, OUTLIER_KINDS, other[split], 100 * n) for n, split in enumerate(("train", "val"))
+    ]
+    groups += [(tmp / "ood" / "near", NEAR_KINDS, other["ood"], 0), (tmp / "ood" / "far", FAR_KINDS, other["ood"], 0)]
+    others = []
+    for folder, kinds, n, offset in groups:  # offset: the val outliers are other images than the train ones
+        for kind in kinds:
+            (folder / kind).mkdir(parents=True)
+            others += [(folder, kind, offset * 1000 + i, seed, size) for i in range(n)]
+    return jobs, others
 
 
 def generate(
@@ -294,20 +309,7 @@ def generate(
         )
     tmp = root.with_name(root.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    for split in SPLITS:
-        for c in CLASSES:
-            (tmp / split / c).mkdir(parents=True)
-            (tmp / "masks" / split / c).mkdir(parents=True)
-    jobs = [(tmp, split, i, seed, size) for split in SPLITS for i in range(counts[split])]
-    groups: list[tuple[Path, tuple[str, ...], int, int]] = [
-        (tmp / "outliers" / split, OUTLIER_KINDS, other[split], 100 * n) for n, split in enumerate(("train", "val"))
-    ]
-    groups += [(tmp / "ood" / "near", NEAR_KINDS, other["ood"], 0), (tmp / "ood" / "far", FAR_KINDS, other["ood"], 0)]
-    others = []
-    for folder, kinds, n, offset in groups:  # offset: the val outliers are other images than the train ones
-        for kind in kinds:
-            (folder / kind).mkdir(parents=True)
-            others += [(folder, kind, offset * 1000 + i, seed, size) for i in range(n)]
+    jobs, others = _plan(tmp, counts, other, seed, size)
     with ProcessPoolExecutor(max_workers=workers) as pool:
         for _ in track(pool.map(_write, jobs, chunksize=64), total=len(jobs), description=f"Generating {root}"):
             pass

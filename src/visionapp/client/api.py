@@ -116,7 +116,7 @@ def wait_ready(base: str, management: str, serve_dir: Path, model: str, timeout:
     raise SystemExit(f"the {server} server at {base} did not become ready in {timeout:.0f}s; see its logs")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=["predict", "explain", "infer", "wait", "ready"])
     ap.add_argument("--server", choices=["torchserve", "kserve"], default="torchserve")
@@ -129,6 +129,42 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--method", default=None, help="explain: attribution method")
     ap.add_argument("--save", default=None, help="explain: write the heatmap overlay PNG here")
     ap.add_argument("--timeout", type=float, default=180)
+    return ap
+
+
+def send(args: argparse.Namespace, url: str, management: str, img: str) -> int:
+    """One image to `url` as the command says; prints the answer (and the OOD headers in words); the HTTP status."""
+    options = {f"X-{k}": v for k, v in (("Target", args.target), ("Method", args.method)) if v}
+    serve_dir = Path(args.dir or f"logs/serve-{args.port}")
+    body_bytes = Path(img).read_bytes()
+    if args.command == "infer":
+        data = base64.b64encode(body_bytes).decode("ascii")
+        images = {"name": "images", "datatype": "BYTES", "shape": [1], "data": [data]}
+        body_bytes = json.dumps({"id": Path(img).name, "inputs": [images]}).encode()
+    ctype = "application/json" if args.command == "infer" else "application/octet-stream"
+    got: dict[str, str] = {}
+    if args.server == "kserve":
+        status, body = call(url, "", body_bytes, ctype, headers=options, headers_out=got)
+    else:
+        status, body = call_with_key(url, serve_dir, management, body_bytes, content_type=ctype, headers=options,
+                                     headers_out=got)  # fmt: skip
+    answer: Any = json.loads(body) if body.startswith((b"{", b"[")) else body.decode(errors="replace")
+    if args.command == "explain" and status == 200 and args.save:
+        Path(args.save).write_bytes(base64.b64decode(answer["heatmap_png_base64"]))
+        answer["heatmap_png_base64"] = f"<written to {args.save}>"
+    print(f"{img}: HTTP {status} {json.dumps(answer, indent=2)}")
+    if "x-ood" in got:  # the out-of-distribution answer rides in headers: the body keeps its top-k shape
+        flagged = got["x-ood"] == "true"
+        side = "above" if flagged else "at or below"
+        print(
+            f"  {'OUT OF DISTRIBUTION' if flagged else 'in distribution'}: {got['x-ood-method']} score "
+            f"{got['x-ood-score']} ({side} the threshold {got['x-ood-threshold']})"
+        )
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
     args = ap.parse_intermixed_args(argv)  # images may follow the options, as `make predict` passes them
     base = f"http://127.0.0.1:{args.port}"
     serve_dir = Path(args.dir or f"logs/serve-{args.port}")
@@ -141,38 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.images:
         ap.error("give at least one image")
-    options = {f"X-{k}": v for k, v in (("Target", args.target), ("Method", args.method)) if v}
     endpoint = {"predict": "predictions", "explain": "explanations"}.get(args.command)
     # explanations have a model name of their own (their own workers and queue, on both servers)
     model = explain_name(args.model) if args.command == "explain" else args.model
     url = f"{base}/{endpoint}/{model}" if endpoint else f"{base}/v2/models/{args.model}/infer"
-    failed = 0
-    for img in args.images:
-        body_bytes = Path(img).read_bytes()
-        if args.command == "infer":
-            data = base64.b64encode(body_bytes).decode("ascii")
-            images = {"name": "images", "datatype": "BYTES", "shape": [1], "data": [data]}
-            body_bytes = json.dumps({"id": Path(img).name, "inputs": [images]}).encode()
-        ctype = "application/json" if args.command == "infer" else "application/octet-stream"
-        got: dict[str, str] = {}
-        if args.server == "kserve":
-            status, body = call(url, "", body_bytes, ctype, headers=options, headers_out=got)
-        else:
-            status, body = call_with_key(url, serve_dir, management, body_bytes, content_type=ctype, headers=options,
-                                         headers_out=got)  # fmt: skip
-        answer: Any = json.loads(body) if body.startswith((b"{", b"[")) else body.decode(errors="replace")
-        if args.command == "explain" and status == 200 and args.save:
-            Path(args.save).write_bytes(base64.b64decode(answer["heatmap_png_base64"]))
-            answer["heatmap_png_base64"] = f"<written to {args.save}>"
-        print(f"{img}: HTTP {status} {json.dumps(answer, indent=2)}")
-        if "x-ood" in got:  # the out-of-distribution answer rides in headers: the body keeps its top-k shape
-            flagged = got["x-ood"] == "true"
-            side = "above" if flagged else "at or below"
-            print(
-                f"  {'OUT OF DISTRIBUTION' if flagged else 'in distribution'}: {got['x-ood-method']} score "
-                f"{got['x-ood-score']} ({side} the threshold {got['x-ood-threshold']})"
-            )
-        failed += status != 200
+    failed = sum(send(args, url, management, img) != 200 for img in args.images)
     return 1 if failed else 0
 
 
