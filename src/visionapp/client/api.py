@@ -177,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.images:
         ap.error("give at least one image")
+    missing = [img for img in args.images if not Path(img).is_file()]
+    if missing:
+        ap.error(f"no such image file: {', '.join(missing)}")
     endpoint = {"predict": "predictions", "explain": "explanations"}.get(args.command)
     # explanations have a model name of their own (their own workers and queue, on both servers)
     model = explain_name(args.model) if args.command == "explain" else args.model
