@@ -113,17 +113,18 @@ class InterruptAt(L.Callback):
 
 class RecordTrainable(L.Callback):
     """Writes to `out` (JSON), for the first optimizer step of each epoch, every parameter's requires_grad and
-    whether it has a gradient: what a run trains, epoch by epoch."""
+    whether it has a gradient: what a run trains, epoch by epoch (ranks past 0 of a DDP run: `out` .rankN.json)."""
 
     def __init__(self, out: str) -> None:
         self.out = Path(out)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: object) -> None:
-        seen = json.loads(self.out.read_text()) if self.out.is_file() else {}
+        out = self.out if not trainer.global_rank else self.out.with_suffix(f".rank{trainer.global_rank}.json")
+        seen = json.loads(out.read_text()) if out.is_file() else {}
         if str(trainer.current_epoch) in seen:
             return
         params = {n: [p.requires_grad, p.grad is not None] for n, p in pl_module.named_parameters()}
-        self.out.write_text(json.dumps({**seen, str(trainer.current_epoch): params}))
+        out.write_text(json.dumps({**seen, str(trainer.current_epoch): params}))
 
 
 def scrape(server: LocalServer) -> dict[tuple[str, frozenset], float]:

@@ -4,31 +4,66 @@ job spec (dry run, no cluster needed)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import ROOT
 
 from visionapp.bundle import load_bundle
 from visionapp.train.data import LoaderConfig, ShapesDataModule
 
 
+def _overlay(path: Path, *callbacks: dict) -> str:
+    """A config overlay appending callbacks (a file: make's ARGS reach TorchX through a shell, JSON would not)."""
+    path.write_text(yaml.safe_dump({"trainer": {"callbacks+": list(callbacks)}}))
+    return f"--config={path}"
+
+
+def _launch(args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}  # the test's callbacks (helpers) on every rank
+    return subprocess.run(["make", "-s", "launch", "NPROC=2", f"ARGS={args}"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+
+
 @pytest.mark.slow
-def test_two_process_ddp_through_torchx_writes_a_valid_run(tmp_path: Path, shapes_root: Path) -> None:
-    runs = tmp_path / "runs"
-    args = (
+def test_two_process_ddp_through_torchx_resumes_after_the_thaw_and_writes_a_valid_run(
+    tmp_path: Path, shapes_root: Path
+) -> None:
+    """A 2-process DDP job through TorchX's local scheduler with the backbone thawed at epoch 0 (ThawBackbone),
+    stopped at the start of epoch 1 as a pre-empted job would be, then resumed from last.ckpt as a second job: on
+    each rank the resumed epoch trains the backbone (requires_grad and a gradient) and its weights move; the
+    resumed job writes one valid run."""
+    data = (
         f"--data.init_args.root={shapes_root} --data.init_args.image_size=64 --data.init_args.num_train=256 "
         "--data.init_args.num_val=100 --data.init_args.num_test=100 --data.init_args.loader.num_workers=0 "
         "--data.init_args.loader.mode=device "  # our own sharding (the workers path shards by Lightning's sampler)
-        f"--model.weights=null --trainer.max_epochs=1 --trainer.enable_model_summary=false --runs_dir={runs}"
+        "--model.weights=null --trainer.max_epochs=2 --trainer.enable_model_summary=false "
     )
-    proc = subprocess.run(
-        ["make", "-s", "launch", "NPROC=2", f"ARGS={args}"], cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
+    at_once = {"unfreeze_backbone_at_epoch": 0, "backbone_initial_ratio_lr": 0.1, "train_bn": False}
+    thaw = {"class_path": "visionapp.train.schedule.ThawBackbone", "init_args": at_once}
+    stop = {"class_path": "helpers.InterruptAt", "init_args": {"epoch": 1}}
+    first = _launch(data + f"--runs_dir={tmp_path / 'first'} " + _overlay(tmp_path / "stop.yaml", thaw, stop))
+    assert first.returncode != 0 and "interrupted at the start of epoch 1" in first.stdout + first.stderr
+    checkpoint = next((tmp_path / "first").glob("*-ddp2/checkpoints/last.ckpt"))
+    record = {"class_path": "helpers.RecordTrainable", "init_args": {"out": str(tmp_path / "trained.json")}}
+    runs = tmp_path / "runs"
+    proc = _launch(data + f"--runs_dir={runs} --ckpt_path={checkpoint} " + _overlay(tmp_path / "go.yaml", thaw, record))
     assert proc.returncode == 0 and "SUCCEEDED" in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    for rank in ("trained.json", "trained.rank1.json"):  # the resumed epoch trains the backbone on every rank
+        trained = json.loads((tmp_path / rank).read_text())
+        assert set(trained) == {"1"}
+        backbone = {n: v for n, v in trained["1"].items() if n.startswith("model.") and ".fc." not in n}
+        assert backbone and all(v == [True, True] for v in backbone.values()), rank
     run = (runs / "latest").resolve()
+    before = torch.load(checkpoint, weights_only=False)["state_dict"]
+    after = torch.load(run / "bundle" / "model.pt", weights_only=True)
+    convs = [k for k in after if k.endswith(".weight") and after[k].dim() == 4]
+    moved = sum(not torch.equal(before[f"model.{k}"], after[k]) for k in convs)
+    assert moved == len(convs), f"{moved} of {len(convs)} convolution weights changed over the resumed epoch"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and run.name.endswith("-ddp2") and metrics["input_pipeline"] == "device"
     # val_acc is that of the whole validation split (metrics synced across ranks), not one rank's half:
@@ -41,8 +76,8 @@ def test_two_process_ddp_through_torchx_writes_a_valid_run(tmp_path: Path, shape
         for x, y in map(dm.on_after_batch_transfer, dm.val_dataloader()):
             correct += int((bundle.model(x).argmax(1) == y).sum())
             total += len(y)
-    assert total == 100
-    assert metrics["val_acc"] == pytest.approx(correct / total, abs=1e-6)
+    assert total == 100  # within one image: a barely trained model has near-ties that other batch sizes and
+    assert metrics["val_acc"] == pytest.approx(correct / total, abs=0.011)  # thread counts may break either way
     assert {p.name for p in runs.iterdir()} == {"latest", run.name}  # one run directory, from rank 0
 
 
