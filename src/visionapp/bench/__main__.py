@@ -185,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     image = Path(args.image) if args.image else first_test_image(run_dir)
     result: dict = {"machine": train_bench.machine(), "versions": versions(PACKAGES)}
     result.update(train_parts(args))
+    staging = tempfile.TemporaryDirectory()  # the bundle staged at 224 px and exported once, for serve and predict
+    args.staging = str(Path(staging.name) / "224px")
     result.update(serve_parts(args, run_dir, image))
     print(f"[4/6] explain: each method vs its model passes, {args.rounds} rounds", flush=True)
     result["explain"] = explain_bench(run_dir / "bundle", image, args.rounds)
@@ -194,8 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[5/6] predict: a folder of {args.predict_images} 640x480 JPEGs at 224 px: Trainer.predict / the forward "
           f"alone / our TorchServe at concurrency 8, {args.rounds} rounds", flush=True)  # fmt: skip
     predict_argv = ["--bundle", str(run_dir / "bundle"), "--images", str(args.predict_images), "--rounds",
-                    str(args.rounds), "--batch-size", str(args.predict_batch_size), "--forms", *args.forms]  # fmt: skip
+                    str(args.rounds), "--batch-size", str(args.predict_batch_size), "--forms", *args.forms,
+                    "--staging", args.staging]  # fmt: skip
     result["predict_224px"] = predict_bench.run(predict_bench.parser().parse_args(predict_argv))
+    staging.cleanup()
     predict_bench.print_table(result["predict_224px"])
     print(f"[6/6] ood: a prediction with the out-of-distribution score vs without, {args.rounds} rounds", flush=True)
     result["ood"] = ood_bench(run_dir, image, args.rounds)
@@ -242,7 +246,8 @@ def serve_parts(args: argparse.Namespace, run_dir: Path, image: Path) -> dict:
           f"{args.rounds} rounds", flush=True)  # fmt: skip
     serve_argv = ["--bundle", str(bundle), "--image", str(image), "--rounds", str(args.rounds), "--requests",
                   str(args.requests), "--warmup", str(args.serve_warmup), "--image-size", str(REFERENCE_SIZE),
-                  "--concurrency", *map(str, args.concurrency), "--forms", *args.forms]  # fmt: skip
+                  "--concurrency", *map(str, args.concurrency), "--forms", *args.forms,
+                  "--staging", args.staging]  # fmt: skip
     serve = serve_bench.run(serve_bench.parser().parse_args(serve_argv))
     serve_bench.print_table(serve)
     return {"forms": forms, "serve_224px": serve}

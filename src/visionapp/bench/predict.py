@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
         check_resizable(Path(args.bundle), SIZE)
-        bundle_dir, _ = exported_bundle(Path(args.bundle), tmpdir / "served", tuple(args.forms), image_size=SIZE)
+        served = Path(args.staging) if args.staging else tmpdir / "served"
+        bundle_dir, _ = exported_bundle(Path(args.bundle), served, tuple(args.forms), image_size=SIZE)
         mar = our_archives(bundle_dir, tmpdir / "store")
         form = load_bundle(bundle_dir, runtime="auto").form  # what all three run
         files = photo_folder(tmpdir / "photos", args.images)
@@ -108,6 +109,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--forms", nargs="*", choices=FORM_CHOICES, default=list(FORM_CHOICES))
+    ap.add_argument("--staging", default=None, help="as the serve bench's: a bundle staged and exported at 224 px")
     ap.add_argument("--out", default="bench/predict_results.json")
     return ap
 
