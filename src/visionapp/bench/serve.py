@@ -336,7 +336,8 @@ def during_explanations(server: Server, body: bytes, requests: int, explanations
         for f in futures:
             f.result()
     return {"idle_p50_ms": percentile(idle, 50) * 1e3, "during_p50_ms": percentile(during, 50) * 1e3,
-            "during_requests": len(during), "explained": sum(s == 200 for _, s in done)}  # fmt: skip
+            "during_requests": len(during), "explained": sum(s == 200 for _, s in done),
+            "explanations": explanations}  # fmt: skip
 
 
 def ready_latency(server: Server, body: bytes, probes: int = 50, concurrency: int = 16) -> dict[str, float]:
@@ -482,7 +483,7 @@ def measure_servers(
         rounds = [leaves(measure_round(handle, servers, body, args, seed=i)) for i in range(args.rounds)]
         # predictions while explanations run, on our two servers (after the rounds: explanations load the CPU)
         during: dict[str, dict[str, Any]] = {
-            name: during_explanations(servers[name], body, args.requests)
+            name: during_explanations(servers[name], body, args.requests, args.explanations)
             for name in ("ours", "kserve")
             if name in servers
         }
@@ -507,6 +508,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--forms", nargs="*", choices=FORM_CHOICES, default=list(FORM_CHOICES),
                     help="the forms exported and timed (none: the eager model serves)")  # fmt: skip
+    ap.add_argument("--explanations", type=int, default=4,
+                    help="occlusion explanations in flight while a lone prediction's latency is timed")  # fmt: skip
     ap.add_argument("--staging", default=None, help="stage and export the bundle here, or use the one an earlier "
                     "run staged here with the same size and forms (default: a temporary folder)")  # fmt: skip
     ap.add_argument("--skip", nargs="*", choices=["stock", "kserve"], default=[],
