@@ -14,14 +14,24 @@ PYTEST_ARGS ?=
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}'
 
-# The venv is (re)installed whenever pyproject.toml changes.
-$(STAMP): pyproject.toml
+# The venv is (re)installed whenever pyproject.toml or the constraints change. CONSTRAINTS: the versions CI tested
+# (constraints.txt); CONSTRAINTS= installs the newest versions pyproject.toml allows instead.
+CONSTRAINTS ?= constraints.txt
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
-	@touch $@
+	$(PY) -m pip install -q -e '.[dev]' $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+	@echo "$(CONSTRAINTS)" > $@  # what it was installed with (the tests compare it with the environment)
 
 venv: $(STAMP) ## create .venv and install the project (done by every target that needs it)
+
+constraints: ## rewrite constraints.txt: a fresh venv with the newest versions pyproject.toml allows, frozen
+	rm -rf .constraints-venv && python3 -m venv .constraints-venv
+	.constraints-venv/bin/pip install -q --upgrade pip && .constraints-venv/bin/pip install -q '.[dev]'
+	{ echo "# The versions CI tested: make constraints wrote this from a fresh install of .[dev]; make venv and the"; \
+	  echo "# images install with it (CONSTRAINTS= for the newest versions pyproject.toml allows)."; \
+	  .constraints-venv/bin/pip freeze --exclude-editable | grep -v '^visionapp'; } > constraints.txt
+	rm -rf .constraints-venv
 
 train: $(STAMP) ## fine-tune with LightningCLI (CONFIG=configs/folder.yaml ARGS="--trainer.max_epochs=2")
 	$(PY) -m visionapp fit $(CONFIGS) $(ARGS)
@@ -51,7 +61,7 @@ clean-runs: ## delete every trained run in runs/ (asks first; CONFIRM=yes to ski
 	[ "$(CONFIRM)" = yes ] || { read -r -p "delete them? [y/N] " answer; [ "$$answer" = y ]; } || { echo "kept"; exit 1; }; \
 	rm -rf runs && echo "deleted runs/"
 
-.PHONY: help venv train test test-fast lint format clean clean-runs
+.PHONY: help venv constraints train test test-fast lint format clean clean-runs
 
 RUN ?= runs/latest
 SAMPLES ?= 50
@@ -268,14 +278,14 @@ base-image: need-engine ## a Debian bookworm base image made locally with mmdebs
 
 image-serve: need-image need-engine server-check image-serve-$(SERVER) ## the serving image with RUN's model baked in (IMAGE=visionapp-serve:1 [SERVER=kserve BASE_IMAGE=...])
 image-serve-torchserve: $(MODEL_STORE)/$(MODEL_NAME).mar
-	$(ENGINE) $(ENGINE_FLAGS) build -f serve/Dockerfile -t $(IMAGE) --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+	$(ENGINE) $(ENGINE_FLAGS) build -f serve/Dockerfile -t $(IMAGE) --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg PIN=$(if $(CONSTRAINTS),1,0) \
 	  --build-arg MAR=$(MODEL_STORE)/$(MODEL_NAME).mar --build-arg EXPLAIN_MAR=$(MODEL_STORE)/$(EXPLAIN_MODEL).mar \
 	  --build-arg MODEL_NAME=$(MODEL_NAME) $(BUILD_FLAGS) .
 # KServe's server bakes the run's bundle, staged in the model store (runs/ is outside the build context)
 image-serve-kserve:
 	@test -f $(RUN)/bundle/model.json || { echo "no $(RUN)/bundle: make train first (or RUN=runs/<run>)"; exit 1; }
 	rm -rf $(MODEL_STORE)/$(MODEL_NAME).bundle && mkdir -p $(MODEL_STORE) && cp -rL $(RUN)/bundle $(MODEL_STORE)/$(MODEL_NAME).bundle
-	$(ENGINE) $(ENGINE_FLAGS) build -f serve/Dockerfile.kserve -t $(IMAGE) --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+	$(ENGINE) $(ENGINE_FLAGS) build -f serve/Dockerfile.kserve -t $(IMAGE) --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg PIN=$(if $(CONSTRAINTS),1,0) \
 	  --build-arg BUNDLE=$(MODEL_STORE)/$(MODEL_NAME).bundle --build-arg MODEL_CONFIG=$(MODEL_CONFIG) \
 	  --build-arg EXPLAIN_CONFIG=$(EXPLAIN_CONFIG) \
 	  --build-arg MODEL_NAME=$(MODEL_NAME) --build-arg MODEL_VERSION=$(notdir $(realpath $(RUN))) $(BUILD_FLAGS) .

@@ -6,13 +6,17 @@ Imported as `from helpers import ...` (pytest puts tests/ on the path); fixtures
 from __future__ import annotations
 
 import http.client
+import importlib.metadata as md
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
 import psutil
+from packaging.requirements import Requirement
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -141,3 +145,66 @@ def scrape(server: LocalServer) -> dict[tuple[str, frozenset], float]:
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
+
+
+def closure(names: list[str]) -> set[str]:
+    """The distributions these requirements (names, with [extras] where given) install, with everything they
+    require, as their installed metadata says."""
+    seen: set[str] = set()
+    todo = [Requirement(n) for n in names]
+    while todo:
+        req = todo.pop()
+        name = req.name.lower().replace("_", "-")
+        key = name + "".join(f"[{e}]" for e in sorted(req.extras))
+        if key in seen:
+            continue
+        seen |= {key, name}
+        for r in md.requires(name) or []:
+            dep = Requirement(r)
+            if dep.marker is None or any(dep.marker.evaluate({"extra": e}) for e in ("", *req.extras)):
+                todo.append(dep)
+    return {n for n in seen if "[" not in n}
+
+
+def loaded_distributions(module: str, cwd: Path) -> set[str]:
+    """The distributions importing `module` (in a fresh interpreter, from `cwd`) loads."""
+    probe = ("import sys, json, importlib.metadata as md; before = set(sys.modules); "
+             f"import {module}; dists = md.packages_distributions(); "
+             "new = {m.split('.')[0] for m in set(sys.modules) - before}; "
+             "print(json.dumps(sorted({d for m in new for d in dists.get(m, [])})))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", probe], cwd=cwd, capture_output=True, text=True, check=True)
+    return set(json.loads(out.stdout.splitlines()[-1]))
+
+
+def requirements(path: Path) -> list[Requirement]:
+    return [Requirement(ln) for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+_PROBE = """
+import importlib, json, os, sys, importlib.metadata as md
+modules, preload = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+for m in preload:
+    importlib.import_module(m)
+dists, out = md.packages_distributions(), {}
+for module in modules:
+    r, w = os.pipe()
+    if os.fork() == 0:
+        before = set(sys.modules)
+        importlib.import_module(module)
+        new = {m.split(".")[0] for m in set(sys.modules) - before}
+        os.write(w, json.dumps(sorted({d for m in new for d in dists.get(m, [])})).encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        out[module] = json.loads(f.read())
+    os.wait()
+print(json.dumps(out))
+"""
+
+
+def loaded_by_each(modules: list[str], cwd: Path, preload: tuple[str, ...] = ()) -> dict[str, set[str]]:
+    """The distributions importing each module loads: one fresh interpreter imports `preload` (packages every
+    module shares, not counted), then each module in a fork of itself, so no module's imports hide another's."""
+    args = [sys.executable, "-c", _PROBE, json.dumps(modules), json.dumps(list(preload))]
+    out = subprocess.run(args, cwd=cwd, capture_output=True, text=True, check=True)
+    return {m: set(d) for m, d in json.loads(out.stdout.splitlines()[-1]).items()}

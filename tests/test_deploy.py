@@ -4,17 +4,14 @@ manifest `make k8s` renders, validated against Kubernetes' schemas and KServe's 
 from __future__ import annotations
 
 import copy
-import importlib.metadata as md
-import json
 import re
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ROOT
+from helpers import ROOT, closure, loaded_distributions, requirements
 from packaging.requirements import Requirement
 
 from visionapp.deploy.archive import build_archives
@@ -246,36 +243,6 @@ def test_the_image_configures_torchserve_as_make_serve_does() -> None:
     assert "USER model-server" in text and "--foreground" in text
 
 
-def closure(names: list[str]) -> set[str]:
-    """The distributions `names` install, with everything they require."""
-    seen: set[str] = set()
-    todo = list(names)
-    while todo:
-        name = todo.pop().lower().replace("_", "-")
-        if name in seen:
-            continue
-        seen.add(name)
-        for r in md.requires(name) or []:
-            req = Requirement(r)
-            if req.marker is None or req.marker.evaluate({"extra": ""}):
-                todo.append(req.name)
-    return seen
-
-
-def loaded_distributions(module: str, cwd: Path) -> set[str]:
-    """The distributions importing `module` (in a fresh interpreter, from `cwd`) loads."""
-    probe = ("import sys, json, importlib.metadata as md; before = set(sys.modules); "
-             f"import {module}; dists = md.packages_distributions(); "
-             "new = {m.split('.')[0] for m in set(sys.modules) - before}; "
-             "print(json.dumps(sorted({d for m in new for d in dists.get(m, [])})))")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", probe], cwd=cwd, capture_output=True, text=True, check=True)
-    return set(json.loads(out.stdout.splitlines()[-1]))
-
-
-def requirements(path: Path) -> list[Requirement]:
-    return [Requirement(ln) for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-
-
 def test_the_kserve_image_has_what_its_server_imports(tmp_path: Path) -> None:
     """serve/Dockerfile.kserve copies files that exist and are in the build context, and its requirements cover
     every distribution KServe's server module loads."""
@@ -311,8 +278,9 @@ def test_the_image_installs_what_the_mar_imports(store: Path, tmp_path: Path) ->
     missing = {d for d in loaded if d.lower().replace("_", "-") not in installed and d != "visionapp"}
     assert not missing, f"the handler loads {sorted(missing)}: add them to serve/requirements.txt"
     tomllib = pytest.importorskip("tomllib")  # Python ≥ 3.11
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    bounds = {Requirement(d).name.lower(): str(Requirement(d).specifier) for d in pyproject}
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = [*project["dependencies"], *(d for extra in project["optional-dependencies"].values() for d in extra)]
+    bounds = {Requirement(d).name.lower(): str(Requirement(d).specifier) for d in declared}
     for r in reqs:
         assert bounds[r.name.lower()] == str(r.specifier), r
 
