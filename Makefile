@@ -261,9 +261,13 @@ ENGINE       ?= $(firstword $(shell command -v podman docker 2>/dev/null))
 ENGINE_FLAGS ?=
 BUILD_FLAGS  ?=
 RUN_FLAGS    ?=
-# The base of the serving image; offline, make base-image builds one with mmdebstrap (BASE_IMAGE=$(LOCAL_BASE))
+# The base of the serving image, by digest where known: make base-image builds one locally with mmdebstrap and
+# records its digest in BASE_LOCK, which then sets BASE_IMAGE; otherwise Debian's by tag (give a digest:
+# BASE_IMAGE=docker.io/library/debian:bookworm-slim@sha256:... for builds that repeat).
+LOCAL_BASE   := localhost/visionapp-base
+BASE_LOCK    ?= .base-image.mk
+-include $(BASE_LOCK)
 BASE_IMAGE   ?= docker.io/library/debian:bookworm-slim
-LOCAL_BASE   := localhost/visionapp-base:bookworm
 CONTAINER    ?= visionapp-serve-$(INFERENCE_PORT)
 # Checked before anything is built (make runs prerequisites left to right): usage and engine first
 need-engine:
@@ -273,10 +277,14 @@ need-image:
 
 base-image: need-engine ## a Debian bookworm base image made locally with mmdebstrap, for machines without a registry
 	@command -v mmdebstrap >/dev/null || { echo "needs mmdebstrap: apt-get install mmdebstrap"; exit 1; }
-	mmdebstrap --variant=minbase --include=ca-certificates bookworm - | $(ENGINE) $(ENGINE_FLAGS) import - $(LOCAL_BASE)
-	@echo "now: make image-serve IMAGE=... BASE_IMAGE=$(LOCAL_BASE)"
+	mmdebstrap --variant=minbase --include=ca-certificates bookworm - | $(ENGINE) $(ENGINE_FLAGS) import - $(LOCAL_BASE):bookworm
+	@digest=$$($(ENGINE) $(ENGINE_FLAGS) image inspect --format '{{.Digest}}' $(LOCAL_BASE):bookworm) \
+	  && echo "BASE_IMAGE ?= $(LOCAL_BASE)@$$digest" > $(BASE_LOCK) \
+	  && echo "recorded in $(BASE_LOCK): the serving images now build FROM $(LOCAL_BASE)@$$digest"
 
-image-serve: need-image need-engine server-check image-serve-$(SERVER) ## the serving image with RUN's model baked in (IMAGE=visionapp-serve:1 [SERVER=kserve BASE_IMAGE=...])
+image-serve: need-image need-engine server-check base-check image-serve-$(SERVER) ## the serving image with RUN's model baked in (IMAGE=visionapp-serve:1 [SERVER=kserve BASE_IMAGE=...])
+base-check:
+	@case "$(BASE_IMAGE)" in *@sha256:*) ;; *) echo "note: BASE_IMAGE=$(BASE_IMAGE) is a tag, not a digest: builds may differ (make base-image, or BASE_IMAGE=...@sha256:...)";; esac
 image-serve-torchserve: $(MODEL_STORE)/$(MODEL_NAME).mar
 	$(ENGINE) $(ENGINE_FLAGS) build -f serve/Dockerfile -t $(IMAGE) --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg PIN=$(if $(CONSTRAINTS),1,0) \
 	  --build-arg MAR=$(MODEL_STORE)/$(MODEL_NAME).mar --build-arg EXPLAIN_MAR=$(MODEL_STORE)/$(EXPLAIN_MODEL).mar \
@@ -317,7 +325,7 @@ image-check: need-image ## the image answers one real prediction from a containe
 	$(MAKE) image-run
 	$(MAKE) predict && $(MAKE) predict V2=1; status=$$?; $(MAKE) image-stop; exit $$status
 
-.PHONY: need-engine need-image base-image image-serve image-serve-torchserve image-serve-kserve image-run image-stop image-check
+.PHONY: need-engine need-image base-image base-check image-serve image-serve-torchserve image-serve-kserve image-run image-stop image-check
 
 # Kubernetes (Deployment, Service, NetworkPolicy, HPA) and KServe (ServingRuntime, InferenceService) for IMAGE,
 # rendered from RUN and validated (Kubernetes' schemas, KServe's SDK models) before they are written.

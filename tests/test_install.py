@@ -87,3 +87,19 @@ def test_every_image_runs_as_a_user_with_the_tested_versions(dockerfile: Path) -
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert users and users[-1] not in ("root", "0"), f"{dockerfile.name}: the last USER must not be root"
     assert "COPY " in text and "constraints.txt" in text and "-c constraints.txt" in text.replace("/tmp/", "")
+
+
+def test_a_locally_built_base_is_used_by_its_digest(tmp_path: Path) -> None:
+    """make base-image records the digest of the base it built (BASE_LOCK); the serving images then build FROM it
+    by digest, and a base given by tag is named as such."""
+    lock = tmp_path / "base.mk"
+    lock.write_text("BASE_IMAGE ?= localhost/visionapp-base@sha256:" + "a" * 64 + "\n")
+    make = ["make", "-n", "image-serve", "IMAGE=x", "ENGINE=docker", "SERVER=kserve", f"RUN={tmp_path}"]
+    pinned = subprocess.run([*make, f"BASE_LOCK={lock}"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert f"--build-arg BASE_IMAGE=localhost/visionapp-base@sha256:{'a' * 64}" in pinned
+    tagged = subprocess.run([*make, f"BASE_LOCK={tmp_path / 'none.mk'}"], cwd=ROOT, capture_output=True, text=True)
+    assert "--build-arg BASE_IMAGE=docker.io/library/debian:bookworm-slim" in tagged.stdout
+    for base_lock, said in ((lock, ""), (tmp_path / "none.mk", "is a tag, not a digest")):
+        check = subprocess.run(["make", "-s", "base-check", f"BASE_LOCK={base_lock}"], cwd=ROOT, capture_output=True,
+                               text=True, check=True)  # fmt: skip
+        assert said in check.stdout and (said or check.stdout == "")
