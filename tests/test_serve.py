@@ -747,7 +747,7 @@ def test_make_archive_works_from_a_non_editable_install(trained_run: Path, tmp_p
     with zipfile.ZipFile(tmp_path / "store" / "classifier.mar") as z:
         names = set(z.namelist())
     assert {"handler.py", "model.json", "visionapp/serve/handler.py", "visionapp/bundle.py", "model.onnx"} <= names
-    assert "visionapp/forms.py" in names
+    assert "visionapp/forms.py" in names and "MODEL_CARD.md" in names  # the card travels with the model
     assert "visionapp/serve/INSTALLED" in names  # packed from the installed copy, not from the checkout
     assert not any(n.startswith("visionapp/train/") for n in names)  # the training stack stays out
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import run_fit
 
 from visionapp.bundle import load_bundle
@@ -46,6 +47,30 @@ def test_fit_fast_dev_run_writes_a_run_directory(tmp_path: Path, shapes_root: Pa
     assert (
         json.loads((run / "bundle" / "model.json").read_text())["temperature"] == metrics["calibration"]["temperature"]
     )
+    _check_model_card(run, metrics)
+    assert "bundle/MODEL_CARD.md" in page
+
+
+def _check_model_card(run: Path, metrics: dict) -> None:
+    """The bundle's MODEL_CARD.md: Hugging Face's layout (YAML metadata, then sections) with metrics.json's figures."""
+    text = (run / "bundle" / "MODEL_CARD.md").read_text()
+    _, front, body = text.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    result = meta["model-index"][0]["results"][0]
+    assert meta["pipeline_tag"] == "image-classification" and meta["datasets"] == [metrics["dataset"]]
+    assert result["metrics"][0]["value"] == round(metrics["test_acc"], 4)
+    for section in ("Intended use", "Data", "Training", "Results", "Limitations", "Versions"):
+        assert f"\n## {section}\n" in body, section
+    sizes = metrics["split_sizes"]
+    assert f"train {sizes['train']} images, val {sizes['val']} images, test {sizes['test']} images" in body
+    for name, acc in metrics["test_acc_per_class"].items():
+        assert f"| {name} | {acc:.4f} |" in body
+    calibration, ood = metrics["calibration"], metrics["ood"]
+    assert f"{calibration['ece_before']:.4f} before, {calibration['ece_after']:.4f} after" in body
+    assert f"method **{ood['method']}**" in body and f"threshold {ood['threshold']} " in body
+    for name in ood["sets"]:
+        assert f"{name} {ood[f'auroc_{name}']:.4f}" in body
+    assert f"{metrics['epochs']} epochs" in body and f"torch {metrics['versions']['torch']}" in body
 
 
 @pytest.mark.slow

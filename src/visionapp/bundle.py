@@ -37,6 +37,7 @@ from visionapp.transforms import EvalPreset
 WEIGHTS_FILE, META_FILE = "model.pt", "model.json"
 # Beside the bundle in a run directory: the test split's image files, one per line (what explain/ measures on).
 TEST_FILES = "test_files.txt"
+CARD_FILE = "MODEL_CARD.md"  # in the bundle: the model card the train stage writes (visionapp.train.card)
 # Beside the bundle while `fit` runs and after one that did not finish (a crash, Ctrl-C): the run is not to be used.
 INCOMPLETE = "INCOMPLETE"
 

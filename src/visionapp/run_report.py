@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from visionapp.attribution.maps import explain, overlay_png
-from visionapp.bundle import check_complete, load_bundle, run_test_images
+from visionapp.bundle import CARD_FILE, check_complete, load_bundle, run_test_images
 from visionapp.errors import UserError, run_main
 from visionapp.transforms import load_image
 
@@ -73,6 +73,8 @@ def build(run: Path) -> Path:
     metrics = json.loads((run / "metrics.json").read_text())
     meta = json.loads((run / "bundle" / "model.json").read_text())
     parts = [f"<h1>Run {html.escape(run.resolve().name)}</h1>", metrics_section(metrics, meta)]
+    if (run / "bundle" / CARD_FILE).is_file():  # what the model is for and where it fails, with the bundle
+        parts.insert(1, f"<p>Model card: <a href='bundle/{CARD_FILE}'>bundle/{CARD_FILE}</a></p>")
     parts += calibration_section(run, metrics) + ood_section(run, metrics) + per_class_section(run, metrics)
     parts += mistakes_section(run)
     parts += quality_section(run) + versions_and_config_section(run, metrics)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from visionapp.bundle import META_FILE, bundle_file, check_complete
+from visionapp.bundle import CARD_FILE, META_FILE, bundle_file, check_complete
 from visionapp.errors import run_main
 from visionapp.serve.inputs import explain_name
 
@@ -81,7 +81,7 @@ def build_archive(
             "--serialized-file", str(bundle / "model.pt"),
             "--handler", str(HANDLER),
             "--extra-files", ",".join([str(bundle / "model.json"), *map(str, form_files(bundle)),
-                                       *map(str, ood_files(bundle)), tmp]),
+                                       *map(str, ood_files(bundle)), *map(str, bundle.glob(CARD_FILE)), tmp]),
             "--config-file", str(model_config),
             "--export-path", str(out),
             "--force",

@@ -27,6 +27,7 @@ from visionapp import run_report
 from visionapp.bundle import INCOMPLETE, TEST_FILES, save_bundle, versions
 from visionapp.errors import UserError
 from visionapp.train import calibration, ood
+from visionapp.train.card import write_card
 from visionapp.train.data import FolderDataModule, ImageDataModule
 from visionapp.train.module import ImageClassifier
 
@@ -121,6 +122,7 @@ def write_run(
     record, bank, ood_entry = ood.measure(passes, sets=sets, temperature=calibrated["temperature"], accept=ood_accept,
                                           plot=run_dir / "ood.png" if sets else None)  # fmt: skip
     metrics = run_metrics(module, data, trainer, throughput, val_acc, test_results, calibrated)
+    metrics["split_sizes"] = {name: len(passes[name].logits) for name in ("train", "val", "test")}
     metrics["ood"] = ood_entry
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if isinstance(data, FolderDataModule):  # the held-out images, for the explain stage (no data module there)
@@ -141,6 +143,7 @@ def write_run(
         ood=record.to_dict(),
         ood_bank=bank,
     )
+    write_card(run_dir / "bundle", metrics, run_dir / "config.yaml")  # MODEL_CARD.md: the run's figures, in words
     (run_dir / INCOMPLETE).unlink(missing_ok=True)  # the bundle is whole: archive and serve may take it now
     run_report.build(run_dir)  # report.html: the run at a glance (make explain adds its quality table)
     point_latest(run_dir)
