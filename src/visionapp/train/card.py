@@ -38,24 +38,30 @@ def _metadata(metrics: dict[str, Any]) -> dict[str, Any]:
         "tags": ["image-classification", "torchvision", metrics["arch"], "visionapp"],
         "datasets": [metrics["dataset"]],
         "metrics": ["accuracy"],
-        "model-index": [{
+    }
+    if metrics["test_acc"] is not None:  # Hugging Face's result block: the test accuracy (none when no test ran)
+        meta["model-index"] = [{
             "name": f"{metrics['arch']}-{metrics['dataset']}",
             "results": [{
                 "task": {"type": "image-classification"},
                 "dataset": {"name": metrics["dataset"], "type": metrics["dataset"], "split": "test"},
                 "metrics": [{"type": "accuracy", "value": round(metrics["test_acc"], 4)}],
             }],
-        }],
-    }  # fmt: skip
+        }]  # fmt: skip
     if weights:
         meta["base_model"] = f"torchvision/{metrics['arch']}.{weights}"
     return meta
 
 
+def _figure(value: float | None) -> str:
+    """A measured figure, or what a run that did not measure it (e.g. no validation epoch) says instead."""
+    return "not measured" if value is None else f"{value:.4f}"
+
+
 def _results(metrics: dict[str, Any]) -> list[str]:
     calibration, ood = metrics.get("calibration") or {}, metrics.get("ood") or {}
-    lines = ["## Results", "", f"Test accuracy **{metrics['test_acc']:.4f}** ({metrics.get('test_split')}); "
-             f"validation accuracy {metrics['val_acc']:.4f}.", "", "| class | test accuracy |",
+    lines = ["## Results", "", f"Test accuracy **{_figure(metrics['test_acc'])}** ({metrics.get('test_split')}); "
+             f"validation accuracy {_figure(metrics['val_acc'])}.", "", "| class | test accuracy |",
              "|---|---|"]  # fmt: skip
     lines += [f"| {c} | {a:.4f} |" for c, a in (metrics.get("test_acc_per_class") or {}).items() if a is not None]
     if calibration:
