@@ -157,6 +157,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--requests", type=int, default=60, help="serve: requests per measurement at concurrency ≤ 4")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--serve-warmup", type=int, default=1000, help="serve: requests per server before the rounds")
+    ap.add_argument("--serve-saturate", type=int, default=320, help="serve: predictions at concurrency 16 while "
+                    "readiness probes are timed")  # fmt: skip
     ap.add_argument("--serve-explanations", type=int, default=4, help="serve: occlusion explanations in flight while "
                     "a lone prediction is timed")  # fmt: skip
     ap.add_argument("--train-root", default="data/shapes")
@@ -249,7 +251,8 @@ def serve_parts(args: argparse.Namespace, run_dir: Path, image: Path) -> dict:
     serve_argv = ["--bundle", str(bundle), "--image", str(image), "--rounds", str(args.rounds), "--requests",
                   str(args.requests), "--warmup", str(args.serve_warmup), "--image-size", str(REFERENCE_SIZE),
                   "--concurrency", *map(str, args.concurrency), "--forms", *args.forms,
-                  "--staging", args.staging, "--explanations", str(args.serve_explanations)]  # fmt: skip
+                  "--staging", args.staging, "--explanations", str(args.serve_explanations),
+                  "--saturate", str(args.serve_saturate)]  # fmt: skip
     serve = serve_bench.run(serve_bench.parser().parse_args(serve_argv))
     serve_bench.print_table(serve)
     return {"forms": forms, "serve_224px": serve}

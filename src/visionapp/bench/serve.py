@@ -340,12 +340,15 @@ def during_explanations(server: Server, body: bytes, requests: int, explanations
             "explanations": explanations}  # fmt: skip
 
 
-def ready_latency(server: Server, body: bytes, probes: int = 50, concurrency: int = 16) -> dict[str, float]:
-    """A readiness probe's latency (ms) while the server is saturated at `concurrency`: KServe's
-    /v2/models/<name>/ready, TorchServe's /ping (its frontend wants the key on every path), one every 20 ms."""
+def ready_latency(
+    server: Server, body: bytes, requests: int = 320, probes: int = 50, concurrency: int = 16
+) -> dict[str, float]:
+    """A readiness probe's latency (ms) while the server is saturated at `concurrency` by `requests` predictions:
+    KServe's /v2/models/<name>/ready, TorchServe's /ping (its frontend wants the key on every path), one every
+    20 ms."""
     path = f"/v2/models/{server.model}/ready" if server.server == "kserve" else "/ping"
     with ThreadPoolExecutor(1) as pool:
-        load = pool.submit(server.load, body, requests=max(64, concurrency * 20), concurrency=concurrency)
+        load = pool.submit(server.load, body, requests=requests, concurrency=concurrency)
         time.sleep(1.0)  # the load running, batches full
         seconds = []
         for _ in range(probes):
@@ -489,7 +492,7 @@ def measure_servers(
         }
         for name in ("ours", "kserve"):  # readiness probes while each of our servers is saturated
             if name in servers:
-                during[name]["ready"] = ready_latency(servers[name], body)
+                during[name]["ready"] = ready_latency(servers[name], body, requests=args.saturate)
         return rounds, response_bytes({n: s for n, s in servers.items() if n in ("ours", "stock")}, body), during
 
 
@@ -508,6 +511,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--forms", nargs="*", choices=FORM_CHOICES, default=list(FORM_CHOICES),
                     help="the forms exported and timed (none: the eager model serves)")  # fmt: skip
+    ap.add_argument("--saturate", type=int, default=320,
+                    help="predictions at concurrency 16 while readiness probes are timed")  # fmt: skip
     ap.add_argument("--explanations", type=int, default=4,
                     help="occlusion explanations in flight while a lone prediction's latency is timed")  # fmt: skip
     ap.add_argument("--staging", default=None, help="stage and export the bundle here, or use the one an earlier "
