@@ -175,13 +175,19 @@ def test_ctrl_c_during_fit_leaves_the_run_marked(shapes_root: Path, tmp_path: Pa
          f"--data.init_args.root={shapes_root}", *TINY_DATA, "--model.weights=null", "--trainer.max_epochs=100",
          f"--runs_dir={tmp_path / 'runs'}", "--run_name=cut"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # Ctrl-C's default, whoever started the suite: a shell's background job inherits SIGINT ignored, and Python
+        # then never raises KeyboardInterrupt (the fit would train on, all 100 epochs)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     checkpoint = tmp_path / "runs" / "cut" / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 240
-    while not checkpoint.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.5)  # an epoch or more in: a run worth keeping
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=120)
+    try:
+        while not checkpoint.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)  # an epoch or more in: a run worth keeping
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # never a fit left training behind a failed test
     assert proc.returncode != 0, out
     run = tmp_path / "runs" / "cut"
     assert (run / INCOMPLETE).is_file() and checkpoint.is_file(), out

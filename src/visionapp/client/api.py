@@ -36,14 +36,14 @@ def inference_key(serve_dir: str | Path) -> str:
     return keys(serve_dir)["inference"]["key"]
 
 
-def renew_inference_key(serve_dir: str | Path, management: str) -> str:
-    """A fresh inference key from TorchServe's token API (the management port, authorised by the API key, which
-    does not expire); TorchServe writes it to key_file.json. Inference and management keys expire after
-    token_expiration_min (serve/config.properties)."""
-    status, body = call(f"{management}/token?type=inference", keys(serve_dir)["API"]["key"], timeout=10)
+def renew_key(serve_dir: str | Path, management: str, kind: str = "inference") -> str:
+    """A fresh `kind` key (inference or management) from TorchServe's token API (the management port, authorised by
+    the API key, which does not expire); TorchServe writes it to key_file.json. Inference and management keys expire
+    after token_expiration_min (serve/config.properties)."""
+    status, body = call(f"{management}/token?type={kind}", keys(serve_dir)["API"]["key"], timeout=10)
     if status != 200:
-        raise SystemExit(f"could not renew the inference key at {management} (HTTP {status}: {body[:200]!r})")
-    return inference_key(serve_dir)
+        raise SystemExit(f"could not renew the {kind} key at {management} (HTTP {status}: {body[:200]!r})")
+    return str(keys(serve_dir)[kind]["key"])
 
 
 def expired(status: int, body: bytes) -> bool:
@@ -57,7 +57,7 @@ def call_with_key(
     """`call` with the server's current inference key, renewed once if TorchServe refuses it as expired."""
     status, answer = call(url, inference_key(serve_dir), body, **kwargs)
     if expired(status, answer):
-        status, answer = call(url, renew_inference_key(serve_dir, management), body, **kwargs)
+        status, answer = call(url, renew_key(serve_dir, management), body, **kwargs)
     return status, answer
 
 
@@ -102,6 +102,10 @@ def is_ready(base: str, management: str, serve_dir: Path, model: str, server: st
             return call(f"{base}/v2/models/{model}/ready", "", timeout=5)[0] == 200
         key = json.loads((serve_dir / "key_file.json").read_text())["management"]["key"]
         status, body = call(f"{management}/models/{model}", key, timeout=5)
+        if expired(status, body):  # a model slower to load than token_expiration_min: the key ran out meanwhile
+            status, body = call(
+                f"{management}/models/{model}", renew_key(serve_dir, management, "management"), timeout=5
+            )
         return status == 200 and any(w.get("status") == "READY" for w in json.loads(body)[0].get("workers", []))
     except (OSError, ValueError, KeyError):  # not up yet: no key file, connection refused, no answer
         return False
