@@ -10,6 +10,10 @@ CONFIG ?= configs/train.yaml
 CONFIGS = --config configs/train.yaml $(if $(filter-out configs/train.yaml,$(CONFIG)),--config $(CONFIG))
 ARGS   ?=
 PYTEST_ARGS ?=
+# make test's parallel workers (pytest-xdist, a test file per worker at a time, in the order tests/conftest.py sets):
+# much of the suite waits on servers starting and answering, so two workers fill two cores; TEST_WORKERS=0 runs it
+# in this one process.
+TEST_WORKERS ?= 2
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}'
@@ -37,7 +41,7 @@ train: $(STAMP) ## fine-tune with LightningCLI (CONFIG=configs/folder.yaml ARGS=
 	$(PY) -m visionapp fit $(CONFIGS) $(ARGS)
 
 test: $(STAMP) ## the whole test suite on the CPU, as CI runs it (PYTEST_ARGS="-k bundle" to pick)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## the unit tests: no server, no training past a few steps (about a minute)
 	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)

@@ -29,11 +29,10 @@ MODEL_CONFIG = ROOT / "serve" / "model-config.yaml"
 EXPLAIN_CONFIG = ROOT / "serve" / "explain-config.yaml"
 
 # Small enough for 2 CPU cores, big enough that the model really learns (resnet18 at 64 px: 2x2 last map).
+TINY_SIZE, TINY_COUNTS = 64, {"train": 1500, "val": 100, "test": 100}
 TINY_DATA = [
-    "--data.init_args.image_size=64",
-    "--data.init_args.num_train=1500",
-    "--data.init_args.num_val=100",
-    "--data.init_args.num_test=100",
+    f"--data.init_args.image_size={TINY_SIZE}",
+    *(f"--data.init_args.num_{split}={n}" for split, n in TINY_COUNTS.items()),
     "--data.init_args.loader.num_workers=0",
 ]
 

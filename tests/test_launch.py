@@ -31,12 +31,13 @@ def _launch(args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_two_process_ddp_through_torchx_resumes_after_the_thaw_and_writes_a_valid_run(
-    tmp_path: Path, shapes_root: Path
+    tmp_path: Path,
 ) -> None:
     """A 2-process DDP job through TorchX's local scheduler with the backbone thawed at epoch 0 (ThawBackbone),
     stopped at the start of epoch 1 as a pre-empted job would be, then resumed from last.ckpt as a second job: on
     each rank the resumed epoch trains the backbone (requires_grad and a gradient) and its weights move; the
     resumed job writes one valid run."""
+    shapes_root = tmp_path / "shapes"  # its own: a smaller set than the shared one (which it would replace)
     data = (
         f"--data.init_args.root={shapes_root} --data.init_args.image_size=64 --data.init_args.num_train=256 "
         "--data.init_args.num_val=100 --data.init_args.num_test=100 --data.init_args.loader.num_workers=0 "

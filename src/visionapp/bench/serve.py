@@ -38,7 +38,6 @@ import importlib.util
 import json
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -56,7 +55,7 @@ import yaml
 from visionapp.bench import run_part
 from visionapp.bundle import TEST_FILES, form_runner, load_bundle
 from visionapp.client.api import call
-from visionapp.deploy.archive import build_archives, ood_files
+from visionapp.deploy.archive import build_archives, ood_files, run_archiver
 from visionapp.deploy.export import export_bundle
 from visionapp.deploy.loadgen import percentile, run_load
 from visionapp.deploy.local import LocalServer
@@ -98,7 +97,7 @@ def stock_archive(bundle: Path, out: Path, name: str = "stock") -> Path:
            "--handler", "image_classifier", "--extra-files", str(labels),
            "--config-file", str(MODEL_CONFIG_FILE),
            "--export-path", str(out), "--force"]  # fmt: skip
-    subprocess.run(cmd, check=True)
+    run_archiver(cmd)
     return out / f"{name}.mar"
 
 

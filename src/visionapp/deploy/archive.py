@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -44,6 +45,13 @@ SERVING_CODE = (
     "attribution",
     "serve",
 )
+
+
+def run_archiver(cmd: list[str]) -> None:
+    """Run torch-model-archiver with a TMPDIR of its own: it stages every archive in <TMPDIR>/<model name>, so two
+    archives of one name built at once (two make archive, parallel tests) would otherwise meet there and fail."""
+    with tempfile.TemporaryDirectory() as tmpdir:
+        subprocess.run(cmd, check=True, env={**os.environ, "TMPDIR": tmpdir})
 
 
 def build_archive(
@@ -86,7 +94,7 @@ def build_archive(
             "--export-path", str(out),
             "--force",
         ]  # fmt: skip
-        subprocess.run(cmd, check=True)
+        run_archiver(cmd)
     return out / f"{name}.mar"
 
 
