@@ -154,8 +154,11 @@ SERVER ?= torchserve
 KSERVE_GRPC_PORT ?=
 # seconds a request body may take to arrive on KServe's server (408 after: a stalled client frees its buffer)
 BODY_TIMEOUT ?= 30
+# SLIM=1 (SERVER=kserve): predictions from the bundle's ONNX form on ONNX Runtime, without torch (make export first);
+# explanations are then answered 404, naming where they are served.
+SLIM ?=
 KSERVE_ARGS = --bundle $(RUN)/bundle --model-config $(MODEL_CONFIG) --explain-config $(EXPLAIN_CONFIG) --model_name $(MODEL_NAME) \
-              --body-timeout $(BODY_TIMEOUT) \
+              --body-timeout $(BODY_TIMEOUT) $(if $(SLIM),--slim) \
               --host 127.0.0.1 --http_port $(INFERENCE_PORT) \
               $(if $(KSERVE_GRPC_PORT),--grpc_port $(KSERVE_GRPC_PORT),--enable_grpc false)
 server-check:

@@ -165,6 +165,7 @@ def test_the_bench_stages_a_knn_bundle_whole(trained_run: Path, tmp_path: Path) 
     bundle (the default run's choice) loads and answers with its score there."""
     import shutil
 
+    import numpy as np
     import torch
 
     from visionapp.bundle import load_bundle
@@ -175,7 +176,7 @@ def test_the_bench_stages_a_knn_bundle_whole(trained_run: Path, tmp_path: Path) 
     meta = json.loads((bundle / "model.json").read_text())
     meta["ood"] = {"method": "knn", "threshold": 0.5, "accept": 0.95, "k": 3, "features": FEATURES_FILE}
     (bundle / "model.json").write_text(json.dumps(meta))
-    torch.save(torch.nn.functional.normalize(torch.randn(20, 512), dim=1).half(), bundle / FEATURES_FILE)
+    np.save(bundle / FEATURES_FILE, torch.nn.functional.normalize(torch.randn(20, 512), dim=1).half().numpy())
     staged = serve_bench.staged_bundle(bundle, tmp_path / "staged" / "bundle", image_size=224)
     b = load_bundle(staged)
     _, scores, flags = b.answer(torch.zeros(1, 3, 224, 224))

@@ -7,8 +7,9 @@ import torch
 from PIL import Image
 
 from visionapp import shapes
+from visionapp.decode import load_image
 from visionapp.train.data import DataError, FolderDataModule, LoaderConfig, ShapesDataModule, TorchvisionDataModule
-from visionapp.transforms import EvalPreset, load_image
+from visionapp.transforms import EvalPreset
 
 NO_WORKERS = LoaderConfig(num_workers=0)
 

@@ -7,17 +7,20 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import MODEL_CONFIG, ROOT, post_with_headers, real_server
 
-from visionapp.bundle import TEST_FILES, file_sha256, load_bundle
+from visionapp.bundle import load_bundle
 from visionapp.deploy.archive import build_archive
 from visionapp.deploy.export import export_bundle
 from visionapp.deploy.local import LocalServer
+from visionapp.manifest import TEST_FILES, file_sha256
 
 pytestmark = pytest.mark.slow
 
@@ -121,6 +124,61 @@ def test_every_form_answers_as_the_eager_model(exported: Path) -> None:
         assert flags is not None and scores is not None and torch.equal(flags, scores > record["ood_threshold"])
 
 
+# Run by the slim predictor's test in a process where importing torch (or torchvision, Captum, Lightning) fails.
+SLIM_SCRIPT = """
+import json, sys
+
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision", "captum", "lightning"):
+            raise ImportError(f"the slim predictor imported {name}")
+
+sys.meta_path.insert(0, NoTorch())
+import numpy as np
+from visionapp.decode import load_image
+from visionapp.slim import load_slim
+
+bundle, runtime, files = sys.argv[1], sys.argv[2], sys.argv[3:]
+b = load_slim(bundle, runtime=runtime, threads=1)
+x = np.stack([b.geometry(load_image(f, min_side=b.decode_side)) for f in files])
+probs, scores, flags = b.answer(x)
+print(json.dumps({"form": b.form, "note": b.form_note, "probs": probs.tolist(),
+                  "scores": None if scores is None else scores.tolist(),
+                  "flags": None if flags is None else flags.tolist()}))
+"""
+
+
+def test_the_slim_predictor_answers_as_the_torch_path_without_torch(exported: Path, tmp_path: Path) -> None:
+    """`load_slim` (ONNX Runtime, Pillow, numpy) in a process that cannot import torch answers the run's whole test
+    split as `load_bundle` does with the same form: the same top-1, probabilities within 1e-3, the same OOD flags;
+    for the run's own OOD method and for knn (its .npy feature bank)."""
+    files = (exported / TEST_FILES).read_text().split()
+    knn = tmp_path / "knn"
+    shutil.copytree(exported / "bundle", knn)
+    meta = json.loads((knn / "model.json").read_text())
+    meta["ood"] = {"method": "knn", "threshold": 0.6, "accept": 0.95, "k": 3, "features": "ood_features.npy"}
+    (knn / "model.json").write_text(json.dumps(meta))
+    bank = torch.nn.functional.normalize(torch.randn(200, 512, generator=torch.Generator().manual_seed(0)), dim=1)
+    np.save(knn / "ood_features.npy", bank.half().numpy())
+    for bundle, runtime in ((exported / "bundle", "auto"), (exported / "bundle", "onnx"), (knn, "onnx-int8")):
+        r = subprocess.run([sys.executable, "-c", SLIM_SCRIPT, str(bundle), runtime, *files], capture_output=True,
+                           text=True, timeout=300)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        slim = json.loads(r.stdout)
+        assert runtime in ("auto", slim["form"]) and "without torch" in slim["note"]
+        torch_path = load_bundle(bundle, runtime=slim["form"])
+        with torch.inference_mode():
+            probs, scores, flags = torch_path.answer(torch.stack([torch_path.transform.load(f) for f in files]))
+        got = np.array(slim["probs"])
+        assert (got.argmax(1) == probs.argmax(1).numpy()).all(), (runtime, bundle)
+        assert np.abs(got - probs.numpy()).max() <= 1e-3
+        if scores is None:
+            assert slim["scores"] is None
+        else:
+            assert np.allclose(slim["scores"], scores.numpy(), atol=1e-4) and slim["flags"] == flags.tolist()
+    assert torch_path.ood is not None and torch_path.ood.method == "knn"
+
+
 def test_a_form_that_does_not_fit_falls_back_or_is_refused(exported: Path, tmp_path: Path) -> None:
     run = copy_run(exported, tmp_path / "run")
     meta_path = run / "bundle" / "model.json"
@@ -201,24 +259,46 @@ def test_a_refused_re_export_keeps_the_form_and_record_that_were_there(
     build_archive(run / "bundle", name="classifier", out=tmp_path / "store", model_config=MODEL_CONFIG)
 
 
-@pytest.fixture(scope="module", params=["torchserve", "kserve"])
+# Put on the slim server's PYTHONPATH: any import of torch (or torchvision, Captum, Lightning) in it fails.
+NO_TORCH = """
+import sys
+
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision", "captum", "lightning"):
+            raise ImportError(f"the slim predictor imported {name}")
+
+sys.meta_path.insert(0, NoTorch())
+"""
+
+
+@pytest.fixture(scope="module", params=["torchserve", "kserve", "kserve-slim"])
 def int8_server(
     request: pytest.FixtureRequest, exported: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalServer]:
-    """The exported run served by each server with the int8 form pinned in the model config."""
+    """The exported run served by each server with the int8 form pinned in the model config; kserve-slim: KServe's
+    server with SLIM=1, in a process where importing torch fails."""
     config = (ROOT / "serve" / "model-config.yaml").read_text().replace("runtime: auto", "runtime: onnx-int8")
     assert "runtime: onnx-int8" in config
-    with real_server(
-        request.param, exported, tmp_path_factory.mktemp(f"int8-{request.param}"), model_config=config
-    ) as s:
-        yield s
+    tmp = tmp_path_factory.mktemp(f"int8-{request.param}")
+    server, slim = request.param.removesuffix("-slim"), request.param.endswith("-slim")
+    with pytest.MonkeyPatch.context() as mp:
+        if slim:
+            (tmp / "guard").mkdir()
+            (tmp / "guard" / "sitecustomize.py").write_text(NO_TORCH)
+            mp.setenv("PYTHONPATH", str(tmp / "guard"))
+        with real_server(server, exported, tmp, model_config=config, extra_vars=("SLIM=1",) if slim else ()) as s:
+            mp.delenv("PYTHONPATH", raising=False)  # the server has started: this process's children go unguarded
+            yield s
 
 
 def test_both_servers_answer_with_the_int8_form_as_in_process(int8_server: LocalServer, exported: Path) -> None:
     """The worker says it runs the int8 form; its answers equal the same form in process within 1e-4 (the OOD flag
-    and score with them), for a batch past the exported batch range; explanations still come from eager."""
-    log = "torchserve.out" if int8_server.server == "torchserve" else "kserve.out"
-    assert "predictions: onnx-int8: model.int8.onnx" in (int8_server.dir / log).read_text()
+    and score with them), for a batch past the exported batch range; explanations still come from eager, and the
+    slim predictor (no torch) answers them 404, naming where they are served."""
+    log = (int8_server.dir / ("torchserve.out" if int8_server.server == "torchserve" else "kserve.out")).read_text()
+    assert "predictions: onnx-int8: model.int8.onnx" in log
+    slim = "without torch" in log
     bundle = load_bundle(exported / "bundle", runtime="onnx-int8")
     files = (exported / TEST_FILES).read_text().split()[:12]
     with torch.no_grad():
@@ -233,4 +313,7 @@ def test_both_servers_answer_with_the_int8_form_as_in_process(int8_server: Local
         assert headers["x-ood"] == ("true" if flag else "false")
         assert float(headers["x-ood-score"]) == pytest.approx(float(score), abs=1e-4)
     status, answer = int8_server.post(Path(files[0]).read_bytes(), endpoint="explanations")
-    assert status == 200 and "heatmap_png_base64" in answer  # type: ignore[operator]  # the eager model explains
+    if slim:
+        assert status == 404 and "full image" in answer["message"], answer  # type: ignore[index]
+    else:
+        assert status == 200 and "heatmap_png_base64" in answer  # type: ignore[operator]  # the eager model explains

@@ -22,11 +22,12 @@ from helpers import ROOT, TINY_DATA, InterruptAt, Interrupted, fit, run_fit, wri
 from PIL import Image
 
 from visionapp import imagefiles
-from visionapp.bundle import INCOMPLETE, IncompleteRun, load_bundle
+from visionapp.bundle import load_bundle
+from visionapp.decode import load_image
 from visionapp.deploy.archive import build_archive
-from visionapp.train.data import DataError, FolderDataModule, LoaderConfig
+from visionapp.manifest import INCOMPLETE, IncompleteRun
+from visionapp.train.data import DataError, FolderDataModule, ImageFolder, LoaderConfig
 from visionapp.train.model import build_model
-from visionapp.transforms import load_image
 
 CLASSES = ("ants", "bees", "wasps")
 
@@ -59,7 +60,7 @@ def test_one_rule_finds_classes_and_images_everywhere(tmp_path: Path) -> None:
     images = imagefiles.find_images(root / "train")
     assert len(images) == 18 and not [p for p in images if "._" in p.name or ".ipynb" in str(p)]
     assert Counter(p.suffix for p in images) == {".jpg": 12, ".gif": 6}
-    folder = imagefiles.ImageFolder(root / "train", loader=load_image)
+    folder = ImageFolder(root / "train", loader=load_image)
     assert folder.classes == list(CLASSES) and len(folder) == 18
     for path, label in folder.samples:  # every label is its folder's class: nothing shifted
         assert CLASSES[label] == Path(path).parent.name

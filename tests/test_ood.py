@@ -9,20 +9,21 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import real_server
 
 from visionapp import shapes
-from visionapp.bundle import load_bundle
+from visionapp.bundle import load_bank, load_bundle
+from visionapp.decode import load_image
 from visionapp.imagefiles import find_images
-from visionapp.ood import OODRecord, fit_threshold, knn_scores, scores
+from visionapp.ood import FEATURES_FILE, OODRecord, fit_threshold, knn_scores, scores
 from visionapp.train.ood import auroc, fpr_at_tpr
-from visionapp.transforms import load_image
 
 
 def test_scores_rank_a_confident_answer_below_an_unsure_one() -> None:
-    logits = torch.tensor([[9.0, 0.0, 0.0], [0.1, 0.0, 0.0]])
+    logits = np.array([[9.0, 0.0, 0.0], [0.1, 0.0, 0.0]])
     for method in ("msp", "energy"):
         s = scores(logits, method)
         assert s[0] < s[1], method  # higher = further from the training data
@@ -30,25 +31,47 @@ def test_scores_rank_a_confident_answer_below_an_unsure_one() -> None:
         scores(logits, "mahalanobis")
 
 
+def test_the_numpy_scores_equal_torchs_formulas() -> None:
+    """visionapp.ood scores in numpy (the slim predictor has no torch); the formulas as torch writes them agree."""
+    g = torch.Generator().manual_seed(0)
+    logits, features = torch.randn(40, 5, generator=g) * 4, torch.randn(40, 16, generator=g)
+    bank = torch.nn.functional.normalize(torch.randn(300, 16, generator=g), dim=1)
+    msp = -(logits / 1.5).softmax(1).amax(1)
+    energy = -torch.logsumexp(logits, 1)
+    similar = (torch.nn.functional.normalize(features, dim=1) @ bank.T).topk(7, dim=1).values[:, -1]
+    knn = (2 - 2 * similar).clamp_min(0).sqrt()
+    assert np.allclose(scores(logits.numpy(), "msp", 1.5), msp.numpy(), atol=1e-6)
+    assert np.allclose(scores(logits.numpy(), "energy"), energy.numpy(), atol=1e-5)
+    assert np.allclose(knn_scores(bank.numpy(), features.numpy(), k=7), knn.numpy(), atol=1e-5)
+
+
+def test_a_knn_bank_of_either_format_loads_alike(tmp_path: Path) -> None:
+    """Runs from before the .npy bank stored it with torch.save (ood_features.pt): both load to the same array."""
+    bank = torch.nn.functional.normalize(torch.randn(50, 8), dim=1).half()
+    torch.save(bank, tmp_path / "ood_features.pt")
+    np.save(tmp_path / FEATURES_FILE, bank.numpy())
+    assert np.array_equal(load_bank(tmp_path / "ood_features.pt"), load_bank(tmp_path / FEATURES_FILE))
+
+
 def test_threshold_accepts_the_share_asked_for() -> None:
-    val = torch.randn(2000, generator=torch.Generator().manual_seed(0))
+    val = np.random.default_rng(0).standard_normal(2000)
     for accept in (0.9, 0.95, 0.99):
         threshold = fit_threshold(val, accept)
-        assert float((val <= threshold).float().mean()) == pytest.approx(accept, abs=1 / len(val))
+        assert float((val <= threshold).mean()) == pytest.approx(accept, abs=1 / len(val))
     with pytest.raises(ValueError, match="accept"):
         fit_threshold(val, 1.0)
 
 
 def test_auroc_fpr_and_knn_on_known_cases() -> None:
-    ins, outs = torch.arange(100.0), torch.arange(100.0) + 1000
+    ins, outs = np.arange(100.0), np.arange(100.0) + 1000
     assert auroc(ins, outs) == 1.0 and auroc(outs, ins) == 0.0
     assert fpr_at_tpr(ins, outs) == 0.0 and fpr_at_tpr(outs, ins) == 1.0
-    g = torch.Generator().manual_seed(0)
-    ins, outs = torch.randint(-30, 30, (300,), generator=g).float(), torch.randint(-20, 40, (200,), generator=g).float()
-    pairs = (outs[None, :] > ins[:, None]).float() + 0.5 * (outs[None, :] == ins[:, None]).float()
+    rng = np.random.default_rng(0)
+    ins, outs = rng.integers(-30, 30, 300).astype(float), rng.integers(-20, 40, 200).astype(float)
+    pairs = (outs[None, :] > ins[:, None]) + 0.5 * (outs[None, :] == ins[:, None])
     assert auroc(ins, outs) == pytest.approx(float(pairs.mean()), abs=1e-6)  # Mann-Whitney, ties counting half
-    bank = torch.eye(4).repeat(5, 1)  # five copies of each axis
-    near, far = torch.tensor([[1.0, 0.01, 0, 0]]), torch.tensor([[1.0, 1.0, 1.0, 1.0]])
+    bank = np.tile(np.eye(4), (5, 1))  # five copies of each axis
+    near, far = np.array([[1.0, 0.01, 0, 0]]), np.array([[1.0, 1.0, 1.0, 1.0]])
     assert knn_scores(bank, near, k=3) < knn_scores(bank, far, k=3)
 
 
@@ -77,7 +100,7 @@ def test_run_records_every_method_and_the_served_threshold(trained_run: Path) ->
     record = load_bundle(trained_run / "bundle").ood
     assert record == OODRecord.from_dict(ood)  # the bundle serves what metrics.json reports
     if record is not None and record.method == "knn":  # its training features in the bundle, within the stated size
-        size = (trained_run / "bundle" / "ood_features.pt").stat().st_size
+        size = (trained_run / "bundle" / FEATURES_FILE).stat().st_size
         assert size < 5000 * 512 * 2 + 10_000, size
     report = (trained_run / "report.html").read_text()
     assert "Out of distribution" in report and "out-of-distribution scores" in report  # the histogram's alt text

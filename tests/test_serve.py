@@ -33,12 +33,12 @@ from PIL import Image
 
 from visionapp.bundle import load_bundle
 from visionapp.client.api import call
+from visionapp.decode import load_image
 from visionapp.deploy.archive import build_archive, build_archives
 from visionapp.deploy.loadgen import run_load
 from visionapp.deploy.local import LocalServer as Server
 from visionapp.deploy.local import free_ports
 from visionapp.serve.inputs import worker_threads
-from visionapp.transforms import load_image
 
 pytestmark = pytest.mark.slow
 T = TypeVar("T")

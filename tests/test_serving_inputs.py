@@ -207,8 +207,9 @@ def test_images_are_decoded_only_as_big_as_the_model_needs() -> None:
     """load_image's min_side: a big JPEG decoded at a reduced DCT scale, any image shrunk by a whole factor while
     both sides keep min_side; 16-bit grey through the lookup table equals the float64 scaling exactly; a
     48-megapixel JPEG stays under the decompression-bomb limit at the scale it is decoded at."""
+    from visionapp.decode import load_image
     from visionapp.serve.inputs import MAX_PIXELS
-    from visionapp.transforms import EvalPreset, load_image
+    from visionapp.transforms import EvalPreset
 
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (3000, 4000, 3), dtype=np.uint8))
     jpeg, png = io.BytesIO(), io.BytesIO()

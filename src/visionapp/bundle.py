@@ -11,73 +11,41 @@ eval preprocessing. explain/ and serve/ use nothing else from training.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import platform
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torchvision
 from torch import nn
 from torchvision.models import get_model
 
 from visionapp.errors import UserError
-from visionapp.forms import FORMS, OnnxRunner, fastest
+from visionapp.forms import OnnxRunner, logits_and_features
 from visionapp.imagefiles import find_images, is_image_file
-from visionapp.ood import FEATURES_FILE, OODRecord, knn_scores, logits_and_features
-from visionapp.ood import scores as ood_scores
+from visionapp.manifest import (
+    FORMS,
+    TEST_FILES,
+    WEIGHTS_FILE,
+    bundle_file,
+    fastest,
+    form_file_problem,
+    read_meta,
+    write_meta,
+)
+from visionapp.ood import FEATURES_FILE, OODRecord, calibrated_answer, served_record
 from visionapp.transforms import EvalPreset
-
-WEIGHTS_FILE, META_FILE = "model.pt", "model.json"
-# Beside the bundle in a run directory: the test split's image files, one per line (what explain/ measures on).
-TEST_FILES = "test_files.txt"
-CARD_FILE = "MODEL_CARD.md"  # in the bundle: the model card the train stage writes (visionapp.train.card)
-# Beside the bundle while `fit` runs and after one that did not finish (a crash, Ctrl-C): the run is not to be used.
-INCOMPLETE = "INCOMPLETE"
-
-
-class BundleNotFound(UserError, FileNotFoundError):
-    """A path given as a bundle that is not one."""
-
-
-class IncompleteRun(UserError):
-    """The run directory of a fit that did not finish."""
-
-
-def check_complete(bundle_dir: str | Path) -> None:
-    """Refuse the bundle of a run that `fit` did not finish (its INCOMPLETE mark says why)."""
-    mark = Path(bundle_dir).parent / INCOMPLETE
-    if mark.is_file():
-        raise IncompleteRun(
-            f"{mark.parent} is an unfinished run ({mark.read_text().strip()}); train again (make train) or pick "
-            "a finished run (RUN=runs/<name>)"
-        )
 
 
 def compiled_file(device: str) -> str:
     """The AOTInductor form's file for `device`."""
     return f"model.{device}.pt2"
-
-
-def bundle_file(directory: Path, name: str) -> Path:
-    """A file that model.json names, as a path inside the bundle: a plain file name, never a path that leads
-    elsewhere (a compiled package is native code: one from outside the bundle must not be loaded or packed)."""
-    if not name or Path(name).name != name or name in (".", ".."):
-        raise ValueError(f"{directory / META_FILE} names the file {name!r}; expected a file name inside the bundle")
-    return directory / name
-
-
-def write_meta(directory: Path, meta: dict[str, Any]) -> None:
-    """Write model.json whole or not at all: a temporary file renamed over it (a crash leaves the old one)."""
-    tmp = directory / f".{META_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, directory / META_FILE)
 
 
 def cpu_isa() -> str:
@@ -99,7 +67,7 @@ class Bundle:
     runner: Runner | None = None
     form: str = "eager"  # which form runs
     form_note: str = "eager: not asked for"  # which form runs, and why
-    ood_bank: torch.Tensor | None = None  # knn's training features (normalised), when the OOD method is knn
+    ood_bank: np.ndarray | None = None  # knn's training features (normalised, float32), when the OOD method is knn
     channels_last: bool = False  # the eager model in NHWC (where make export found it faster), its inputs converted
 
     def run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,12 +98,9 @@ class Bundle:
 
     @property
     def ood(self) -> OODRecord | None:
-        """The out-of-distribution method and threshold fitted after fit; None for a run from before them. A form
-        whose scores differ from the eager model's (int8) carries its own threshold, refitted on the same
-        validation images at export."""
-        record = OODRecord.from_dict(self.meta.get("ood"))
-        own = self.form_record.get("ood_threshold")
-        return record if record is None or own is None else replace(record, threshold=float(own))
+        """The out-of-distribution method and threshold fitted after fit (None for a run from before them), with
+        the loaded form's own threshold where export refitted one (int8)."""
+        return served_record(self.meta, self.form_record)
 
     @property
     def form_record(self) -> dict[str, Any]:
@@ -150,19 +115,17 @@ class Bundle:
 
     def answer(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """One forward pass of a normalised batch, on the loaded form: calibrated probabilities, and the
-        out-of-distribution scores and flags (None without an OOD record)."""
+        out-of-distribution scores and flags (None without an OOD record), on the CPU: `visionapp.ood`'s
+        `calibrated_answer`, as the slim predictor answers."""
         record = self.ood
         if record is None:
-            return self.probabilities(x), None, None
-        if record.method == "knn":
-            if self.ood_bank is None or record.k is None:
-                raise ValueError(f"the bundle's OOD method is knn but it has no {record.features or 'features file'}")
-            logits, features = self.run(x)
-            scores = knn_scores(self.ood_bank, features, record.k)
-        else:
-            logits = self.forward(x)
-            scores = ood_scores(logits, record.method, self.temperature)
-        return (logits / self.temperature).softmax(dim=1), scores, scores > record.threshold
+            return self.probabilities(x).cpu(), None, None
+        logits, features = self.run(x) if record.method == "knn" else (self.forward(x), None)
+        probabilities, scores, flags = calibrated_answer(
+            logits.float().cpu().numpy(), None if features is None else features.float().cpu().numpy(), record,
+            self.ood_bank, self.temperature,
+        )  # fmt: skip
+        return torch.from_numpy(probabilities), torch.from_numpy(scores), torch.from_numpy(flags)
 
 
 def versions(packages: tuple[str, ...] = ("lightning",)) -> dict[str, str]:
@@ -237,7 +200,7 @@ def save_bundle(
     metrics: dict[str, Any],
     temperature: float = 1.0,
     ood: dict[str, Any] | None = None,
-    ood_bank: torch.Tensor | None = None,
+    ood_bank: np.ndarray | None = None,
 ) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -259,7 +222,7 @@ def save_bundle(
     if ood:
         meta["ood"] = ood  # the out-of-distribution method and threshold (visionapp.ood)
     if ood_bank is not None:  # knn's training features, float16
-        torch.save(ood_bank.detach().cpu().half().contiguous(), directory / FEATURES_FILE)
+        np.save(directory / FEATURES_FILE, np.asarray(ood_bank, np.float16))
     if arch.startswith("vit_"):
         meta["model_kwargs"] = {"image_size": image_size}
     write_meta(directory, meta)
@@ -272,23 +235,16 @@ def load_bundle(directory: str | Path, map_location: str | torch.device = "cpu",
     the fastest form that passed its checks at export and loads here, falling back form by form to eager.
     `form_note` says which form answers and why."""
     directory = Path(directory)
-    check_complete(directory)
-    if not (directory / META_FILE).is_file():
-        raise BundleNotFound(
-            f"{directory} is not a bundle (no {META_FILE}); train first (make train) "
-            "or pass a run's bundle/ folder, e.g. runs/latest/bundle"
-        )
+    meta = read_meta(directory)
     if runtime not in (*FORMS, "auto"):
         raise UserError(f"runtime {runtime!r} is not a form; choose from auto, {', '.join(FORMS)}")
-    meta = json.loads((directory / META_FILE).read_text())
     model = get_model(meta["arch"], weights=None, num_classes=meta["num_classes"], **meta.get("model_kwargs", {}))
     model.load_state_dict(torch.load(directory / WEIGHTS_FILE, map_location=map_location, weights_only=True))
     transform = EvalPreset(image_size=meta["image_size"], mean=meta["mean"], std=meta["std"])
     bundle = Bundle(model.eval(), transform, meta)
     record = bundle.ood
     if record is not None and record.features:
-        bank = torch.load(bundle_file(directory, record.features), map_location=map_location, weights_only=True)
-        bundle.ood_bank = bank.float()
+        bundle.ood_bank = load_bank(bundle_file(directory, record.features))
     if runtime != "eager":
         device = torch.device(map_location).type
         _load_form(bundle, directory, device, runtime)
@@ -327,6 +283,13 @@ def _load_form(bundle: Bundle, directory: Path, device: str, runtime: str) -> No
     bundle.form_note = f"eager: {'; '.join(reasons) or 'the fastest form here'}"
 
 
+def load_bank(path: Path) -> np.ndarray:
+    """knn's feature bank as float32: a .npy file, or the .pt file runs from before it wrote (torch.load)."""
+    if path.suffix == ".pt":
+        return torch.load(path, map_location="cpu", weights_only=True).float().numpy()
+    return np.load(path, allow_pickle=False).astype(np.float32)
+
+
 def form_runner(path: Path, name: str, record: dict[str, Any]) -> Runner:
     """The exported form in `path` as a Runner (ONNX Runtime's session, or AOTInductor's package)."""
     if name != "aoti":
@@ -345,35 +308,14 @@ def form_runner(path: Path, name: str, record: dict[str, Any]) -> Runner:
     return run
 
 
-def file_sha256(path: Path) -> str:
-    """The file's SHA-256, hex: what model.json records of a file it names, to refuse one changed since."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _unfit(directory: Path, record: dict[str, Any] | None, name: str, device: str) -> str | None:
     """Why the exported form cannot run here (None: it can). Each form is loaded only if it passed its checks at
     export and its file is the one checked (its SHA-256): AOTInductor's is native code. AOTInductor's output is
     also tied to its torch version, its device and, on the CPU, the instruction set it was compiled for; the ONNX
     forms run on ONNX Runtime's CPU provider."""
-    if record is None:
-        return f"the bundle has no {name} form for {device} (make export on a {device} machine)"
-    if not record.get("passed"):
-        return f"it failed its check at export: {record.get('reason', 'no reason recorded')}"
-    try:
-        path = bundle_file(directory, record["file"])
-        if not path.is_file():
-            return f"{record['file']} is missing from {directory}"
-    except ValueError as e:
-        return str(e)
-    if record.get("sha256") is None:
-        return f"model.json records no SHA-256 for {record['file']}: make export again"
-    if file_sha256(path) != record["sha256"]:
-        return (f"refused: {record['file']} is not the file make export checked (its SHA-256 differs from "
-                "model.json's); make export again")  # fmt: skip
+    problem = form_file_problem(directory, record, name, device)
+    if problem is not None or record is None:
+        return problem
     if name != "aoti":
         return None if device == "cpu" else f"the ONNX forms run on the CPU here, not on {device}"
     if record["torch"] != torch.__version__:

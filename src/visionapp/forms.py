@@ -16,16 +16,30 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from visionapp.ood import head
+from visionapp.slim import OnnxSession
 
-FORMS = ("eager", "aoti", "onnx", "onnx-int8")
-ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}
-OUTPUTS = ("logits", "features")
+
+def head(model: nn.Module) -> nn.Linear:
+    """The classifier's last Linear layer: its input is the penultimate feature vector."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no Linear layer to read penultimate features from")
+    return linears[-1]
+
+
+def logits_and_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass of the eager model: the logits and the penultimate features (the head's input)."""
+    captured: list[torch.Tensor] = []
+    hook = head(model).register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0]))
+    try:
+        logits = model(x)
+    finally:
+        hook.remove()
+    return logits, captured[0].flatten(1)
 
 
 class WithFeatures(nn.Module):
@@ -47,33 +61,12 @@ class WithFeatures(nn.Module):
 
 
 class OnnxRunner:
-    """An ONNX form in an ONNX Runtime session on the CPU, with as many threads as torch uses here (the servers
-    size torch's pool to the cores they were given): a normalised batch in, (logits, features) out."""
+    """An ONNX form on ONNX Runtime (`visionapp.slim.OnnxSession`) with as many threads as torch uses here (the
+    servers size torch's pool to the cores they were given): a normalised batch in, (logits, features) out."""
 
     def __init__(self, path: Path) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        # No spinning: ONNX Runtime's threads otherwise busy-wait after each run, taking the cores from what runs
-        # next (the OOD score's torch ops, the next request's decoding). Measured with a knn bundle on 2 busy
-        # cores: a lone answer 11.1 → 7.1 ms, the score's share 1.21 → 1.18 of the answer without it.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.input = self.session.get_inputs()[0].name
-        names = [o.name for o in self.session.get_outputs()]
-        if tuple(names) != OUTPUTS:
-            raise ValueError(f"{path.name} has outputs {names}, expected {list(OUTPUTS)}: make export again")
+        self.session = OnnxSession(path, threads=torch.get_num_threads())
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, features = self.session.run(None, {self.input: x.detach().cpu().contiguous().numpy()})
+        logits, features = self.session(x.detach().cpu().contiguous().numpy())
         return torch.from_numpy(logits), torch.from_numpy(features)
-
-
-def fastest(records: dict[str, dict[str, Any]]) -> list[str]:
-    """The forms that passed their checks, fastest first by their images/s at export, eager among them (timed
-    beside them; last where it was not)."""
-    passed = sorted((name for name, r in records.items() if r.get("passed") and name in FORMS),
-                    key=lambda name: -float(records[name].get("images_per_s", 0)))  # fmt: skip
-    return passed if "eager" in passed else [*passed, "eager"]

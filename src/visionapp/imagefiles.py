@@ -6,18 +6,14 @@ a file one of them takes is a file all of them take. The rules:
 - hidden entries are skipped everywhere: folders and files whose name starts with "." (`.ipynb_checkpoints/`,
   `.DS_Store`, macOS's AppleDouble `._IMG_0001.jpg` beside every photo copied from a Mac);
 - an image is a file with one of IMAGE_EXTENSIONS (case-insensitive), GIF included (its first frame);
-- decoding accepts exactly the Pillow formats IMAGE_FORMATS (`visionapp.transforms.load_image`), whatever a file's
+- decoding accepts exactly the Pillow formats IMAGE_FORMATS (`visionapp.decode.load_image`), whatever a file's
   name says: a file Pillow could open with another plugin (EPS, which runs Ghostscript, say) is refused.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-from torchvision import datasets
 
 # The file extensions taken for images when a folder is read.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -97,22 +93,3 @@ def expand(paths: list[str | Path]) -> list[Path]:
 def find_classes(split_dir: str | Path) -> list[str]:
     """The class folders of an ImageFolder split (split_dir/<class>/...): its folders that are not hidden, sorted."""
     return sorted(d.name for d in Path(split_dir).iterdir() if d.is_dir() and not is_hidden(d.name))
-
-
-class ImageFolder(datasets.ImageFolder):
-    """torchvision's ImageFolder with this module's rules for classes and images (its own counts hidden folders as
-    classes, takes `._` files and leaves GIFs out)."""
-
-    def __init__(self, root: str | Path, loader: Callable[[str], Any]) -> None:
-        super().__init__(str(root), loader=loader)
-
-    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
-        classes = find_classes(directory)
-        return classes, {c: i for i, c in enumerate(classes)}
-
-    @staticmethod
-    def make_dataset(  # type: ignore[override]
-        directory: str | Path, class_to_idx: dict[str, int], *args: Any, **kwargs: Any
-    ) -> list[tuple[str, int]]:
-        # Empty classes are allowed here: the data module's scan has named them already, with the fix.
-        return [(str(f), i) for c, i in sorted(class_to_idx.items()) for f in find_images(Path(directory, c))]

@@ -1,5 +1,5 @@
-"""Out-of-distribution scores: how far an image is from the training data, from the same forward pass that
-predicts it.
+"""Out-of-distribution scores: how far an image is from the training data, from the same forward pass that predicts
+it. numpy only: the slim predictor scores without torch.
 
 A classifier answers every image with one of its classes; calibration makes its probabilities honest on its
 classes' own images and says nothing about an image from elsewhere. A score per image, higher = further from the
@@ -11,69 +11,65 @@ Scores (visionapp.train.ood measures them side by side on out-of-distribution se
   msp     minus the maximum softmax probability (Hendrycks & Gimpel 2017), at the calibration temperature
   energy  minus logsumexp of the logits (Liu et al. 2020): the free energy, not squashed by the softmax
   knn     the distance from the image's L2-normalised penultimate features to their k-th nearest neighbour among
-          the training images' (Sun et al. 2022); the bundle stores those features (ood_features.pt, float16, at
+          the training images' (Sun et al. 2022); the bundle stores those features (ood_features.npy, float16, at
           most MAX_BANK of them: 5 MB at resnet18's 512 dimensions)
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-import torch
-from torch import nn
-from torch.nn import functional as F
+import numpy as np
 
 LOGIT_METHODS = ("msp", "energy")
 METHODS = (*LOGIT_METHODS, "knn")
-FEATURES_FILE = "ood_features.pt"  # in the bundle, for knn
+FEATURES_FILE = "ood_features.npy"  # in the bundle, for knn (runs from before it: ood_features.pt, read by torch)
 MAX_BANK = 5000  # training features kept for knn (a seeded sample beyond that)
 
 
-def scores(logits: torch.Tensor, method: str, temperature: float = 1.0) -> torch.Tensor:
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of logits (N, C) / temperature, in float32 (the calibrated probabilities)."""
+    z = logits.astype(np.float32) / np.float32(temperature)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def scores(logits: np.ndarray, method: str, temperature: float = 1.0) -> np.ndarray:
     """One score per row of `logits` (N, C): higher = further from the training data."""
-    logits = logits.float()
     if method == "msp":
-        return -(logits / temperature).softmax(1).amax(1)
+        return -softmax(logits, temperature).max(axis=1)
     if method == "energy":
-        return -torch.logsumexp(logits, 1)
+        z = logits.astype(np.float32)
+        top = z.max(axis=1)
+        return -(top + np.log(np.exp(z - top[:, None]).sum(axis=1)))
     raise ValueError(f"unknown logit score {method!r}; choose from {LOGIT_METHODS} (knn needs features)")
 
 
-def head(model: nn.Module) -> nn.Linear:
-    """The classifier's last Linear layer: its input is the penultimate feature vector."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"{type(model).__name__} has no Linear layer to read penultimate features from")
-    return linears[-1]
+def unit_rows(features: np.ndarray) -> np.ndarray:
+    """Each row scaled to length 1 (a zero row stays zero), float32."""
+    f = features.astype(np.float32)
+    return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), np.float32(1e-12))
 
 
-def logits_and_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward pass: the logits and the penultimate features (the head's input)."""
-    captured: list[torch.Tensor] = []
-    hook = head(model).register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0]))
-    try:
-        logits = model(x)
-    finally:
-        hook.remove()
-    return logits, captured[0].flatten(1)
-
-
-def knn_scores(bank: torch.Tensor, features: torch.Tensor, k: int) -> torch.Tensor:
+def knn_scores(bank: np.ndarray, features: np.ndarray, k: int) -> np.ndarray:
     """Distance to the k-th nearest of `bank` (normalised features), features normalised first."""
-    features = F.normalize(features.float(), dim=1)
-    bank = bank.to(features.device, torch.float32)
-    # unit vectors: |a - b|^2 = 2 - 2 a.b, so the k-th nearest is the k-th most similar (a matmul; cdist is ~10x
-    # slower for one image against thousands)
-    similar = torch.cat(
-        [(chunk @ bank.T).topk(min(k, len(bank)), dim=1).values[:, -1] for chunk in features.split(1024)]
+    features, bank = unit_rows(features), bank.astype(np.float32, copy=False)
+    k = min(k, len(bank))
+    # unit vectors: |a - b|^2 = 2 - 2 a.b, so the k-th nearest is the k-th most similar (a matrix product, in
+    # chunks so that thousands of images never hold one huge similarity matrix)
+    similar = np.concatenate(
+        [
+            -np.partition(-(chunk @ bank.T), k - 1, axis=1)[:, k - 1]
+            for chunk in np.split(features, range(1024, len(features), 1024))
+        ]
     )
-    return (2 - 2 * similar).clamp_min(0).sqrt()
+    return np.sqrt(np.clip(2 - 2 * similar, 0, None))
 
 
 def method_scores(
-    method: str, logits: torch.Tensor, features: torch.Tensor, bank: torch.Tensor | None, k: int, temperature: float
-) -> torch.Tensor:
+    method: str, logits: np.ndarray, features: np.ndarray, bank: np.ndarray | None, k: int, temperature: float
+) -> np.ndarray:
     """Scores by method name from one pass's logits and features: knn against `bank`, else a logit score."""
     if method == "knn":
         if bank is None:
@@ -82,14 +78,14 @@ def method_scores(
     return scores(logits, method, temperature)
 
 
-def auroc(in_scores: torch.Tensor, out_scores: torch.Tensor) -> float:
+def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
     """How often an out-of-distribution image scores above an in-distribution one, ties counted half (1.0: always,
     0.5: chance): the area under the ROC curve as the Mann-Whitney statistic, compared pair by pair in chunks."""
-    inside, above = in_scores.double().flatten(), 0.0
-    for chunk in out_scores.double().flatten().split(1024):
-        pairs = chunk[:, None] - inside[None, :]
+    inside, outside, above = np.ravel(in_scores).astype(np.float64), np.ravel(out_scores).astype(np.float64), 0.0
+    for start in range(0, len(outside), 1024):
+        pairs = outside[start : start + 1024, None] - inside[None, :]
         above += float((pairs > 0).sum()) + 0.5 * float((pairs == 0).sum())
-    return above / max(1, len(inside) * len(out_scores))
+    return above / max(1, len(inside) * len(outside))
 
 
 @dataclass(frozen=True)
@@ -114,8 +110,34 @@ class OODRecord:
                    k=d.get("k"), features=d.get("features"))  # fmt: skip
 
 
-def fit_threshold(val_scores: torch.Tensor, accept: float) -> float:
+def fit_threshold(val_scores: np.ndarray, accept: float) -> float:
     """The score at or below which `accept` of the validation images fall (their `accept` quantile)."""
     if not 0 < accept < 1:
         raise ValueError(f"ood accept={accept} must be in (0, 1): the share of in-distribution images accepted")
-    return float(torch.quantile(val_scores.double(), accept))
+    return float(np.quantile(np.asarray(val_scores, np.float64), accept))
+
+
+def served_record(meta: dict[str, Any], form_record: dict[str, Any] | None) -> OODRecord | None:
+    """The OOD record a form answers with: model.json's, with the form's own threshold where export refitted one on
+    the same validation images (int8: its scores differ from the eager model's); None for a run from before it."""
+    record = OODRecord.from_dict(meta.get("ood"))
+    own = (form_record or {}).get("ood_threshold")
+    return record if record is None or own is None else replace(record, threshold=float(own))
+
+
+def calibrated_answer(
+    logits: np.ndarray, features: np.ndarray | None, record: OODRecord | None, bank: np.ndarray | None,
+    temperature: float,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:  # fmt: skip
+    """One forward pass's answer: the calibrated probabilities and, with an OOD record, each image's score and flag
+    (score above the threshold). Every consumer answers through this, torch or not."""
+    probabilities = softmax(logits, temperature)
+    if record is None:
+        return probabilities, None, None
+    if record.method == "knn":
+        if bank is None or record.k is None or features is None:
+            raise ValueError(f"the bundle's OOD method is knn but it has no {record.features or 'features file'}")
+        s = knn_scores(bank, features, record.k)
+    else:
+        s = scores(logits, record.method, temperature)
+    return probabilities, s, s > record.threshold

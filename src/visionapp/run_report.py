@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 from visionapp.attribution.maps import explain, overlay_png
-from visionapp.bundle import CARD_FILE, check_complete, load_bundle, run_test_images
+from visionapp.bundle import load_bundle, run_test_images
+from visionapp.decode import load_image
 from visionapp.errors import UserError, run_main
-from visionapp.transforms import load_image
+from visionapp.manifest import CARD_FILE, check_complete
 
 MISTAKES = 6
 HEATMAP_PIXELS = 250_000  # the mistakes' overlays, shown 220 px wide: no need for the photo's full size

@@ -1,84 +1,22 @@
-"""The one place preprocessing lives: image decoding, train augmentation and the eval transform.
+"""Preprocessing for torch: the eval transform as tensors, the training augmentation, the batched device crop.
 
-Training's eval transform, the Captum heatmaps (explain/) and the TorchServe handler (serve/) all call
-`load_image` and `EvalPreset`; none re-implements them, so a served prediction equals the in-process one.
+Decoding and the eval resize themselves live in `visionapp.decode` (Pillow and numpy: the slim predictor runs them
+without torch); `EvalPreset` is them as tensors. Training's eval batches, the Captum heatmaps, predict-folder and both
+servers call it; none re-implements it, so a served prediction equals the in-process one.
 """
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
-from visionapp.imagefiles import IMAGE_FORMATS
-
-# An image decoding to more pixels is refused (decompression bombs): ~6300 x 6300, counted at the scale it is decoded
-# at (a JPEG decoded at an eighth a side counts an eighth squared). The servers and predict-folder apply it.
-MAX_DECODED_PIXELS = 40_000_000
-
-# The normalisation of every torchvision ImageNet classification weight (weights.transforms().mean/std).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def load_image(source: str | Path | bytes, min_side: int = 0, max_pixels: int | None = None) -> Image.Image:
-    """Decode a file path or raw bytes into an upright 8-bit RGB image.
-
-    Handles what real uploads contain: EXIF orientation, CMYK, palette and RGBA, 16-bit grayscale
-    (scaled, not clipped to white), animated GIF (first frame). Only the formats IMAGE_FORMATS names are decoded;
-    raises PIL's errors (UnidentifiedImageError for anything else) and whatever a malformed file makes a decoder
-    raise.
-
-    `min_side` > 0 decodes no more than a consumer that needs `min_side` pixels a side can use (`EvalPreset.
-    decode_side`): a JPEG at a reduced DCT scale (Pillow's draft), any image then shrunk by a whole factor (box
-    average) while both sides stay at least `min_side`. A 36-megapixel photo is then never held whole in RGB.
-    `max_pixels` refuses (DecompressionBombError) an image whose pixels, at the scale it is decoded at, exceed it.
-    """
-    img: Image.Image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=IMAGE_FORMATS)
-    img.seek(0)  # first frame of an animation
-    if min_side and min(img.size) >= 2 * min_side:
-        scale = min(img.size) / min_side
-        img.draft(img.mode, (math.ceil(img.width / scale), math.ceil(img.height / scale)))  # JPEG only; else no-op
-    if max_pixels is not None and img.width * img.height > max_pixels:
-        raise Image.DecompressionBombError(
-            f"{img.width} x {img.height} = {img.width * img.height} pixels when decoded, over {max_pixels}"
-        )
-    img.load()  # truncated files fail here
-    img = _to_8bit(img)
-    if min_side and min(img.size) >= 2 * min_side:
-        img = img.reduce(min(img.size) // min_side)
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        # Composite transparency on white: what a viewer shows, instead of whatever colour hides under alpha 0.
-        rgba = img.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(bg, rgba)
-    return img.convert("RGB")
-
-
-_GREY16 = (np.arange(65536) / 65535.0 * 255.0).round().astype(np.uint8)  # 16-bit grey level -> 8-bit, rounded
-
-
-def _to_8bit(img: Image.Image) -> Image.Image:
-    """16/32-bit integer grey scaled to 8 bits (the used range to 0..255 instead of Pillow's clip at 255), through a
-    lookup table: one uint8 copy, never float64. Palette and 1-bit images become modes that `reduce` takes."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        a = np.asarray(img)
-        if img.mode == "I":  # 32-bit: 16-bit data stored wide, or 8-bit data
-            a = np.clip(a, 0, 65535) if a.max() > 255 else (np.clip(a, 0, 255) * 257)
-        return Image.fromarray(_GREY16[a])
-    if img.mode == "1":
-        return img.convert("L")
-    if img.mode in ("P", "PA"):
-        return img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
-    return img
+from visionapp.decode import IMAGENET_MEAN, IMAGENET_STD, load_image, resize
 
 
 def to_model_input(mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> v2.Compose:
@@ -171,11 +109,8 @@ class TrainPreset:
 
 
 class EvalPreset:
-    """Eval transform: resize the whole image to image_size x image_size (`geometry`, uint8), then `normalize`.
-
-    The whole image is resized (no centre crop) so that nothing the user sent is cut off and a heatmap
-    maps back onto the original image by a plain resize.
-    """
+    """Eval transform: the whole image resized to image_size x image_size (`geometry`: `visionapp.decode.resize`, as a
+    uint8 tensor), then `normalize`."""
 
     def __init__(
         self, *, image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
@@ -184,8 +119,10 @@ class EvalPreset:
         # Decoding keeps at least twice the input size a side (load_image's min_side): the antialiased resize
         # from there gives what it gives from the whole photo, to a grey level or so.
         self.decode_side = 2 * image_size
-        self.geometry = v2.Compose([v2.ToImage(), v2.Resize((image_size, image_size), antialias=True)])
         self.normalize = to_model_input(mean, std)
+
+    def geometry(self, img: Image.Image) -> torch.Tensor:
+        return torch.from_numpy(resize(img, self.image_size))
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         return self.normalize(self.geometry(img))

@@ -37,8 +37,8 @@ from visionapp.bench import predict as predict_bench
 from visionapp.bench import serve as serve_bench
 from visionapp.bench import train as train_bench
 from visionapp.bundle import load_bundle, run_test_images, versions
+from visionapp.decode import load_image
 from visionapp.explain.quality import method_vs_passes
-from visionapp.transforms import load_image
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,10 @@ from visionapp import shapes
 from visionapp.bench import run_part
 from visionapp.bench.serve import FORM_CHOICES, Server, check_resizable, exported_bundle, our_archives
 from visionapp.bundle import load_bundle
+from visionapp.decode import load_image
 from visionapp.deploy.loadgen import run_load
 from visionapp.predict.__main__ import parser as predict_parser
 from visionapp.predict.__main__ import predict_folder
-from visionapp.transforms import load_image
 
 SIZE = 224
 PHOTO = (640, 480)

@@ -53,13 +53,13 @@ import torch
 import yaml
 
 from visionapp.bench import run_part
-from visionapp.bundle import TEST_FILES, form_runner, load_bundle
+from visionapp.bundle import form_runner, load_bundle
 from visionapp.client.api import call
 from visionapp.deploy.archive import build_archives, ood_files, run_archiver
 from visionapp.deploy.export import export_bundle
 from visionapp.deploy.loadgen import percentile, run_load
 from visionapp.deploy.local import LocalServer
-from visionapp.forms import ONNX_FILES
+from visionapp.manifest import ONNX_FILES, TEST_FILES
 
 MODEL_CONFIG_FILE = Path("serve/model-config.yaml")  # ours, also given to the stock archive
 EXPLAIN_CONFIG_FILE = Path("serve/explain-config.yaml")  # our explanations' own workers and queue

@@ -36,9 +36,9 @@ import lightning as L
 import torch
 
 from visionapp.bench import run_part
+from visionapp.decode import load_image
 from visionapp.train.data import LoaderConfig, ShapesDataModule
 from visionapp.train.module import ImageClassifier
-from visionapp.transforms import load_image
 
 
 @dataclasses.dataclass

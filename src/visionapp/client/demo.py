@@ -29,9 +29,9 @@ from visionapp.attribution.maps import explain, overlay_png
 from visionapp.attribution.methods import METHODS
 from visionapp.bundle import load_bundle
 from visionapp.client.api import call, call_with_key, is_ready
+from visionapp.decode import load_image
 from visionapp.errors import UserError, run_main
 from visionapp.serve.inputs import explain_name
-from visionapp.transforms import load_image
 
 PREDICTED = "(the predicted class)"
 PROGRESS = gr.Progress()  # Gradio fills in a tracker for a parameter that defaults to one

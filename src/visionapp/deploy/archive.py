@@ -27,8 +27,8 @@ from pathlib import Path
 
 import yaml
 
-from visionapp.bundle import CARD_FILE, META_FILE, bundle_file, check_complete
 from visionapp.errors import run_main
+from visionapp.manifest import CARD_FILE, META_FILE, bundle_file, check_complete
 from visionapp.serve.inputs import explain_name
 
 PACKAGE = Path(__file__).parents[1]  # the installed visionapp package
@@ -37,10 +37,13 @@ HANDLER = PACKAGE / "serve" / "handler.py"
 SERVING_CODE = (
     "__init__.py",
     "bundle.py",
+    "decode.py",
     "errors.py",
     "imagefiles.py",
     "forms.py",
+    "manifest.py",
     "ood.py",
+    "slim.py",
     "transforms.py",
     "attribution",
     "serve",

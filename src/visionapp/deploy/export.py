@@ -34,25 +34,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from visionapp.bundle import (
-    META_FILE,
     Bundle,
     Runner,
     compiled_file,
     cpu_isa,
-    file_sha256,
     form_runner,
     load_bundle,
     run_ood_images,
     run_split_images,
     run_test_images,
-    write_meta,
 )
 from visionapp.errors import UserError, run_main
-from visionapp.forms import ONNX_FILES, OUTPUTS, WithFeatures, fastest
-from visionapp.ood import auroc, fit_threshold, logits_and_features, method_scores
+from visionapp.forms import WithFeatures, logits_and_features
+from visionapp.manifest import META_FILE, ONNX_FILES, OUTPUTS, fastest, file_sha256, write_meta
+from visionapp.ood import FEATURES_FILE, auroc, fit_threshold, method_scores
 
 TOLERANCE = 1e-4
 INT8_CHECKS = {"agreement": 0.99, "accuracy_points": 0.5, "auroc": 0.01}  # int8's checks against the eager model
@@ -141,6 +140,10 @@ def export_bundle(
     time_forms(bundle_dir, bundle, device, records, images.batch, keep_failed)
     meta.pop("compiled", None)  # the AOTInductor record from before the forms (logits only) is replaced
     meta.setdefault("forms", {})[device] = records
+    if bundle.ood_bank is not None and meta["ood"].get("features", "").endswith(".pt"):
+        # A run from before the .npy bank: the slim predictor (no torch) reads knn's features as .npy only.
+        np.save(bundle_dir / FEATURES_FILE, bundle.ood_bank.astype(np.float16))
+        meta["ood"]["features"] = FEATURES_FILE
     write_meta(bundle_dir, meta)
     print(f"default form on {device}: {fastest(records)[0]} (the fastest that passed); recorded in "
           f"{bundle_dir / META_FILE}", flush=True)  # fmt: skip
@@ -234,8 +237,8 @@ def check_int8(bundle: Bundle, eager: torch.nn.Module, form: Runner, images: Ima
         reasons.append(f"accuracy {out['accuracy']:.2%} vs eager {out['eager_accuracy']:.2%}")
     record = bundle.ood
     if record is not None:
-        score = lambda p: method_scores(record.method, p[0], p[1], bundle.ood_bank, record.k or 1,  # noqa: E731
-                                        bundle.temperature)  # fmt: skip
+        score = lambda p: method_scores(record.method, p[0].numpy(), p[1].numpy(), bundle.ood_bank,  # noqa: E731
+                                        record.k or 1, bundle.temperature)  # fmt: skip
         sets = [n for n in passes if n not in ("test", "val")]
         for key, which in (("eager_auroc", "eager"), ("auroc", "form")):
             inside = score(passes["test"][which])  # the test split scored once, against each set

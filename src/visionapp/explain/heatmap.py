@@ -25,9 +25,9 @@ from rich.progress import track
 from visionapp.attribution.maps import Explanation, explain, target_index
 from visionapp.attribution.methods import METHODS, check_method
 from visionapp.bundle import load_bundle
+from visionapp.decode import load_image
 from visionapp.errors import run_main
 from visionapp.imagefiles import expand
-from visionapp.transforms import load_image
 
 
 def save_figure(e: Explanation, method: str, path: Path) -> None:

@@ -43,9 +43,9 @@ from visionapp import run_report
 from visionapp.attribution.maps import Explanation, attribute, equivalent_passes, to_original_size
 from visionapp.attribution.methods import METHODS, check_method
 from visionapp.bundle import Bundle, load_bundle, run_test_images
+from visionapp.decode import load_image
 from visionapp.explain.heatmap import save_figure
 from visionapp.shapes import mask_path
-from visionapp.transforms import load_image
 
 METRIC_KEYS = (
     "pointing_game",

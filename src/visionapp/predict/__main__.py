@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from visionapp import imagefiles
 from visionapp.bundle import load_bundle
 from visionapp.errors import UserError, run_main
-from visionapp.forms import FORMS
+from visionapp.manifest import FORMS
 from visionapp.predict.folder import FolderImages, collate
 from visionapp.predict.module import BundlePredictor
 from visionapp.predict.writer import ERROR_HEADER, Output, Progress, RowWriter, open_for_append

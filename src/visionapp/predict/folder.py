@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from visionapp.transforms import MAX_DECODED_PIXELS, load_image
+from visionapp.decode import MAX_DECODED_PIXELS, load_image
 
 
 @dataclass

@@ -27,14 +27,13 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
+import numpy as np
 from PIL import Image
 
-from visionapp.attribution.maps import explain, overlay_png
-from visionapp.attribution.methods import METHODS
-from visionapp.bundle import load_bundle
+from visionapp.decode import resize
+from visionapp.ood import OODRecord
 from visionapp.serve.inputs import (
     BadInput,
     Limits,
@@ -44,7 +43,16 @@ from visionapp.serve.inputs import (
     worker_threads,
 )
 
+if TYPE_CHECKING:
+    from visionapp.serve.torch_engine import TorchEngine
+
 log = logging.getLogger(__name__)
+
+# What the slim predictor answers to an explanation: it has no torch, so no eager model for Captum to explain.
+NO_EXPLANATIONS = (
+    "this is the slim predictor (ONNX Runtime, no torch): explanations are served by the full image, where torch "
+    "and Captum are (make serve without SLIM=1, or the full image deployed beside this one)"
+)
 
 # The Open Inference Protocol's names for this model's tensors (GET /v2/models/<name> lists them).
 V2_INPUT, V2_LABELS, V2_PROBABILITIES = "images", "labels", "probabilities"
@@ -112,20 +120,54 @@ class Admission:
         self.seconds = 0.7 * self.seconds + 0.3 * (time.monotonic() - start)
 
 
+class Engine(Protocol):
+    """What the core asks of a loaded bundle: `visionapp.serve.torch_engine.TorchEngine` (torch, any form) or
+    `visionapp.slim.SlimBundle` (an ONNX form, no torch)."""
+
+    @property
+    def meta(self) -> dict[str, Any]: ...
+
+    @property
+    def form_note(self) -> str: ...
+
+    @property
+    def class_names(self) -> list[str]: ...
+
+    @property
+    def image_size(self) -> int: ...
+
+    @property
+    def decode_side(self) -> int: ...
+
+    @property
+    def ood(self) -> OODRecord | None: ...
+
+    def answer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]: ...
+
+
+def load_engine(model_dir: str | Path, device: str, runtime: str, threads: int, slim: bool) -> Engine:
+    """slim: the bundle's ONNX form on ONNX Runtime, imported without torch (visionapp.slim); else the bundle on
+    torch in the form `runtime` names. Each is imported only here, so that the slim image never imports torch."""
+    if slim:
+        from visionapp.slim import load_slim
+
+        return load_slim(model_dir, runtime, threads)
+    from visionapp.serve.torch_engine import TorchEngine
+
+    return TorchEngine(model_dir, device, runtime, threads)
+
+
 class ServingCore:
     """One loaded bundle, answering parsed requests. Not thread-safe: each server calls it from one thread."""
 
-    def __init__(self, model_dir: str | Path, device: torch.device, model_config: dict[str, Any] | None,
-                 name: str, version: str = "1") -> None:  # fmt: skip
-        self.name, self.version, self.device = name, version, device
+    def __init__(self, model_dir: str | Path, device: str, model_config: dict[str, Any] | None,
+                 name: str, version: str = "1", slim: bool = False) -> None:  # fmt: skip
+        self.name, self.version, self.device, self.slim = name, version, device, slim
         config = model_config or {}
         self.limits = Limits.from_model_config(config)
-        threads = ""
-        if device.type == "cpu":
-            # Share the cores between this model's workers instead of each worker taking all of them (or as many
-            # as the config says: an explanation worker leaves the rest to the predictions).
-            torch.set_num_threads(self.limits.torch_threads or worker_threads(int(config.get("minWorkers", 1))))
-            threads = f", torch threads: {torch.get_num_threads()}"
+        # The cores this model's workers share (or as many as the config says: an explanation worker leaves the rest
+        # to the predictions), for torch's or ONNX Runtime's thread pool.
+        self.threads = self.limits.torch_threads or worker_threads(int(config.get("minWorkers", 1)))
         if self.limits.niceness:  # a lower CPU priority: when cores are short, the predictions' worker goes first
             os.nice(self.limits.niceness)
         # Pillow's own bomb check reads the header's size; decode_image checks the pixels at the reduced scale it
@@ -135,19 +177,18 @@ class ServingCore:
         # make export and loads on this device, torch and CPU); explanations always run the eager model (Captum
         # needs its gradients).
         runtime = str((config.get("handler") or {}).get("runtime", "auto"))
-        self.bundle = load_bundle(model_dir, map_location=device, runtime=runtime)
-        self.bundle.model.to(device)
-        self.limits = replace(self.limits, decode_side=self.bundle.transform.decode_side)
-        self.class_names = self.bundle.class_names
+        self.engine = load_engine(model_dir, device, runtime, self.threads, slim)
+        self.limits = replace(self.limits, decode_side=self.engine.decode_side)
+        self.class_names = self.engine.class_names
         log.info(
-            "loaded %s with classes %s on %s%s; predictions: %s; %s", self.bundle.meta["arch"], self.class_names,
-            device, threads, self.bundle.form_note, self.limits,
+            "loaded %s with classes %s on %s, %d threads; predictions: %s; %s", self.engine.meta["arch"],
+            self.class_names, device, self.threads, self.engine.form_note, self.limits,
         )  # fmt: skip
 
     def warm_up(self) -> None:
         """One prediction of a plain grey image through the whole path, before the server says it is ready: a
         readiness probe then means the model answers (the first forward also pays the one-time costs here)."""
-        size = self.bundle.meta.get("image_size", 224)
+        size = self.engine.image_size
         answers = self.predict([Request(images=[Image.new("RGB", (size, size), (128, 128, 128))])], NO_METRICS)
         if isinstance(answers[0], Failure):
             raise RuntimeError(f"the warm-up prediction failed: {answers[0].message}")
@@ -158,13 +199,13 @@ class ServingCore:
         """Per request, one {class: probability} (top-k, best first) per image, or its Failure."""
         out: list[list[dict[str, float]] | Failure] = [[] for _ in requests]
         ready: list[tuple[int, Request, int]] = []
-        tensors: list[torch.Tensor] = []  # uint8 at the model's input size: a quarter of the float bytes
+        tensors: list[np.ndarray] = []  # uint8 at the model's input size: a quarter of the float bytes
         for idx, req in enumerate(requests):
             try:
                 k = self.topk(req)
                 for img in req.images:
                     req.rows.append(len(tensors))
-                    tensors.append(self.bundle.transform.geometry(img))
+                    tensors.append(resize(img, self.engine.image_size))
                 req.images.clear()  # the decoded images are not needed past here: the batch holds only tensors
                 ready.append((idx, req, k))
             except Exception as e:
@@ -180,36 +221,34 @@ class ServingCore:
         for idx, req, k in ready:
             answers = []
             for row in req.rows:
-                p, i = probs[row].topk(k)
-                metrics.add("Predictions", 1, "count", Class=self.class_names[int(i[0])])
-                answers.append({self.class_names[c]: round(float(v), 6) for v, c in zip(p, i, strict=True)})
+                top = np.argsort(-probs[row], kind="stable")[:k]
+                metrics.add("Predictions", 1, "count", Class=self.class_names[int(top[0])])
+                answers.append({self.class_names[c]: round(float(probs[row][c]), 6) for c in top})
                 if scores is not None and flags is not None:
                     req.ood.append((round(float(scores[row]), 4), bool(flags[row])))
                     metrics.add("OutOfDistribution", int(flags[row]), "count")
             out[idx] = answers
         return out
 
-    def _forward(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Calibrated probabilities and OOD scores and flags of uint8 images, on the CPU, through the model
+    def _forward(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Calibrated probabilities and OOD scores and flags of uint8 images, through the model
         maxImagesPerForward at a time: a batch of many images never holds all their activations at once."""
         step = max(1, self.limits.max_images_per_forward)
         probs, scores, flags = [], [], []
-        with torch.inference_mode():  # calibrated probabilities, and the OOD scores from the same logits
-            for i in range(0, len(images), step):
-                x = self.bundle.transform.normalize(torch.stack(images[i : i + step]).to(self.device))
-                p, s, f = self.bundle.answer(x)
-                probs.append(p.cpu())
-                if s is not None and f is not None:
-                    scores.append(s.cpu())
-                    flags.append(f.cpu())
+        for i in range(0, len(images), step):
+            p, s, f = self.engine.answer(np.stack(images[i : i + step]))
+            probs.append(p)
+            if s is not None and f is not None:
+                scores.append(s)
+                flags.append(f)
         if not scores:
-            return torch.cat(probs), None, None
-        return torch.cat(probs), torch.cat(scores), torch.cat(flags)
+            return np.concatenate(probs), None, None
+        return np.concatenate(probs), np.concatenate(scores), np.concatenate(flags)
 
     def ood_headers(self, req: Request) -> dict[str, str]:
         """A prediction's out-of-distribution answer, as response headers (one value per image, comma-separated, in
         the images' order), so that the top-k body keeps its shape; none for a bundle without an OOD record."""
-        record = self.bundle.ood
+        record = self.engine.ood
         if record is None or not req.ood:
             return {}
         return {
@@ -222,6 +261,12 @@ class ServingCore:
     # --- explanations ---------------------------------------------------------------------------------------------
     def explain(self, req: Request, metrics: Metrics) -> list[dict[str, Any]]:
         """One answer per image: the class explained, its probability, the prediction and the heatmap overlay."""
+        if self.slim:
+            raise BadInput(NO_EXPLANATIONS, status=404, kind="no_explanations")
+        from visionapp.attribution.maps import explain, overlay_png  # Captum: imported where explanations run
+        from visionapp.attribution.methods import METHODS
+
+        engine: TorchEngine = self.engine  # type: ignore[assignment]  # not slim: the torch engine
         method = req.options.get("method", "integrated_gradients")
         if method not in METHODS:
             raise BadInput(f"unknown method {shown(method)}; choose one of {', '.join(METHODS)}", kind="bad_option")
@@ -236,7 +281,12 @@ class ServingCore:
             # Attributions at the model's input size whatever the image's; the overlay is drawn at a bounded size.
             start = time.perf_counter()
             ex = explain(
-                self.bundle, img, method, target=target, device=self.device, max_pixels=self.limits.max_heatmap_pixels
+                engine.bundle,
+                img,
+                method,
+                target=target,
+                device=engine.device,
+                max_pixels=self.limits.max_heatmap_pixels,
             )
             metrics.add("ExplanationSeconds", time.perf_counter() - start, "s", histogram=True, Method=method)
             answers.append(

@@ -54,7 +54,7 @@ class ImageClassifierHandler(BaseHandler):
     def initialize(self, context) -> None:
         props = context.system_properties
         gpu = props.get("gpu_id")
-        device = torch.device(f"cuda:{gpu}" if torch.cuda.is_available() and gpu is not None else "cpu")
+        device = f"cuda:{gpu}" if torch.cuda.is_available() and gpu is not None else "cpu"
         model_config = getattr(context, "model_yaml_config", None) or {}
         name, version = context.manifest["model"]["modelName"], context.manifest["model"].get("modelVersion", "1")
         self.core = ServingCore(props["model_dir"], device, model_config, name, version)

@@ -23,8 +23,8 @@ from typing import Any, ClassVar
 
 from PIL import Image
 
+from visionapp.decode import MAX_DECODED_PIXELS, load_image
 from visionapp.imagefiles import FORMATS_TEXT, IMAGE_FORMATS
-from visionapp.transforms import MAX_DECODED_PIXELS, load_image
 
 OPTION_KEYS = {"topk", "target", "method"}
 MAX_PIXELS = MAX_DECODED_PIXELS  # an image decoding to more is refused: the limit predict-folder applies too
@@ -127,7 +127,7 @@ class BadInput(ValueError):
     """A request the handler refuses with a 4xx status and this message; `kind` labels it in the metrics."""
 
     KINDS = ("empty_body", "bad_body", "not_an_image", "corrupt_image", "too_many_images", "too_many_pixels",
-             "bad_option")  # fmt: skip
+             "bad_option", "no_explanations")  # fmt: skip
 
     def __init__(self, message: str, status: int = 400, kind: str = "bad_body") -> None:
         super().__init__(message)

@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import kserve
-import torch
 import yaml
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
@@ -49,7 +48,7 @@ from kserve.protocol.infer_type import InferRequest, InferResponse, to_http_para
 from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 from prometheus_client import Counter, Gauge, Histogram
 
-from visionapp.serve.core import Admission, Batcher, Failure, Metrics, ServingCore
+from visionapp.serve.core import NO_EXPLANATIONS, Admission, Batcher, Failure, Metrics, ServingCore
 from visionapp.serve.inputs import (
     V2_EXAMPLE,
     BadInput,
@@ -95,11 +94,17 @@ class RecordedMetrics:
 _EXPLAINER: ServingCore | None = None  # in each explainer process
 
 
+def _device() -> str:
+    """Where the torch engine runs (the slim predictor imports no torch and runs on the CPU)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _start_explainer(bundle: Path, config: dict[str, Any], name: str, version: str) -> None:
     global _EXPLAINER
     logging.basicConfig(level=logging.INFO, format="%(asctime)s explainer %(levelname)s %(message)s")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    _EXPLAINER = ServingCore(bundle, device, config, name, version)
+    _EXPLAINER = ServingCore(bundle, _device(), config, name, version)
 
 
 def _explain(req: Request) -> tuple[list[dict[str, Any]] | Failure, list[tuple]]:
@@ -140,10 +145,10 @@ class PrometheusMetrics:
 class ClassifierModel(kserve.Model):
     def __init__(
         self, name: str, bundle: Path, model_config: dict[str, Any], version: str = "1",
-        explain_config: dict[str, Any] | None = None,
+        explain_config: dict[str, Any] | None = None, slim: bool = False,
     ) -> None:  # fmt: skip
         super().__init__(name)
-        self.bundle, self.model_config, self.version = bundle, model_config, version
+        self.bundle, self.model_config, self.version, self.slim = bundle, model_config, version, slim
         self.explain_config = explain_config or {}
         self.metrics = PrometheusMetrics(name)
         self.explain_metrics = PrometheusMetrics(explain_name(name))  # labelled as TorchServe's registration is
@@ -161,17 +166,18 @@ class ClassifierModel(kserve.Model):
                                           ["ModelName"])  # fmt: skip
 
     def load(self) -> bool:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.core = ServingCore(self.bundle, device, self.model_config, self.name, self.version)
+        device = "cpu" if self.slim else _device()
+        self.core = ServingCore(self.bundle, device, self.model_config, self.name, self.version, slim=self.slim)
         self.core.warm_up()
-        # decoding on the cores torch leaves (at least one thread), predictions on the batcher's inference thread
-        self.decoders = ThreadPoolExecutor(max(1, worker_threads(1) - torch.get_num_threads()), "decode")
+        # decoding on the cores the model leaves (at least one thread), predictions on the batcher's inference thread
+        self.decoders = ThreadPoolExecutor(max(1, worker_threads(1) - self.core.threads), "decode")
         # TorchServe's batching keys, from the same model config: one config sizes both servers
         self.batcher = Batcher(self.core, self.metrics, int(self.model_config.get("batchSize", 1)),
                                float(self.model_config.get("maxBatchDelay", 0)) / 1000)  # fmt: skip
         # explanation requests are decoded here, to the size the model and the overlay need, before they travel
         self.explain_limits = replace(self.explain_limits, decode_side=self.core.limits.decode_side)
-        self.explainers = self._start_explainers()
+        if not self.slim:  # the slim predictor explains nothing: the full image does (core.NO_EXPLANATIONS)
+            self.explainers = self._start_explainers()
         self.ready = True  # loaded and answered a prediction; healthy() also wants an explainer up
         return self.ready
 
@@ -188,7 +194,7 @@ class ClassifierModel(kserve.Model):
     async def healthy(self) -> bool:
         """Ready (KServe's readiness routes ask this): the model loaded and the explainers up. While a dead
         explainer is being replaced the pod says not ready; predictions on this server's own routes go on."""
-        return self.ready and self.explainers is not None and not _broken(self.explainers)
+        return self.ready and (self.slim or (self.explainers is not None and not _broken(self.explainers)))
 
     async def watch_explainers(self, every: float = 1.0) -> None:
         """Replaces the explainer pool once a process of it dies (an OOM kill, a crash): ProcessPoolExecutor marks
@@ -253,6 +259,9 @@ class ClassifierModel(kserve.Model):
         return await self.explain_native({"body": payload}, _options(headers))
 
     async def explain_native(self, row: dict[str, Any], headers: dict[str, str], native: bool = False) -> Any:
+        if self.slim:
+            failure = self._core.failure(BadInput(NO_EXPLANATIONS, 404, "no_explanations"), self.metrics)
+            raise ServingError(failure, native)
         req = parse_request(row, headers, self.explain_limits, explain=True)
         self._check(req, "explanations", native, self.explain_metrics)
         refusal = self.admission.refusal()
@@ -500,6 +509,9 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="serve/explain-config.yaml: the explainers (minWorkers, handler limits with maxExplanationsWaiting)",
     )
+    ap.add_argument("--slim", action="store_true",
+                    help="predictions from the bundle's ONNX form on ONNX Runtime, without torch (the slim image); "
+                         "explanations are answered 404, naming where they are served")  # fmt: skip
     ap.add_argument("--model-version", default=None, help="the version metadata names (default: the run's name)")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
     ap.add_argument(
@@ -524,7 +536,7 @@ def main(argv: list[str] | None = None) -> None:
     config = yaml.safe_load(args.model_config.read_text()) if args.model_config else {}
     version = args.model_version or args.bundle.resolve().parent.name
     explain_config = yaml.safe_load(args.explain_config.read_text()) if args.explain_config else None
-    model = ClassifierModel(args.model_name, args.bundle, config or {}, version, explain_config)
+    model = ClassifierModel(args.model_name, args.bundle, config or {}, version, explain_config, slim=args.slim)
     model.load()
     add_routes(model)
     app.add_middleware(Guard, body_timeout=args.body_timeout, repository_key=repository_key)

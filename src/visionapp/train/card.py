@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from visionapp.bundle import CARD_FILE
+from visionapp.manifest import CARD_FILE
 
 
 def _schedule(config: dict[str, Any]) -> str:

@@ -18,8 +18,8 @@ import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from visionapp.bundle import INCOMPLETE
 from visionapp.errors import UserError, debugging, run_main
+from visionapp.manifest import INCOMPLETE
 from visionapp.train.data import ImageDataModule
 from visionapp.train.module import ImageClassifier
 from visionapp.train.run import Throughput, claim_run_dir, write_run

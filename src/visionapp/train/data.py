@@ -24,9 +24,31 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from torchvision import datasets
 
 from visionapp import imagefiles, shapes
+from visionapp.decode import IMAGENET_MEAN, IMAGENET_STD, load_image
 from visionapp.errors import UserError
 from visionapp.train.cache import CachedSplit, DecodeError, DeviceLoader, ImageCache, open_or_build, source_files
-from visionapp.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalPreset, TrainPreset, load_image
+from visionapp.transforms import EvalPreset, TrainPreset
+
+
+class ImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder with `visionapp.imagefiles`' rules for classes and images (its own counts hidden
+    folders as classes, takes `._` files and leaves GIFs out)."""
+
+    def __init__(self, root: str | Path, loader: Callable[[str], Any]) -> None:
+        super().__init__(str(root), loader=loader)
+
+    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
+        classes = imagefiles.find_classes(directory)
+        return classes, {c: i for i, c in enumerate(classes)}
+
+    @staticmethod
+    def make_dataset(  # type: ignore[override]
+        directory: str | Path, class_to_idx: dict[str, int], *args: Any, **kwargs: Any
+    ) -> list[tuple[str, int]]:
+        # Empty classes are allowed here: the data module's scan has named them already, with the fix.
+        return [
+            (str(f), i) for c, i in sorted(class_to_idx.items()) for f in imagefiles.find_images(Path(directory, c))
+        ]
 
 
 class DataError(UserError, ValueError):
@@ -387,7 +409,7 @@ class FolderDataModule(ImageDataModule):
         verify = self.verify_images and not self.loader.cache
         if not self.split_layout:
             scan_class_folders(self.root, verify=verify)
-            images = imagefiles.ImageFolder(self.root, loader=load_image)
+            images = ImageFolder(self.root, loader=load_image)
             tr, va, te = _split_indices(len(images), [self.val_fraction, self.test_fraction], self.split_seed)
             return self._check_not_empty(
                 {"train": Subset(images, tr), "val": Subset(images, va), "test": Subset(images, te)}
@@ -409,7 +431,7 @@ class FolderDataModule(ImageDataModule):
                     f"{d} has classes {found} but {self.root}/train has {classes}; "
                     "every split needs the same class folders"
                 )
-            splits[split] = imagefiles.ImageFolder(d, loader=load_image)
+            splits[split] = ImageFolder(d, loader=load_image)
         if "test" not in splits:  # no test/: carve a seeded test_fraction out of train, never reuse val
             train = splits["train"]
             tr, te = _split_indices(len(train), [self.test_fraction], self.split_seed)  # type: ignore[arg-type]

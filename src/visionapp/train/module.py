@@ -10,9 +10,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from visionapp.decode import IMAGENET_MEAN, IMAGENET_STD
 from visionapp.train.model import PretrainedInfo, backbone_modules, build_model
 from visionapp.train.schedule import WarmupCosine, run_length_kwargs
-from visionapp.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 class ImageClassifier(L.LightningModule):

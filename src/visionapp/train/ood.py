@@ -18,21 +18,13 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from matplotlib.figure import Figure
 from torch import nn
-from torch.nn import functional as F
 
-from visionapp.ood import (
-    FEATURES_FILE,
-    MAX_BANK,
-    METHODS,
-    OODRecord,
-    auroc,
-    fit_threshold,
-    logits_and_features,
-    method_scores,
-)
+from visionapp.forms import logits_and_features
+from visionapp.ood import FEATURES_FILE, MAX_BANK, METHODS, OODRecord, auroc, fit_threshold, method_scores, unit_rows
 
 KNN_K = 10
 TPR = 0.95  # FPR is read where this share of the in-distribution test images is accepted
@@ -61,29 +53,29 @@ def collect(model: nn.Module, batches: Iterable, transfer: Callable, device: tor
     return Pass(torch.cat(logits), torch.cat(features), torch.cat(labels))
 
 
-def bank_of(train_features: torch.Tensor, size: int = MAX_BANK) -> torch.Tensor:
+def bank_of(train_features: torch.Tensor, size: int = MAX_BANK) -> np.ndarray:
     """The normalised training features knn compares with, at most `size` of them (a seeded sample), rounded to
     float16 as the bundle stores them."""
     if len(train_features) > size:
         train_features = train_features[
             torch.randperm(len(train_features), generator=torch.Generator().manual_seed(0))[:size]
         ]
-    return F.normalize(train_features, dim=1).half().float()
+    return unit_rows(train_features.numpy()).astype(np.float16).astype(np.float32)
 
 
-def fpr_at_tpr(in_scores: torch.Tensor, out_scores: torch.Tensor, tpr: float = TPR) -> float:
+def fpr_at_tpr(in_scores: np.ndarray, out_scores: np.ndarray, tpr: float = TPR) -> float:
     """The share of out-of-distribution images accepted where `tpr` of the in-distribution ones are."""
-    return float((out_scores <= torch.quantile(in_scores.double(), tpr).float()).float().mean())
+    return float((out_scores <= np.float32(np.quantile(np.asarray(in_scores, np.float64), tpr))).mean())
 
 
-Scorer = Callable[[str, Pass], torch.Tensor]
+Scorer = Callable[[str, Pass], np.ndarray]
 
 
-def scorer(bank: torch.Tensor, temperature: float) -> Scorer:
+def scorer(bank: np.ndarray, temperature: float) -> Scorer:
     """Scores of a pass by method name: knn against `bank`, the logit scores at the calibration `temperature`."""
 
-    def score(method: str, p: Pass) -> torch.Tensor:
-        return method_scores(method, p.logits, p.features, bank, KNN_K, temperature)
+    def score(method: str, p: Pass) -> np.ndarray:
+        return method_scores(method, p.logits.numpy(), p.features.numpy(), bank, KNN_K, temperature)
 
     return score
 
@@ -116,7 +108,7 @@ def choose(methods: dict[str, dict[str, float]]) -> tuple[str, str]:
 
 def measure(
     passes: Mapping[str, Pass], *, sets: list[str], temperature: float, accept: float, plot: Path | None = None
-) -> tuple[OODRecord, torch.Tensor | None, dict[str, Any]]:
+) -> tuple[OODRecord, np.ndarray | None, dict[str, Any]]:
     """From the passes (val, test, train, each set, and val_outliers where the data has them): the served record
     (method, threshold), knn's feature bank when that is the method, and metrics.json's entry."""
     bank = bank_of(passes["train"].features)
@@ -127,7 +119,7 @@ def measure(
     threshold = round(fit_threshold(by_set["val"], accept), 6)
     knn = chosen == "knn"
     record = OODRecord(chosen, threshold, accept, k=KNN_K if knn else None, features=FEATURES_FILE if knn else None)
-    flagged = {name: round(float((by_set[name] > threshold).float().mean()), 4) for name in by_set}
+    flagged = {name: round(float((by_set[name] > threshold).mean()), 4) for name in by_set}
     entry: dict[str, Any] = {
         **record.to_dict(),
         "chosen_on": chosen_on,
@@ -144,12 +136,12 @@ def measure(
     return record, bank if knn else None, entry
 
 
-def histogram(path: Path, by_set: dict[str, torch.Tensor], record: OODRecord) -> None:
+def histogram(path: Path, by_set: dict[str, np.ndarray], record: OODRecord) -> None:
     """Each set's scores on one axis, and the threshold: what the flag separates, and what it lets through."""
     fig = Figure(figsize=(8, 4.2), layout="constrained")
     ax = fig.subplots()
-    everything = torch.cat(list(by_set.values()))
-    bins = torch.linspace(float(everything.min()), float(everything.max()), 50).tolist()
+    everything = np.concatenate(list(by_set.values()))
+    bins = np.linspace(float(everything.min()), float(everything.max()), 50).tolist()
     for name, s in by_set.items():
         ax.hist(s.tolist(), bins=bins, alpha=0.5, density=True, label=f"{name} ({len(s)})")
     ax.axvline(

@@ -24,8 +24,9 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from visionapp import run_report
-from visionapp.bundle import INCOMPLETE, TEST_FILES, save_bundle, versions
+from visionapp.bundle import save_bundle, versions
 from visionapp.errors import UserError
+from visionapp.manifest import INCOMPLETE, TEST_FILES
 from visionapp.train import calibration, ood
 from visionapp.train.card import write_card
 from visionapp.train.data import FolderDataModule, ImageDataModule
