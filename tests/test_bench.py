@@ -68,7 +68,9 @@ def test_make_bench_writes_every_key(trained_run: Path, tmp_path: Path) -> None:
     part = result["serve_224px"]
     assert part["settings"]["image_size"] == 224 and "serve" not in result  # the same weights, served at 224 px
     serve = part["median"]
-    assert set(serve) == {"inprocess", "ours", "stock", "kserve"}
+    assert set(serve) == {"inprocess", "ours", "stock", "kserve", "slim"}
+    assert set(part["started"]) == {"ours", "stock", "kserve", "slim"}  # each one's start and memory
+    assert all(d["ready_seconds"] > 0 and d["rss_mb"] > 0 for d in part["started"].values())
     assert part["default_form"] in ("eager", "onnx", "onnx-int8") and set(part["forward_ms"]["onnx"]) == {"b1", "b8"}
     assert 1 <= serve["kserve"]["c8"]["batch"] <= 8  # KServe's server batches as the model config says
     assert part["during_explanations"]["kserve"]["ready"]["p99_ms"] > 0  # probes answered while saturated
@@ -87,6 +89,7 @@ def test_make_bench_writes_every_key(trained_run: Path, tmp_path: Path) -> None:
     for key in bench_run.GOALS:
         assert f"| `{key}` | **{result[key]:.3f}** |" in report
     assert "## Serving at the 224 px" in report and "throughput at concurrency 8" in report
+    assert "| `slim` |" in report  # its start and memory beside the others'
     assert "## Capacity plan" in report and "| ours, 224 px |" in report
     assert "## The model's forms" in report and "| own size: onnx-int8" in report
     predict = result["predict_224px"]
@@ -121,7 +124,7 @@ def test_serve_bench_variant_is_one_more_contender(trained_run: Path, tmp_path: 
     out = tmp_path / "serve.json"
     args = ["--bundle", str(trained_run / "bundle"), "--image", str(image), "--rounds", "1",
             "--requests", "4", "--warmup", "8", "--concurrency", "8",
-            "--variant", f"batch2:MODEL_STORE={tmp_path / 'store2'}", "--forms", "--skip", "stock", "kserve",
+            "--variant", f"batch2:MODEL_STORE={tmp_path / 'store2'}", "--forms", "--skip", "stock", "kserve", "slim",
             "--out", str(out)]  # fmt: skip
     assert serve_bench.main(args) == 0
     result = json.loads(out.read_text())

@@ -134,6 +134,12 @@ def serve_sections(result: dict) -> list[str]:
                           f"({d['during_requests']} predictions; {d['explained']} of {d.get('explanations', 4)} "
                           "explanations answered)")  # fmt: skip
                 lines += ["", during]
+            started = result[part].get("started", {})
+            if started:
+                lines += ["", "Each server's start (`make serve-bg` to its first answer) and resident memory after "
+                          "the warm-up and the rounds:", ""]  # fmt: skip
+                rows = [[f"`{n}`", f"{d['ready_seconds']:.1f}", f"{d['rss_mb']:.0f}"] for n, d in started.items()]
+                lines += _table(["server", "ready (s)", "resident (MB)"], rows)
     return lines
 
 

@@ -11,10 +11,12 @@ does. Contenders, alternated within each of --rounds rounds:
   ours       our .mar in TorchServe (make serve-bg), HTTP from a keep-alive load generator on loopback
   kserve     the same bundle and model config in KServe's Python model server (make serve-bg SERVER=kserve),
              the same serving core, batching by the same model config's batchSize and maxBatchDelay
+  slim       the same KServe server with SLIM=1: the default ONNX form on ONNX Runtime, no torch imported; its
+             start (make serve-bg to the first answer) and memory after the rounds against kserve's
   stock      TorchServe's built-in `image_classifier` handler serving the same state_dict (a model file
              for the architecture, index_to_name.json; its own Resize(256)/CenterCrop(224) preprocessing),
              with the same model-config.yaml and server config: the peer users would start from
-  --skip     leave out stock and/or kserve (their ratios with them)
+  --skip     leave out stock, kserve and/or slim (their ratios with them)
   --variant  more servers of our .mar with other make variables, measured in the same rounds, e.g.
              --variant builtin-logs:TS_LOG_CONFIG=      (TorchServe's built-in log configuration)
              --variant window3:MODEL_STORE=/tmp/store3  (a .mar archived with another model config:
@@ -242,6 +244,14 @@ class Server(LocalServer):
                 out[role] += sum(p.cpu_times()[:2])
         return out
 
+    def rss_mb(self) -> float:
+        """Resident memory of the server's processes (frontend, workers, explainers), MB."""
+        total = 0
+        for p in self.processes():
+            with suppress(psutil.Error):
+                total += p.memory_info().rss
+        return total / 2**20
+
     def request_once(self, body: bytes) -> Callable[[], None]:
         """A function that POSTs `body` once over one keep-alive connection, as the load generator does."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
@@ -412,7 +422,7 @@ def run(args: argparse.Namespace) -> dict:
         default = load_bundle(staging, runtime="auto").form  # what our servers run, as make serve does
         mar = our_archives(staging, tmpdir / "store")
         stock_mar = None if "stock" in args.skip else stock_archive(staging, tmpdir / "stock_store")
-        rounds, explain_bytes, during = measure_servers(args, body, mar, staging, stock_mar, tmpdir)
+        rounds, explain_bytes, during, started = measure_servers(args, body, mar, staging, stock_mar, tmpdir)
         # the forward alone, with the servers stopped: eager and each form
         forward_ms = form_times(staging, records, (1, MODEL_CONFIG["batchSize"]), args.rounds)
         image_size = json.loads((staging / "model.json").read_text())["image_size"]
@@ -423,12 +433,15 @@ def run(args: argparse.Namespace) -> dict:
         "requests": args.requests, "concurrency": args.concurrency, "forms": args.forms, "skip": args.skip,
         "variants": dict(args.variant)}  # fmt: skip
     return {"median": median, "spread": spread, "explanation_response_bytes": explain_bytes,
-            "during_explanations": during, "forms": records, "default_form": default, "forward_ms": forward_ms,
-            **ratios(median, during, explain_bytes, forward_ms, default), "settings": settings,
+            "during_explanations": during, "started": started, "forms": records, "default_form": default,
+            "forward_ms": forward_ms,
+            **ratios(median, during, explain_bytes, forward_ms, default, started), "settings": settings,
             "raw_rounds": rounds}  # fmt: skip
 
 
-def ratios(median: dict, during: dict, explain_bytes: dict, forward_ms: dict, default: str) -> dict[str, float]:
+def ratios(
+    median: dict, during: dict, explain_bytes: dict, forward_ms: dict, default: str, started: dict
+) -> dict[str, float]:
     """The part's keys: our TorchServe against the handler in process and the stock handler, KServe's server
     against both, predictions while explanations run, and the forms' forward pass against eager's."""
     ours, inprocess, b = median["ours"], median["inprocess"], f"b{MODEL_CONFIG['batchSize']}"
@@ -457,12 +470,20 @@ def ratios(median: dict, during: dict, explain_bytes: dict, forward_ms: dict, de
         out["serve.kserve_predict_p50_during_explanations_vs_idle"] = (
             during["kserve"]["during_p50_ms"] / during["kserve"]["idle_p50_ms"]
         )
+        if "slim" in median:  # the same server and form without torch: throughput, start, memory
+            out["serve.slim_throughput_vs_torch_c8"] = (
+                median["slim"]["c8"]["images_per_s"] / kserve["c8"]["images_per_s"]
+            )
+            out["serve.slim_ready_seconds_vs_torch"] = (
+                started["slim"]["ready_seconds"] / started["kserve"]["ready_seconds"]
+            )
+            out["serve.slim_rss_vs_torch"] = started["slim"]["rss_mb"] / started["kserve"]["rss_mb"]
     return out
 
 
 def measure_servers(
     args: argparse.Namespace, body: bytes, mar: Path, bundle: Path, stock_mar: Path | None, tmpdir: Path
-) -> tuple[list[dict], dict, dict]:
+) -> tuple[list[dict], dict, dict, dict]:
     """Start every server (ours, stock, KServe's with `bundle`, the --variant ones; --skip leaves some out), warm
     each, then the rounds side by side with the handler in process; the rounds, each server's /explanations answer
     size and our servers' prediction latency while explanations run."""
@@ -471,10 +492,15 @@ def measure_servers(
         servers = {"ours": stack.enter_context(Server(mar, tmpdir / "ours"))}
         if stock_mar is not None:
             servers["stock"] = stack.enter_context(Server(stock_mar, tmpdir / "stock"))
+        served_bundle = (f"RUN={bundle.resolve().parent}", f"MODEL_CONFIG={MODEL_CONFIG_FILE.resolve()}",
+                         f"EXPLAIN_CONFIG={EXPLAIN_CONFIG_FILE.resolve()}")  # fmt: skip
         if "kserve" not in args.skip:
-            served_bundle = (f"RUN={bundle.resolve().parent}", f"MODEL_CONFIG={MODEL_CONFIG_FILE.resolve()}",
-                             f"EXPLAIN_CONFIG={EXPLAIN_CONFIG_FILE.resolve()}")  # fmt: skip
             servers["kserve"] = stack.enter_context(Server(mar, tmpdir / "kserve", *served_bundle, server="kserve"))
+        onnx = [n for n, r in json.loads((bundle / "model.json").read_text()).get("forms", {}).get("cpu", {}).items()
+                if n.startswith("onnx") and r.get("passed")]  # fmt: skip
+        if "slim" not in args.skip and onnx:  # KServe's server on the ONNX form without torch (SLIM=1)
+            slim = Server(mar, tmpdir / "slim", *served_bundle, "SLIM=1", server="kserve")
+            servers["slim"] = stack.enter_context(slim)
         for name, make_vars in args.variant:
             if name in servers:
                 raise SystemExit(f"--variant {name}: the name is given twice")
@@ -492,7 +518,10 @@ def measure_servers(
         for name in ("ours", "kserve"):  # readiness probes while each of our servers is saturated
             if name in servers:
                 during[name]["ready"] = ready_latency(servers[name], body, requests=args.saturate)
-        return rounds, response_bytes({n: s for n, s in servers.items() if n in ("ours", "stock")}, body), during
+        # each server's start (make serve-bg to its first answer) and its processes' memory after all those requests
+        started = {name: {"ready_seconds": sv.ready_seconds, "rss_mb": sv.rss_mb()} for name, sv in servers.items()}
+        explain_bytes = response_bytes({n: sv for n, sv in servers.items() if n in ("ours", "stock")}, body)
+        return rounds, explain_bytes, during, started
 
 
 def parser() -> argparse.ArgumentParser:
@@ -516,7 +545,7 @@ def parser() -> argparse.ArgumentParser:
                     help="occlusion explanations in flight while a lone prediction's latency is timed")  # fmt: skip
     ap.add_argument("--staging", default=None, help="stage and export the bundle here, or use the one an earlier "
                     "run staged here with the same size and forms (default: a temporary folder)")  # fmt: skip
-    ap.add_argument("--skip", nargs="*", choices=["stock", "kserve"], default=[],
+    ap.add_argument("--skip", nargs="*", choices=["stock", "kserve", "slim"], default=[],
                     help="servers left out (and the ratios against them)")  # fmt: skip
     ap.add_argument(
         "--variant",
@@ -533,9 +562,10 @@ def parser() -> argparse.ArgumentParser:
 def variant(spec: str) -> tuple[str, list[str]]:
     name, sep, assignments = spec.partition(":")
     make_vars = assignments.split(",") if assignments else []
-    if not sep or not name or name in ("inprocess", "ours", "stock", "kserve") or not all("=" in v for v in make_vars):
+    taken = ("inprocess", "ours", "stock", "kserve", "slim")
+    if not sep or not name or name in taken or not all("=" in v for v in make_vars):
         raise argparse.ArgumentTypeError(
-            f"{spec!r}: expected NAME:VAR=VALUE[,VAR=VALUE], NAME not inprocess/ours/stock/kserve "
+            f"{spec!r}: expected NAME:VAR=VALUE[,VAR=VALUE], NAME not inprocess/ours/stock/kserve/slim "
             "(e.g. builtin-logs:TS_LOG_CONFIG=)"
         )
     return name, make_vars
@@ -560,6 +590,8 @@ def print_table(result: dict) -> None:
     for key in (k for k in med["ours"] if k.startswith("c")):
         print(f"  {key + ' mean batch':22s}" + f"{'':>24s}" + "".join(f"{cell(c, key, 'batch'):>24s}" for c in served))
     print(f"  /explanations bytes: {result['explanation_response_bytes']}")
+    for name, d in result.get("started", {}).items():
+        print(f"  {name}: ready {d['ready_seconds']:.1f} s after make serve-bg, {d['rss_mb']:.0f} MB resident after")
     for name, d in result["during_explanations"].items():
         print(
             f"  {name}: prediction p50 idle {d['idle_p50_ms']:.1f} ms, with 4 explanations in flight "

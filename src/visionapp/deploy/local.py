@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import time
 from contextlib import suppress
 from pathlib import Path
 from typing import TypeVar
@@ -67,11 +68,13 @@ class LocalServer:
     def start(self: S) -> S:
         """Returns once the model's worker is ready (what make serve-bg waits for); a failed start leaves no
         server behind."""
+        start = time.perf_counter()
         try:
             subprocess.run(["make", "-s", "serve-bg", *self.make_vars], cwd=self.checkout, check=True, timeout=300)
         except BaseException:
             self.stop(check=False)
             raise
+        self.ready_seconds = time.perf_counter() - start  # from make serve-bg to the model's first answer
         self.key = inference_key(self.dir) if self.server == "torchserve" else ""  # KServe's server has no keys
         return self
 
