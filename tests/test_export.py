@@ -124,9 +124,10 @@ def test_every_form_answers_as_the_eager_model(exported: Path) -> None:
         assert flags is not None and scores is not None and torch.equal(flags, scores > record["ood_threshold"])
 
 
-# Run by the slim predictor's test in a process where importing torch (or torchvision, Captum, Lightning) fails.
-SLIM_SCRIPT = """
-import json, sys
+# Any import of torch (or torchvision, Captum, Lightning) after this fails: what the slim predictor runs under (its
+# test's process; the slim server's, as its PYTHONPATH's sitecustomize).
+NO_TORCH = """
+import sys
 
 class NoTorch:
     def find_spec(self, name, path=None, target=None):
@@ -134,6 +135,13 @@ class NoTorch:
             raise ImportError(f"the slim predictor imported {name}")
 
 sys.meta_path.insert(0, NoTorch())
+"""
+
+
+# The slim predictor's test, in a process of its own.
+SLIM_SCRIPT = (
+    NO_TORCH
+    + """
 import numpy as np
 from visionapp.decode import load_image
 from visionapp.slim import load_slim
@@ -146,6 +154,7 @@ print(json.dumps({"form": b.form, "note": b.form_note, "probs": probs.tolist(),
                   "scores": None if scores is None else scores.tolist(),
                   "flags": None if flags is None else flags.tolist()}))
 """
+)
 
 
 def test_the_slim_predictor_answers_as_the_torch_path_without_torch(exported: Path, tmp_path: Path) -> None:
@@ -257,19 +266,6 @@ def test_a_refused_re_export_keeps_the_form_and_record_that_were_there(
     assert (package.read_bytes(), forms_of(run)["aoti"]["sha256"]) == before
     assert not [f for f in (run / "bundle").iterdir() if ".tmp-" in f.name]
     build_archive(run / "bundle", name="classifier", out=tmp_path / "store", model_config=MODEL_CONFIG)
-
-
-# Put on the slim server's PYTHONPATH: any import of torch (or torchvision, Captum, Lightning) in it fails.
-NO_TORCH = """
-import sys
-
-class NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "torchvision", "captum", "lightning"):
-            raise ImportError(f"the slim predictor imported {name}")
-
-sys.meta_path.insert(0, NoTorch())
-"""
 
 
 @pytest.fixture(scope="module", params=["torchserve", "kserve", "kserve-slim"])

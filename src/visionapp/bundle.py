@@ -121,10 +121,10 @@ class Bundle:
         if record is None:
             return self.probabilities(x).cpu(), None, None
         logits, features = self.run(x) if record.method == "knn" else (self.forward(x), None)
+        features_np = None if features is None else features.detach().float().cpu().numpy()
         probabilities, scores, flags = calibrated_answer(
-            logits.float().cpu().numpy(), None if features is None else features.float().cpu().numpy(), record,
-            self.ood_bank, self.temperature,
-        )  # fmt: skip
+            logits.detach().float().cpu().numpy(), features_np, record, self.ood_bank, self.temperature
+        )
         return torch.from_numpy(probabilities), torch.from_numpy(scores), torch.from_numpy(flags)
 
 
