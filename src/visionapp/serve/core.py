@@ -181,8 +181,9 @@ class ServingCore:
         self.limits = replace(self.limits, decode_side=self.engine.decode_side)
         self.class_names = self.engine.class_names
         log.info(
-            "loaded %s with classes %s on %s, %d threads; predictions: %s; %s", self.engine.meta["arch"],
-            self.class_names, device, self.threads, self.engine.form_note, self.limits,
+            "loaded %s with classes %s on %s, %s threads: %d; predictions: %s; %s", self.engine.meta["arch"],
+            self.class_names, device, "ONNX Runtime" if slim else "torch", self.threads, self.engine.form_note,
+            self.limits,
         )  # fmt: skip
 
     def warm_up(self) -> None:
