@@ -142,6 +142,8 @@ sys.meta_path.insert(0, NoTorch())
 SLIM_SCRIPT = (
     NO_TORCH
     + """
+import json
+
 import numpy as np
 from visionapp.decode import load_image
 from visionapp.slim import load_slim

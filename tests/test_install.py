@@ -14,7 +14,7 @@ from helpers import ROOT, closure, loaded_by_each
 
 # Each extra, and the modules its stage runs (what `pip install visionapp[extra]` must be enough for).
 STAGES = {
-    "serve": ["visionapp.serve.core", "visionapp.serve.handler"],
+    "serve": ["visionapp.serve.torch_engine", "visionapp.serve.handler"],  # the core's engine on torch
     "kserve": ["visionapp.serve.kserve_server"],
     "train": ["visionapp.train.cli"],
     "explain": ["visionapp.explain.__main__"],
