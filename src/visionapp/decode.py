@@ -80,6 +80,12 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return img
 
 
+def decode_side(image_size: int) -> int:
+    """The pixels a side an image is decoded to keep for a model of `image_size` (load_image's min_side): twice the
+    input size, from which the antialiased resize gives what it gives from the whole photo, to a grey level or so."""
+    return 2 * image_size
+
+
 def resize(img: Image.Image, size: int) -> np.ndarray:
     """The whole RGB image resized to size x size (antialiased bilinear), as uint8 (3, size, size): nothing the user
     sent is cut off, and a heatmap maps back onto the image by a plain resize."""

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from visionapp.decode import normalize, resize
+from visionapp.decode import decode_side, normalize, resize
 from visionapp.errors import UserError
 from visionapp.manifest import ONNX_FILES, OUTPUTS, bundle_file, fastest, form_file_problem, read_meta
 from visionapp.ood import OODRecord, calibrated_answer, served_record
@@ -69,7 +69,7 @@ class SlimBundle:
 
     @property
     def decode_side(self) -> int:
-        return 2 * self.image_size  # as EvalPreset.decode_side: the resize from there is the resize from the photo
+        return decode_side(self.image_size)
 
     @property
     def temperature(self) -> float:

@@ -16,7 +16,7 @@ from PIL import Image
 from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
-from visionapp.decode import IMAGENET_MEAN, IMAGENET_STD, load_image, resize
+from visionapp.decode import IMAGENET_MEAN, IMAGENET_STD, decode_side, load_image, resize
 
 
 def to_model_input(mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> v2.Compose:
@@ -116,9 +116,7 @@ class EvalPreset:
         self, *, image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
     ) -> None:
         self.image_size = image_size
-        # Decoding keeps at least twice the input size a side (load_image's min_side): the antialiased resize
-        # from there gives what it gives from the whole photo, to a grey level or so.
-        self.decode_side = 2 * image_size
+        self.decode_side = decode_side(image_size)
         self.normalize = to_model_input(mean, std)
 
     def geometry(self, img: Image.Image) -> torch.Tensor:
