@@ -170,11 +170,12 @@ def test_a_crashed_fit_is_marked_and_refused_by_archive(shapes_root: Path, tmp_p
 
 
 @pytest.mark.slow
-def test_ctrl_c_during_fit_leaves_the_run_marked(shapes_root: Path, tmp_path: Path) -> None:
+def test_ctrl_c_during_fit_leaves_the_run_marked(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "visionapp", "fit", "--config=configs/train.yaml",
-         f"--data.init_args.root={shapes_root}", *TINY_DATA, "--model.weights=null", "--trainer.max_epochs=100",
-         f"--runs_dir={tmp_path / 'runs'}", "--run_name=cut"],
+         f"--data.init_args.root={tmp_path / 'shapes'}", *TINY_DATA, "--data.init_args.num_train=150",
+         "--data.init_args.num_val=30", "--data.init_args.num_test=30",  # short epochs: an epoch's end comes soon
+         "--model.weights=null", "--trainer.max_epochs=100", f"--runs_dir={tmp_path / 'runs'}", "--run_name=cut"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         # Ctrl-C's default, whoever started the suite: a shell's background job inherits SIGINT ignored, and Python
         # then never raises KeyboardInterrupt (the fit would train on, all 100 epochs)
