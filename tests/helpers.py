@@ -207,3 +207,17 @@ def loaded_by_each(modules: list[str], cwd: Path, preload: tuple[str, ...] = ())
     args = [sys.executable, "-c", _PROBE, json.dumps(modules), json.dumps(list(preload))]
     out = subprocess.run(args, cwd=cwd, capture_output=True, text=True, check=True)
     return {m: set(d) for m, d in json.loads(out.stdout.splitlines()[-1]).items()}
+
+
+IMAGE = "registry.example/visionapp-serve:1"
+
+
+def rendered(name: str, server: str = "torchserve", **overrides: object) -> dict:
+    """One manifest of `make k8s`'s, rendered with example values (overrides replace them), as a dict."""
+    from visionapp.deploy.manifests import documents, render
+
+    values = {"name": "classifier", "model": "classifier", "image": IMAGE, "version": "run", "replicas": 1,
+              "max_replicas": 2, "cpus": "2", "mem_mb": 4096, "queue_ms": "100", "storage_uri": "pvc://m/run",
+              "monitoring_namespace": "monitoring", "gpu": "", "runtime": "classifier-torchserve",
+              "other_clients": "", **overrides}  # fmt: skip
+    return documents(render(values, templates=ROOT / "serve" / "k8s", server=server)[name])[0]

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ROOT, closure, loaded_distributions, requirements
+from helpers import IMAGE, ROOT, closure, loaded_distributions, requirements
+from helpers import rendered as _rendered
 from packaging.requirements import Requirement
 
 from visionapp.deploy.archive import build_archives
 from visionapp.deploy.manifests import documents, validate
 
 DOCKERFILE = ROOT / "serve" / "Dockerfile"
-IMAGE = "registry.example/visionapp-serve:1"
 
 
 @pytest.fixture(scope="module")
@@ -154,16 +154,6 @@ def test_make_k8s_server_kserve_needs_no_torchserve(trained_run: Path, tmp_path:
 
 
 # --- the validators can fail ----------------------------------------------------------------------------------
-def _rendered(name: str, server: str = "torchserve", **overrides: object) -> dict:
-    from visionapp.deploy.manifests import render
-
-    values = {"name": "classifier", "model": "classifier", "image": IMAGE, "version": "run", "replicas": 1,
-              "max_replicas": 2, "cpus": "2", "mem_mb": 4096, "queue_ms": "100", "storage_uri": "pvc://m/run",
-              "monitoring_namespace": "monitoring", "gpu": "", "runtime": "classifier-torchserve",
-              "other_clients": "", **overrides}  # fmt: skip
-    return documents(render(values, templates=ROOT / "serve" / "k8s", server=server)[name])[0]
-
-
 def _set(doc: dict, path: str, value: object) -> dict:
     doc = copy.deepcopy(doc)
     *parents, last = path.split(".")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from helpers import EXPLAIN_CONFIG as EXPLAIN_CONFIG_FILE
-from helpers import real_server, sample_image, scrape
+from helpers import real_server, rendered, sample_image, scrape
 
 from visionapp.client.api import call, keys
 from visionapp.deploy.local import LocalServer
@@ -112,13 +114,29 @@ def _explain_workers(server: LocalServer) -> list[dict]:
     return json.loads(body)[0]["workers"]
 
 
+def _liveness_probe(server: LocalServer) -> int:
+    """The Deployment's liveness probe, its own command, run against the local TorchServe: its management port
+    here for the pod's 8081, and the management key sent (in the pod, tokens are off and loopback decides)."""
+    command = rendered("k8s/deployment.yaml")["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["exec"]
+    python, flag, code = command["command"]
+    assert (python, flag) == ("python", "-c") and "127.0.0.1:8081" in code
+    key = keys(server.dir)["management"]["key"]
+    with_key = (f"import urllib.request as r; o = r.build_opener(); "
+                f"o.addheaders = [('Authorization', 'Bearer {key}')]; r.install_opener(o)\n")  # fmt: skip
+    code = with_key + code.replace("127.0.0.1:8081", f"127.0.0.1:{server.management_port}")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60).returncode
+
+
 def test_a_dead_explainer_is_replaced(apart: LocalServer, trained_run: Path) -> None:
     """SIGKILL of the explanations' process (as an out-of-memory kill does). KServe's server says not ready, answers
     503 with Retry-After meanwhile, and explains again within 30 s. TorchServe restarts its worker itself, or its
     recovery fails and leaves it UNLOADING (pytorch/serve#2423, a race in its asynchronous worker thread): the test
     takes either, as the pod would: a new worker READY explains again; none, and the registration lists no READY
-    worker, which the Deployment's liveness probe reads (a new pod then). Predictions answer throughout."""
+    worker, and the Deployment's liveness probe, its own command run here, fails (a new pod then). Predictions
+    answer throughout."""
     image = sample_image(trained_run)
+    if apart.server == "torchserve":
+        assert _liveness_probe(apart) == 0  # alive: both registrations have a READY worker
     victim = apart.model_process(explanations=True)  # KServe's explainer process; TorchServe's explain worker
     victim.send_signal(signal.SIGKILL)
     victim.wait(10)
@@ -133,7 +151,9 @@ def test_a_dead_explainer_is_replaced(apart: LocalServer, trained_run: Path) -> 
             workers = _explain_workers(apart)
         print(f"torchserve: explanations' workers {time.monotonic() - start:.0f} s after the kill: {workers}")
         assert victim.pid not in {int(w["pid"]) for w in workers if w["status"] == "READY" and w.get("pid")}
-        if any(w["status"] == "READY" for w in workers):
+        replaced = any(w["status"] == "READY" for w in workers)
+        assert _liveness_probe(apart) == (0 if replaced else 1)  # a stuck worker: the pod is restarted
+        if replaced:
             status, raw = call(apart.url("explanations"), apart.key, image, headers={"X-Method": "layer_gradcam"},
                                timeout=120)  # fmt: skip
             assert status == 200 and "heatmap_png_base64" in json.loads(raw), raw[:300]

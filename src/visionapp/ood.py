@@ -17,10 +17,12 @@ Scores (visionapp.train.ood measures them side by side on out-of-distribution se
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 LOGIT_METHODS = ("msp", "energy")
 METHODS = (*LOGIT_METHODS, "knn")
@@ -52,18 +54,27 @@ def unit_rows(features: np.ndarray) -> np.ndarray:
     return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), np.float32(1e-12))
 
 
+@functools.cache
+def _blas() -> ThreadpoolController:
+    """The BLAS libraries numpy loaded, found once (threadpoolctl scans the process's libraries)."""
+    return ThreadpoolController()
+
+
 def knn_scores(bank: np.ndarray, features: np.ndarray, k: int) -> np.ndarray:
     """Distance to the k-th nearest of `bank` (normalised features), features normalised first."""
     features, bank = unit_rows(features), bank.astype(np.float32, copy=False)
     k = min(k, len(bank))
     # unit vectors: |a - b|^2 = 2 - 2 a.b, so the k-th nearest is the k-th most similar (a matrix product, in
     # chunks so that thousands of images never hold one huge similarity matrix)
-    similar = np.concatenate(
-        [
-            -np.partition(-(chunk @ bank.T), k - 1, axis=1)[:, k - 1]
-            for chunk in np.split(features, range(1024, len(features), 1024))
-        ]
-    )
+    # one BLAS thread: a request's rows are few, and numpy's BLAS pool would otherwise spin beside torch's (or ONNX
+    # Runtime's) threads on the same cores (a knn answer measured 3x slower than one without its score)
+    with _blas().limit(limits=1, user_api="blas"):
+        similar = np.concatenate(
+            [
+                -np.partition(-(chunk @ bank.T), k - 1, axis=1)[:, k - 1]
+                for chunk in np.split(features, range(1024, len(features), 1024))
+            ]
+        )
     return np.sqrt(np.clip(2 - 2 * similar, 0, None))
 
 

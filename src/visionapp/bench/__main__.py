@@ -117,12 +117,13 @@ def explain_bench(bundle_dir: Path, image: Path, rounds: int) -> dict:
     return {"image_size": list(x.shape[-2:]), "methods": per_method, "raw": runs}
 
 
-def ood_bench(run_dir: Path, image: Path, rounds: int, repeats: int = 200) -> dict:
-    """The run's OOD figures (metrics.json), and a prediction with the score against one without, in process."""
+def ood_bench(run_dir: Path, served: Path, image: Path, rounds: int, repeats: int = 200) -> dict:
+    """The run's OOD figures (metrics.json), and a prediction with the score against one without, in process, on
+    the bundle the serving part served (`served`: staged at 224 px, exported, in the form the servers ran)."""
     measured = json.loads((run_dir / "metrics.json").read_text()).get("ood")
     if not measured:
         raise SystemExit(f"{run_dir} has no out-of-distribution record (trained before the scores): make train")
-    bundle = load_bundle(run_dir / "bundle", runtime="auto")  # the form the servers run
+    bundle = load_bundle(served, runtime="auto")
     x = bundle.transform(load_image(image))[None]
     contenders = {"with": lambda: bundle.answer(x), "without": lambda: bundle.probabilities(x)}
     seconds: dict[str, list[float]] = {name: [] for name in contenders}
@@ -139,6 +140,7 @@ def ood_bench(run_dir: Path, image: Path, rounds: int, repeats: int = 200) -> di
     return {
         "method": measured["method"], "threshold": measured["threshold"], "methods": measured["methods"],
         "ms_with_score": with_ * 1e3, "ms_without": without * 1e3, "raw_seconds": seconds, "form": bundle.form,
+        "image_size": json.loads((served / "model.json").read_text())["image_size"],
         "ood.auroc_far": measured["auroc_far"], "ood.auroc_near": measured["auroc_near"],
         "ood.auroc_near_vs_msp": measured["auroc_near"] / measured["methods"]["msp"]["auroc_near"],
         "ood.predict_with_score_vs_without": with_ / without,
@@ -207,10 +209,10 @@ def main(argv: list[str] | None = None) -> int:
                     str(args.rounds), "--batch-size", str(args.predict_batch_size), "--forms", *args.forms,
                     "--staging", args.staging]  # fmt: skip
     result["predict_224px"] = predict_bench.run(predict_bench.parser().parse_args(predict_argv))
-    staging.cleanup()
     predict_bench.print_table(result["predict_224px"])
     print(f"[6/6] ood: a prediction with the out-of-distribution score vs without, {args.rounds} rounds", flush=True)
-    result["ood"] = ood_bench(run_dir, image, args.rounds)
+    result["ood"] = ood_bench(run_dir, Path(args.staging) / "run" / "bundle", image, args.rounds)
+    staging.cleanup()
     print(f"  {result['ood']['method']}: {result['ood']['ms_with_score']:.2f} ms with the score, "
           f"{result['ood']['ms_without']:.2f} ms without")  # fmt: skip
     result.update(goal_keys(result))

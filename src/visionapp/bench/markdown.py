@@ -213,13 +213,14 @@ def ood_section(result: dict) -> list[str]:
     if "ood" not in result:
         return []
     part = result["ood"]
+    size = f"at {part['image_size']} px as served" if "image_size" in part else "at the model's own size"
     keys = ["auroc_near", "auroc_far", "fpr_at_95tpr_near", "fpr_at_95tpr_far"]
     rows = [[f"**{m}** (served)" if m == part["method"] else m, *(f"{row[k]:.3f}" for k in keys)]
             for m, row in part["methods"].items()]  # fmt: skip
     return ["", "## Out of distribution: the trained run's scores side by side (its metrics.json)", "",
             *_table(["method", *keys], rows), "",
             f"A prediction with the score: {part['ms_with_score']:.2f} ms, without: {part['ms_without']:.2f} ms "
-            f"(one image, in process, the model's own size, the {part.get('form', 'eager')} form)."]  # fmt: skip
+            f"(one image, in process, {size}, the {part.get('form', 'eager')} form)."]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
