@@ -282,9 +282,13 @@ need-engine:
 need-image:
 	@test -n "$(IMAGE)" || { echo "usage: make $(MAKECMDGOALS) IMAGE=registry.example/visionapp-serve:1 (see make help)"; exit 2; }
 
-base-image: need-engine ## a Debian bookworm base image made locally with mmdebstrap, for machines without a registry
+base-image: need-engine ## a Debian bookworm base image made locally with mmdebstrap (no manuals, locales, docs but the licences), for machines without a registry
 	@command -v mmdebstrap >/dev/null || { echo "needs mmdebstrap: apt-get install mmdebstrap"; exit 1; }
-	mmdebstrap --variant=minbase --include=ca-certificates bookworm - | $(ENGINE) $(ENGINE_FLAGS) import - $(LOCAL_BASE):bookworm
+	mmdebstrap --variant=minbase --include=ca-certificates \
+	  --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/locale/*' \
+	  --dpkgopt='path-exclude=/usr/share/info/*' --dpkgopt='path-exclude=/usr/share/doc/*' \
+	  --dpkgopt='path-include=/usr/share/doc/*/copyright' \
+	  bookworm - | $(ENGINE) $(ENGINE_FLAGS) import - $(LOCAL_BASE):bookworm
 	@digest=$$($(ENGINE) $(ENGINE_FLAGS) image inspect --format '{{.Digest}}' $(LOCAL_BASE):bookworm) \
 	  && echo "BASE_IMAGE ?= $(LOCAL_BASE)@$$digest" > $(BASE_LOCK) \
 	  && echo "recorded in $(BASE_LOCK): the serving images now build FROM $(LOCAL_BASE)@$$digest"
@@ -297,10 +301,12 @@ image-serve-torchserve: $(MODEL_STORE)/$(MODEL_NAME).mar
 	  --build-arg MAR=$(MODEL_STORE)/$(MODEL_NAME).mar --build-arg EXPLAIN_MAR=$(MODEL_STORE)/$(EXPLAIN_MODEL).mar \
 	  --build-arg MODEL_NAME=$(MODEL_NAME) $(BUILD_FLAGS) .
 # KServe's server bakes the run's bundle, staged in the model store (runs/ is outside the build context)
-image-serve-kserve:
+image-serve-kserve: $(if $(SLIM),$(STAMP))
 	@test -f $(RUN)/bundle/model.json || { echo "no $(RUN)/bundle: make train first (or RUN=runs/<run>)"; exit 1; }
 	rm -rf $(MODEL_STORE)/$(MODEL_NAME).bundle && mkdir -p $(MODEL_STORE) && cp -rL $(RUN)/bundle $(MODEL_STORE)/$(MODEL_NAME).bundle
+	$(if $(SLIM),$(PY) -m visionapp.slim $(MODEL_STORE)/$(MODEL_NAME).bundle --model-config $(MODEL_CONFIG))
 	$(ENGINE) $(ENGINE_FLAGS) build -f serve/Dockerfile.kserve -t $(IMAGE) --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg PIN=$(if $(CONSTRAINTS),1,0) \
+	  $(if $(SLIM),--build-arg SLIM=1 --build-arg REQUIREMENTS=serve/requirements-slim.txt) \
 	  --build-arg BUNDLE=$(MODEL_STORE)/$(MODEL_NAME).bundle --build-arg MODEL_CONFIG=$(MODEL_CONFIG) \
 	  --build-arg EXPLAIN_CONFIG=$(EXPLAIN_CONFIG) \
 	  --build-arg MODEL_NAME=$(MODEL_NAME) --build-arg MODEL_VERSION=$(notdir $(realpath $(RUN))) $(BUILD_FLAGS) .

@@ -255,6 +255,27 @@ def test_the_kserve_image_has_what_its_server_imports(tmp_path: Path) -> None:
     assert not missing, f"KServe's server loads {sorted(missing)}: add them to serve/requirements-kserve.txt"
 
 
+def test_the_slim_image_installs_no_torch_and_bakes_no_weights() -> None:
+    """make image-serve SERVER=kserve SLIM=1 builds Dockerfile.kserve with serve/requirements-slim.txt (nothing of
+    the torch stack among all it installs) and the bundle staged without its torch files; every serving image's
+    requirements keep pyproject.toml's lower bounds. (What the slim server imports: test_export's kserve-slim
+    server runs where only these distributions can be imported.)"""
+    slim = requirements(ROOT / "serve" / "requirements-slim.txt")
+    installed = closure([r.name for r in slim])
+    assert not installed & {"torch", "torchvision", "captum", "matplotlib", "lightning", "scipy"}, installed
+    r = subprocess.run(["make", "-n", "image-serve", "IMAGE=x", "ENGINE=docker", "SERVER=kserve", "SLIM=1"],
+                       cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    assert "--build-arg SLIM=1 --build-arg REQUIREMENTS=serve/requirements-slim.txt" in r.stdout, r.stdout + r.stderr
+    assert "-m visionapp.slim model_store/classifier.bundle --model-config serve/model-config.yaml" in r.stdout
+    tomllib = pytest.importorskip("tomllib")  # Python ≥ 3.11
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = [*project["dependencies"], *(d for extra in project["optional-dependencies"].values() for d in extra)]
+    bounds = {Requirement(d).name.lower(): str(Requirement(d).specifier) for d in declared}
+    for name in ("requirements.txt", "requirements-kserve.txt", "requirements-slim.txt"):
+        for req in requirements(ROOT / "serve" / name):
+            assert bounds[req.name.lower()] == str(req.specifier), (name, req)
+
+
 @pytest.mark.slow
 def test_the_image_installs_what_the_mar_imports(store: Path, tmp_path: Path) -> None:
     """serve/requirements.txt holds every distribution the handler loads from the .mar (directly or through

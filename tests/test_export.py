@@ -14,13 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import MODEL_CONFIG, ROOT, post_with_headers, real_server
+from helpers import MODEL_CONFIG, ROOT, closure, post_with_headers, real_server, requirements
 
 from visionapp.bundle import load_bundle
+from visionapp.decode import load_image
 from visionapp.deploy.archive import build_archive
 from visionapp.deploy.export import export_bundle
 from visionapp.deploy.local import LocalServer
 from visionapp.manifest import TEST_FILES, file_sha256
+from visionapp.slim import load_slim
 
 pytestmark = pytest.mark.slow
 
@@ -138,6 +140,23 @@ sys.meta_path.insert(0, NoTorch())
 """
 
 
+# The slim image's Python, as its server's PYTHONPATH's sitecustomize: an import of a distribution that
+# serve/requirements-slim.txt does not install (with all they require) fails, as it would in the image.
+SLIM_ONLY = """
+import sys, importlib.metadata as md
+
+ALLOWED, DISTS = set(%r), md.packages_distributions()
+
+class SlimOnly:
+    def find_spec(self, name, path=None, target=None):
+        dists = DISTS.get(name.split(".")[0], [])
+        if dists and "visionapp" not in dists and not {d.lower().replace("_", "-") for d in dists} & ALLOWED:
+            raise ImportError(f"the slim image does not install {dists[0]} (imported: {name})")
+
+sys.meta_path.insert(0, SlimOnly())
+"""
+
+
 # The slim predictor's test, in a process of its own.
 SLIM_SCRIPT = (
     NO_TORCH
@@ -188,6 +207,21 @@ def test_the_slim_predictor_answers_as_the_torch_path_without_torch(exported: Pa
         else:
             assert np.allclose(slim["scores"], scores.numpy(), atol=1e-4) and slim["flags"] == flags.tolist()
     assert torch_path.ood is not None and torch_path.ood.method == "knn"
+    # staged for the slim image (make image-serve SERVER=kserve SLIM=1): the form the config's runtime picks, knn's
+    # features, model.json and the card stay; the weights and the other forms go; it answers as before
+    staged, config = tmp_path / "staged", tmp_path / "model-config.yaml"
+    shutil.copytree(knn, staged)
+    config.write_text((ROOT / "serve" / "model-config.yaml").read_text().replace("runtime: auto", "runtime: onnx-int8"))
+    r = subprocess.run([sys.executable, "-m", "visionapp.slim", str(staged), "--model-config", str(config)],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0 and "model.pt" in r.stdout, r.stdout + r.stderr
+    must = {"model.json", "model.int8.onnx", "ood_features.npy"}
+    assert must <= {p.name for p in staged.iterdir()} <= must | {"MODEL_CARD.md"}
+    answers = []
+    for bundle in (knn, staged):
+        slim = load_slim(bundle, "onnx-int8", threads=1)
+        answers.append(slim.answer(np.stack([slim.geometry(load_image(f, min_side=slim.decode_side)) for f in files])))
+    assert all(np.array_equal(a, b) for a, b in zip(*answers, strict=True))
 
 
 def test_a_form_that_does_not_fit_falls_back_or_is_refused(exported: Path, tmp_path: Path) -> None:
@@ -275,7 +309,7 @@ def int8_server(
     request: pytest.FixtureRequest, exported: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalServer]:
     """The exported run served by each server with the int8 form pinned in the model config; kserve-slim: KServe's
-    server with SLIM=1, in a process where importing torch fails."""
+    server with SLIM=1, in a process that can import only what the slim image installs (no torch)."""
     config = (ROOT / "serve" / "model-config.yaml").read_text().replace("runtime: auto", "runtime: onnx-int8")
     assert "runtime: onnx-int8" in config
     tmp = tmp_path_factory.mktemp(f"int8-{request.param}")
@@ -283,7 +317,8 @@ def int8_server(
     with pytest.MonkeyPatch.context() as mp:
         if slim:
             (tmp / "guard").mkdir()
-            (tmp / "guard" / "sitecustomize.py").write_text(NO_TORCH)
+            allowed = closure([r.name for r in requirements(ROOT / "serve" / "requirements-slim.txt")])
+            (tmp / "guard" / "sitecustomize.py").write_text(SLIM_ONLY % sorted(allowed))
             mp.setenv("PYTHONPATH", str(tmp / "guard"))
         with real_server(server, exported, tmp, model_config=config, extra_vars=("SLIM=1",) if slim else ()) as s:
             mp.delenv("PYTHONPATH", raising=False)  # the server has started: this process's children go unguarded

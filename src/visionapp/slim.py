@@ -10,17 +10,28 @@ explanations need the eager model and Captum, so they are answered where torch i
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from PIL import Image
 
 from visionapp.decode import decode_side, normalize, resize
 from visionapp.errors import UserError
-from visionapp.manifest import ONNX_FILES, OUTPUTS, bundle_file, fastest, form_file_problem, read_meta
+from visionapp.manifest import (
+    CARD_FILE,
+    META_FILE,
+    ONNX_FILES,
+    OUTPUTS,
+    bundle_file,
+    fastest,
+    form_file_problem,
+    read_meta,
+)
 from visionapp.ood import OODRecord, calibrated_answer, served_record
 
 
@@ -116,3 +127,39 @@ def load_slim(directory: str | Path, runtime: str = "auto", threads: int | None 
                             "make export converts it for the slim predictor")  # fmt: skip
         bundle.ood_bank = np.load(bank, allow_pickle=False).astype(np.float32)
     return bundle
+
+
+def stage(directory: str | Path, runtime: str = "auto") -> list[str]:
+    """Keep in `directory`, a copy of a bundle for the slim image, only what the slim predictor reads with
+    `runtime`: model.json, the ONNX form load_slim picks (loaded and checked here, so a bundle it cannot run fails
+    the build, not the pod), knn's features and the model card. The names of the files removed."""
+    directory = Path(directory)
+    bundle = load_slim(directory, runtime, threads=1)
+    keep = {META_FILE, CARD_FILE, bundle.meta["forms"]["cpu"][bundle.form]["file"]}
+    if bundle.ood is not None and bundle.ood.features:
+        keep.add(bundle.ood.features)
+    removed = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name not in keep)
+    for name in removed:
+        (directory / name).unlink()
+    return removed
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Stage a copy of a bundle for the slim image (make image-serve "
+                                 "SERVER=kserve SLIM=1): only what the slim predictor reads stays.")  # fmt: skip
+    ap.add_argument("bundle", help="the copy to prune (never the run's own bundle)")
+    ap.add_argument("--model-config", help="the model config the image serves with: its runtime picks the form")
+    args = ap.parse_args(argv)
+    runtime = "auto"
+    if args.model_config:
+        runtime = str((yaml.safe_load(Path(args.model_config).read_text()) or {}).get("runtime", "auto"))
+    try:
+        removed = stage(args.bundle, runtime)
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"staged {args.bundle} for the slim image: removed {', '.join(removed) or 'nothing'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
