@@ -346,9 +346,10 @@ REPLICAS     ?= 2
 MAX_REPLICAS ?=
 STORAGE_URI  ?=
 DEPLOY_DIR   ?= deploy
-k8s: need-image server-check $(STAMP) $(if $(filter torchserve,$(SERVER)),$(MODEL_STORE)/$(MODEL_NAME).mar) ## manifests for IMAGE into deploy/ (REPLICAS=2 [SERVER=kserve CPUS=2 MEM_MB=8192 GPUS=0 STORAGE_URI=... CLIENT_NAMESPACES=... DRYRUN=1])
+k8s: need-image server-check $(STAMP) $(if $(filter torchserve,$(SERVER)),$(MODEL_STORE)/$(MODEL_NAME).mar) ## manifests for IMAGE into deploy/ (REPLICAS=2 [SERVER=kserve SLIM=1 EXPLAIN_IMAGE=... CPUS=2 MEM_MB=8192 GPUS=0 STORAGE_URI=... CLIENT_NAMESPACES=... DRYRUN=1])
+	$(if $(SLIM),@test -n "$(EXPLAIN_IMAGE)" || { echo "SLIM=1: IMAGE is the slim predictor; name the full image that explains: EXPLAIN_IMAGE=registry.example/visionapp-kserve:1"; exit 2; })
 	$(PY) -m visionapp.deploy.manifests --bundle $(RUN)/bundle --mar $(MODEL_STORE)/$(MODEL_NAME).mar --image $(IMAGE) \
-	  --server $(SERVER) --model-config $(MODEL_CONFIG) --explain-config $(EXPLAIN_CONFIG) \
+	  $(if $(SLIM),--explain-image $(EXPLAIN_IMAGE)) --server $(SERVER) --model-config $(MODEL_CONFIG) --explain-config $(EXPLAIN_CONFIG) \
 	  --replicas $(REPLICAS) --cpus $(CPUS) --mem-mb $(MEM_MB) --gpus $(GPUS) --out $(DEPLOY_DIR) \
 	  $(if $(MAX_REPLICAS),--max-replicas $(MAX_REPLICAS)) $(if $(STORAGE_URI),--storage-uri $(STORAGE_URI)) $(if $(DRYRUN),--dry-run) \
 	  $(if $(CLIENT_NAMESPACES),--client-namespaces $(CLIENT_NAMESPACES))

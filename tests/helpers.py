@@ -219,5 +219,5 @@ def rendered(name: str, server: str = "torchserve", **overrides: object) -> dict
     values = {"name": "classifier", "model": "classifier", "image": IMAGE, "version": "run", "replicas": 1,
               "max_replicas": 2, "cpus": "2", "mem_mb": 4096, "queue_ms": "100", "storage_uri": "pvc://m/run",
               "monitoring_namespace": "monitoring", "gpu": "", "runtime": "classifier-torchserve",
-              "other_clients": "", **overrides}  # fmt: skip
+              "other_clients": "", "slim_arg": "", "explainer": "", **overrides}  # fmt: skip
     return documents(render(values, templates=ROOT / "serve" / "k8s", server=server)[name])[0]

@@ -153,6 +153,33 @@ def test_make_k8s_server_kserve_needs_no_torchserve(trained_run: Path, tmp_path:
     assert (storage / "model-config.yaml").is_file() and (storage / "explain-config.yaml").is_file()
 
 
+@pytest.mark.slow
+def test_make_k8s_slim_predicts_from_the_slim_image_and_explains_from_the_full_one(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    """SERVER=kserve SLIM=1: the ServingRuntime runs IMAGE (the slim image) with --slim; the InferenceService's
+    explainer component runs EXPLAIN_IMAGE (the full one) on the same storage, as restricted and probed as the
+    predictor; both validate against KServe's models. Without EXPLAIN_IMAGE, make says what to give."""
+    full = "registry.example/visionapp-kserve:1"
+    r = make_k8s(trained_run, tmp_path / "no-store", tmp_path / "no", "SERVER=kserve", "SLIM=1")
+    assert r.returncode != 0 and "EXPLAIN_IMAGE=" in r.stdout + r.stderr
+    out = tmp_path / "deploy"
+    r = make_k8s(trained_run, tmp_path / "no-store", out, "SERVER=kserve", "SLIM=1", f"EXPLAIN_IMAGE={full}")
+    assert r.returncode == 0, r.stderr
+    kserve = manifests(out, "kserve")
+    for doc in kserve.values():
+        validate(doc)
+    (predictor,) = kserve["ServingRuntime"]["spec"]["containers"]
+    assert predictor["image"] == IMAGE and "--slim" in predictor["args"]
+    spec = kserve["InferenceService"]["spec"]
+    (explainer,) = spec["explainer"]["containers"]
+    assert explainer["image"] == full and "--slim" not in explainer["args"]
+    assert {e["name"]: e["value"] for e in explainer["env"]}["STORAGE_URI"] == spec["predictor"]["model"]["storageUri"]
+    assert explainer["args"][:1] == ["--bundle=/mnt/models/bundle"]
+    _restricted(spec["explainer"], [explainer], "the explainer component")
+    _restricted(spec["predictor"], [predictor], "the slim predictor")
+
+
 # --- the validators can fail ----------------------------------------------------------------------------------
 def _set(doc: dict, path: str, value: object) -> dict:
     doc = copy.deepcopy(doc)

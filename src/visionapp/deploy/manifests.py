@@ -143,6 +143,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--mem-mb", type=int, default=4096)
     ap.add_argument("--gpus", type=int, default=0)
     ap.add_argument("--queue-ms", type=float, default=100, help="the HPA's target queue latency per request")
+    ap.add_argument(
+        "--explain-image",
+        default=None,
+        help="kserve: the full image as the explainer component; --image is then the slim one (SLIM=1)",
+    )
     ap.add_argument("--storage-uri", default=None, help="where the KServe storage layout is uploaded")
     ap.add_argument("--monitoring-namespace", default="monitoring", help="where Prometheus runs")
     ap.add_argument("--client-namespaces", nargs="*", default=[],
@@ -159,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     for f in (bundle / "model.json", *archives):
         if not f.is_file():
             raise SystemExit(f"{f} is missing: make train, then make archive (RUN=... for another run)")
+    if args.explain_image and args.server != "kserve":
+        raise SystemExit("EXPLAIN_IMAGE (the explainer beside a slim predictor) is for SERVER=kserve")
     if args.replicas < 1 or (args.max_replicas is not None and args.max_replicas < args.replicas):
         raise SystemExit("REPLICAS must be ≥ 1 and MAX_REPLICAS ≥ REPLICAS")
     values = template_values(args, mar.stem, bundle.resolve().parent.name)
@@ -190,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def template_values(args: argparse.Namespace, model: str, run_name: str) -> dict:
     """What the templates' {placeholders} become."""
-    return {
+    values = {
         "name": args.name or model, "model": model, "image": args.image, "version": run_name[:63], "run": run_name,
         "runtime": f"{args.name or model}-{args.server}",
         "replicas": args.replicas, "max_replicas": args.max_replicas or 4 * args.replicas,
@@ -199,7 +206,52 @@ def template_values(args: argparse.Namespace, model: str, run_name: str) -> dict
         "monitoring_namespace": args.monitoring_namespace,
         "other_clients": other_clients(args.name or model, args.client_namespaces),
         "gpu": f', nvidia.com/gpu: "{args.gpus}"' if args.gpus else "",  # in the resources' requests and limits
+        "slim_arg": ', "--slim"' if args.explain_image else "",  # the predictor: the slim image
     }  # fmt: skip
+    values["explainer"] = explainer(args.explain_image, values) if args.explain_image else ""
+    return values
+
+
+def explainer(image: str, values: dict) -> str:
+    """The InferenceService's explainer component (YAML under spec): the full image, KServe's model server with
+    torch and Captum, on the same storage (/mnt/models, filled by KServe's storage initializer from STORAGE_URI),
+    for a predictor run from the slim image; KServe routes :explain requests to it."""
+    resources = f'{{cpu: "{values["cpus"]}", memory: {values["mem_mb"]}Mi{values["gpu"]}}}'
+    ready = f"{{path: /v2/models/{values['model']}/ready, port: 8080}}"
+    return f"""  explainer:
+    minReplicas: 1
+    maxReplicas: {values["max_replicas"]}
+    automountServiceAccountToken: false
+    securityContext:
+      runAsNonRoot: true
+      runAsUser: 1000
+      seccompProfile:
+        type: RuntimeDefault
+    containers:
+      - name: kserve-container
+        image: {image}
+        args: ["--bundle=/mnt/models/bundle", "--model-config=/mnt/models/model-config.yaml",
+               "--explain-config=/mnt/models/explain-config.yaml", "--model_name={values["model"]}",
+               "--model-version={values["version"]}"]
+        env:
+          - {{name: STORAGE_URI, value: "{values["storage_uri"]}"}}
+        ports:
+          - {{containerPort: 8080, protocol: TCP}}
+        startupProbe: {{httpGet: {ready}, periodSeconds: 5, failureThreshold: 60}}
+        readinessProbe: {{httpGet: {ready}, periodSeconds: 10, failureThreshold: 3}}
+        livenessProbe: {{httpGet: {ready}, periodSeconds: 20, failureThreshold: 3}}
+        resources:
+          requests: {resources}
+          limits: {resources}
+        securityContext:
+          runAsNonRoot: true
+          runAsUser: 1000
+          allowPrivilegeEscalation: false
+          capabilities:
+            drop: [ALL]
+          seccompProfile:
+            type: RuntimeDefault
+"""
 
 
 def other_clients(name: str, namespaces: list[str]) -> str:

@@ -51,7 +51,8 @@ log = logging.getLogger(__name__)
 # What the slim predictor answers to an explanation: it has no torch, so no eager model for Captum to explain.
 NO_EXPLANATIONS = (
     "this is the slim predictor (ONNX Runtime, no torch): explanations are served by the full image, where torch "
-    "and Captum are (make serve without SLIM=1, or the full image deployed beside this one)"
+    "and Captum are (make serve without SLIM=1; on KServe, the InferenceService's explainer component, which "
+    "answers POST /v1/models/<name>:explain)"
 )
 
 # The Open Inference Protocol's names for this model's tensors (GET /v2/models/<name> lists them).
