@@ -356,6 +356,30 @@ k8s: need-image server-check $(STAMP) $(if $(filter torchserve,$(SERVER)),$(MODE
 
 .PHONY: k8s
 
+# ---- tracking: MLflow's tracking server on this machine (a run logs to it with CONFIG=configs/mlflow.yaml) --------
+MLFLOW_PORT ?= 5000
+MLFLOW_DIR  ?= runs/mlflow
+MLFLOW_URL   = http://127.0.0.1:$(MLFLOW_PORT)
+mlflow: $(STAMP) ## MLflow's tracking server on 127.0.0.1:MLFLOW_PORT (SQLite and artifacts in MLFLOW_DIR), in the background
+	@mkdir -p $(MLFLOW_DIR)
+	@if [ -f $(MLFLOW_DIR)/server.pid ] && kill -0 $$(cat $(MLFLOW_DIR)/server.pid) 2>/dev/null; then \
+	  echo "MLflow already runs at $(MLFLOW_URL) (make mlflow-stop)"; exit 0; fi; \
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid $(VENV)/bin/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1 \
+	  --backend-store-uri sqlite:///$(abspath $(MLFLOW_DIR))/mlflow.db --artifacts-destination $(abspath $(MLFLOW_DIR))/artifacts \
+	  > $(MLFLOW_DIR)/server.log 2>&1 & echo $$! > $(MLFLOW_DIR)/server.pid; \
+	for i in $$(seq 120); do \
+	  $(PY) -c "import urllib.request as r; r.urlopen('$(MLFLOW_URL)/health', timeout=2)" 2>/dev/null && break; \
+	  kill -0 $$(cat $(MLFLOW_DIR)/server.pid) 2>/dev/null || { tail -20 $(MLFLOW_DIR)/server.log; exit 1; }; sleep 0.5; done; \
+	$(PY) -c "import urllib.request as r; r.urlopen('$(MLFLOW_URL)/health', timeout=2)" \
+	  || { echo "MLflow did not answer at $(MLFLOW_URL) within a minute; see $(MLFLOW_DIR)/server.log"; exit 1; }
+	@echo "MLflow at $(MLFLOW_URL): MLFLOW_TRACKING_URI=$(MLFLOW_URL) make train CONFIG=configs/mlflow.yaml"
+
+mlflow-stop: ## stop the server make mlflow started (its store stays in MLFLOW_DIR)
+	@test -f $(MLFLOW_DIR)/server.pid || { echo "no MLflow server started from $(MLFLOW_DIR)"; exit 0; }
+	-kill -- -$$(cat $(MLFLOW_DIR)/server.pid) && rm -f $(MLFLOW_DIR)/server.pid  # its process group: the server's workers too
+
+.PHONY: mlflow mlflow-stop
+
 # ---- benchmarks (not part of make test: these machines are noisy, ratios come from one run) ----------------
 BENCH_ARGS ?=
 bench: $(STAMP) java-check ## every stage vs its peer and ceiling → bench/results.json, docs/bench-results.md (BENCH_ARGS="--rounds 5")

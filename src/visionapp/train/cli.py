@@ -23,6 +23,7 @@ from visionapp.manifest import INCOMPLETE
 from visionapp.train.data import ImageDataModule
 from visionapp.train.module import ImageClassifier
 from visionapp.train.run import Throughput, claim_run_dir, write_run
+from visionapp.train.track import log_run, name_runs
 
 
 def default_precision() -> str | None:
@@ -59,11 +60,19 @@ class CLI(LightningCLI):
             # The loggers write into the run directory claim_run_dir made (holding its INCOMPLETE mark): not a
             # previous run's, so CSVLogger's warning that it "exists and is not empty" would only mislead.
             warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
-            if cfg.trainer.logger in (None, True):  # our run layout, unless the config picks its own loggers
+            # Our run layout always (logger: false turns every logger off); loggers the config names (MLflow's:
+            # configs/mlflow.yaml) log beside it.
+            configured = self._get(self.config_init, "trainer", default={}).get("logger")
+            if configured is not False:
+                extra = (
+                    [] if configured in (None, True) else configured if isinstance(configured, list) else [configured]
+                )
                 kwargs["logger"] = [
                     CSVLogger(self.run_dir, name="", version=""),  # run_dir/metrics.csv, run_dir/config.yaml
                     TensorBoardLogger(self.run_dir, name="tensorboard", version=""),
+                    *extra,
                 ]
+                name_runs(kwargs["logger"], self.run_dir.name)
             kwargs.setdefault("default_root_dir", str(self.run_dir))
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.append(self.throughput)  # type: ignore[attr-defined]
@@ -96,6 +105,7 @@ class CLI(LightningCLI):
                 test_results=results,
                 ood_accept=self.config["fit"].ood_accept,
             )
+            log_run(trainer.loggers, self.run_dir)  # the finished run in the user's tracker, where one is configured
         # Every rank waits for rank 0's run directory (calibration, report): a rank that exits first tears down
         # the process group under rank 0, which then aborts.
         trainer.strategy.barrier("run written")

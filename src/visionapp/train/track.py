@@ -1,0 +1,58 @@
+"""Runs in the user's tracker: what a finished run logs to MLflow beside its folder (configs/mlflow.yaml adds
+Lightning's MLFlowLogger; its parameters and per-step metrics come through Lightning itself).
+
+Only the logger's own methods and its client are used here: nothing imports mlflow unless the overlay asks for it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import Logger, MLFlowLogger
+
+from visionapp.manifest import CARD_FILE, META_FILE
+
+RUN_FILES = ("metrics.json", "report.html", "config.yaml", "test_files.txt")  # beside the figures (*.png)
+
+
+def mlflow_loggers(loggers: list[Logger]) -> list[MLFlowLogger]:
+    return [lg for lg in loggers if isinstance(lg, MLFlowLogger)]
+
+
+def name_runs(loggers: list[Logger], run_name: str) -> None:
+    """Each MLflow run is named as the run's folder (unless the config named it): the tracker and runs/ agree."""
+    for logger in mlflow_loggers(loggers):
+        logger.tags = {"mlflow.runName": run_name, **(logger.tags or {})}
+
+
+def figures(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """metrics.json's numbers, flattened to MLflow's metric names (nested keys joined by '.'; lists left out)."""
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat |= figures(value, f"{name}.")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[name.replace("/", "_")] = float(value)
+    return flat
+
+
+def log_run(loggers: list[Logger], run_dir: Path) -> None:
+    """The finished run in each MLflow run: metrics.json's figures (accuracy, calibration, OOD AUROCs...) as
+    metrics prefixed `run.`, the run's files and figures as artifacts, and the bundle (with its model card)."""
+    for logger in mlflow_loggers(loggers):
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        logger.log_metrics({f"run.{k}": v for k, v in figures(metrics).items()})
+        client, run_id = logger.experiment, logger.run_id
+        for path in [*(run_dir / f for f in RUN_FILES), *sorted(run_dir.glob("*.png"))]:
+            if path.is_file():
+                client.log_artifact(run_id, str(path))
+        client.log_artifacts(run_id, str(run_dir / "bundle"), "bundle")
+        client.set_tag(run_id, "visionapp.run_dir", str(run_dir.resolve()))
+        card = run_dir / "bundle" / CARD_FILE
+        if card.is_file():  # the card shown on the run's page
+            client.set_tag(run_id, "mlflow.note.content", card.read_text())
+        meta = json.loads((run_dir / "bundle" / META_FILE).read_text())
+        client.set_tag(run_id, "visionapp.arch", str(meta.get("arch", "")))
