@@ -63,3 +63,26 @@ def test_a_run_with_the_overlay_is_in_mlflow_with_its_figures_and_bundle(trackin
     local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="metrics.json",
                                                 tracking_uri=tracking, dst_path=str(tmp_path / "dl"))  # fmt: skip
     assert json.loads(Path(local).read_text()) == metrics
+
+
+def test_without_a_tracking_uri_a_run_logs_to_a_local_sqlite_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """configs/mlflow.yaml with no MLFLOW_TRACKING_URI: the logger gets runs_dir's SQLite store and artifact folder
+    (MLflow 3 refuses Lightning's default file store), and a metric logged there is read back from it."""
+    from jsonargparse import Namespace
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    from visionapp.train.track import local_tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    init = Namespace(experiment_name="visionapp", tracking_uri=None, artifact_location=None)
+    configured = Namespace(class_path="lightning.pytorch.loggers.MLFlowLogger", init_args=init)
+    local_tracking([configured], tmp_path / "runs")
+    assert configured.init_args.tracking_uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    logger = MLFlowLogger(**vars(configured.init_args))
+    logger.log_metrics({"run.test_acc": 0.5})
+    logger.finalize("success")
+    client = mlflow.MlflowClient(configured.init_args.tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("visionapp").experiment_id])
+    assert run.data.metrics["run.test_acc"] == 0.5 and (tmp_path / "runs" / "mlflow.db").is_file()

@@ -23,7 +23,7 @@ from visionapp.manifest import INCOMPLETE
 from visionapp.train.data import ImageDataModule
 from visionapp.train.module import ImageClassifier
 from visionapp.train.run import Throughput, claim_run_dir, write_run
-from visionapp.train.track import log_run, name_runs
+from visionapp.train.track import local_tracking, log_run, name_runs
 
 
 def default_precision() -> str | None:
@@ -49,6 +49,8 @@ class CLI(LightningCLI):
             cfg.trainer.precision = default_precision()
         if torch.cuda.is_available():
             torch.set_float32_matmul_precision("high")  # TF32 matmuls for whatever stays in fp32
+        if "runs_dir" in cfg:
+            local_tracking(cfg.trainer.logger, Path(cfg.runs_dir))
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         self.throughput = Throughput()

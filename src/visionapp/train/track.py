@@ -17,6 +17,18 @@ from visionapp.manifest import CARD_FILE, META_FILE
 RUN_FILES = ("metrics.json", "report.html", "config.yaml", "test_files.txt")  # beside the figures (*.png)
 
 
+def local_tracking(loggers: Any, runs_dir: Path) -> None:
+    """An MLFlowLogger the config gives no tracking URI (and MLFLOW_TRACKING_URI names none) logs to a local
+    SQLite store in runs_dir, its artifacts beside it: MLflow 3 refuses its old file store, Lightning's default."""
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        if not str(getattr(logger, "class_path", "")).endswith("MLFlowLogger") or logger.init_args.tracking_uri:
+            continue
+        logger.init_args.tracking_uri = f"sqlite:///{(runs_dir / 'mlflow.db').resolve()}"
+        logger.init_args.artifact_location = logger.init_args.artifact_location or str(
+            (runs_dir / "mlflow-artifacts").resolve()
+        )
+
+
 def mlflow_loggers(loggers: list[Logger]) -> list[MLFlowLogger]:
     return [lg for lg in loggers if isinstance(lg, MLFlowLogger)]
 
