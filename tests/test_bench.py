@@ -27,13 +27,15 @@ def test_input_scan_times_each_step_of_the_input(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # its worker's first test to need the shared run: the timeout counts that training too
 def test_make_bench_writes_every_key(trained_run: Path, tmp_path: Path) -> None:
     """`make bench`'s script end to end on a tiny setting: the forms exported on copies of the bundle, real
     TorchServe servers (ours and the stock handler) and KServe's. AOTInductor is left out here (test_export
     compiles it): the bench treats every form alike."""
     out = tmp_path / "results.json"
     args = ["--run", str(trained_run), "--rounds", "1", "--requests", "4", "--concurrency", "1", "8",
-            "--serve-warmup", "8", "--serve-explanations", "1", "--serve-saturate", "96",
+            "--serve-warmup", "8", "--serve-explanations", "1", "--serve-explain-method", "layer_gradcam",
+            "--serve-saturate", "96",
             "--train-root", str(tmp_path / "shapes"),
             "--out", str(out),
             "--report", str(tmp_path / "report.md"), "--forms", "onnx", "onnx-int8"]  # fmt: skip

@@ -78,9 +78,12 @@ def test_make_k8s_renders_valid_manifests_from_the_run(trained_run: Path, store:
     env = {e["name"]: e["value"] for e in container["env"]}
     # Probes without a token: TorchServe's keys are per process, so the cluster turns them off ...
     assert env["TS_DISABLE_TOKEN_AUTHORIZATION"] == "true"
-    # ... ready = a worker READY (after its warm-up prediction), asked inside the pod; alive = the port answers
+    # ... ready = a worker READY (after its warm-up prediction), asked inside the pod; alive = every registration
+    # has one within a minute (test_explain_apart runs that command against a stuck TorchServe worker)
     assert "/models/classifier" in " ".join(container["readinessProbe"]["exec"]["command"])
-    assert "tcpSocket" in container["livenessProbe"]
+    liveness = container["livenessProbe"]
+    assert "'/models' + p" in liveness["exec"]["command"][2]
+    assert liveness["failureThreshold"] * liveness["periodSeconds"] >= 60
     # ... and the NetworkPolicy admits predictions and metrics only, never the management port.
     allowed = {p["port"] for rule in kinds["NetworkPolicy"]["spec"]["ingress"] for p in rule["ports"]}
     assert allowed == {8080, 8082} and {p["containerPort"] for p in container["ports"]} == allowed

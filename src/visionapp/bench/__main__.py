@@ -167,6 +167,7 @@ def parser() -> argparse.ArgumentParser:
                     "readiness probes are timed")  # fmt: skip
     ap.add_argument("--serve-explanations", type=int, default=4, help="serve: occlusion explanations in flight while "
                     "a lone prediction is timed")  # fmt: skip
+    ap.add_argument("--serve-explain-method", default="occlusion", help="serve: those explanations' method")
     ap.add_argument("--train-root", default="data/shapes")
     ap.add_argument("--train-image-size", type=int, default=96)
     ap.add_argument("--train-num-train", type=int, default=3000)
@@ -258,6 +259,7 @@ def serve_parts(args: argparse.Namespace, run_dir: Path, image: Path) -> dict:
                   str(args.requests), "--warmup", str(args.serve_warmup), "--image-size", str(REFERENCE_SIZE),
                   "--concurrency", *map(str, args.concurrency), "--forms", *args.forms,
                   "--staging", args.staging, "--explanations", str(args.serve_explanations),
+                  "--explain-method", args.serve_explain_method,
                   "--saturate", str(args.serve_saturate)]  # fmt: skip
     serve = serve_bench.run(serve_bench.parser().parse_args(serve_argv))
     serve_bench.print_table(serve)

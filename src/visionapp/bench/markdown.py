@@ -130,7 +130,7 @@ def serve_sections(result: dict) -> list[str]:
             lines += ["", f"One `/explanations` answer (bytes): {result[part].get('explanation_response_bytes')}"]
             for name, d in result[part].get("during_explanations", {}).items():
                 during = (f"`{name}`: a lone prediction's p50 {d['idle_p50_ms']:.1f} ms idle, {d['during_p50_ms']:.1f} "
-                          f"ms while {d.get('explanations', 4)} occlusion explanations were in flight "
+                          f"ms while {d.get('explanations', 4)} {d.get('method', 'occlusion')} explanations ran "
                           f"({d['during_requests']} predictions; {d['explained']} of {d.get('explanations', 4)} "
                           "explanations answered)")  # fmt: skip
                 lines += ["", during]

@@ -54,6 +54,7 @@ import psutil
 import torch
 import yaml
 
+from visionapp.attribution.methods import METHODS
 from visionapp.bench import run_part
 from visionapp.bundle import form_runner, load_bundle
 from visionapp.client.api import call
@@ -325,15 +326,18 @@ def measure_round(handle, servers: dict[str, Server], body: bytes, args: argpars
     return out
 
 
-def during_explanations(server: Server, body: bytes, requests: int, explanations: int = 4) -> dict[str, Any]:
-    """Prediction latency at concurrency 1, idle and while `explanations` occlusion explanations are in flight
-    (sent at once; the predictions counted are those answered before the first explanation finished)."""
+def during_explanations(
+    server: Server, body: bytes, requests: int, explanations: int = 4, method: str = "occlusion"
+) -> dict[str, Any]:
+    """Prediction latency at concurrency 1, idle and while `explanations` explanations (occlusion: hundreds of
+    forward passes each) are in flight (sent at once; the predictions counted are those answered before the first
+    explanation finished)."""
     predict = server.request_once(body)
     idle = timed(predict, requests)
     explain_url, done = server.url("explanations"), []
 
     def explain() -> None:
-        status, _ = call(explain_url, server.key, body, headers={"X-Method": "occlusion"}, timeout=600)
+        status, _ = call(explain_url, server.key, body, headers={"X-Method": method}, timeout=600)
         done.append((time.perf_counter(), status))
 
     with ThreadPoolExecutor(explanations) as pool:
@@ -346,7 +350,7 @@ def during_explanations(server: Server, body: bytes, requests: int, explanations
             f.result()
     return {"idle_p50_ms": percentile(idle, 50) * 1e3, "during_p50_ms": percentile(during, 50) * 1e3,
             "during_requests": len(during), "explained": sum(s == 200 for _, s in done),
-            "explanations": explanations}  # fmt: skip
+            "explanations": explanations, "method": method}  # fmt: skip
 
 
 def ready_latency(
@@ -511,7 +515,7 @@ def measure_servers(
         rounds = [leaves(measure_round(handle, servers, body, args, seed=i)) for i in range(args.rounds)]
         # predictions while explanations run, on our two servers (after the rounds: explanations load the CPU)
         during: dict[str, dict[str, Any]] = {
-            name: during_explanations(servers[name], body, args.requests, args.explanations)
+            name: during_explanations(servers[name], body, args.requests, args.explanations, args.explain_method)
             for name in ("ours", "kserve")
             if name in servers
         }
@@ -543,6 +547,8 @@ def parser() -> argparse.ArgumentParser:
                     help="predictions at concurrency 16 while readiness probes are timed")  # fmt: skip
     ap.add_argument("--explanations", type=int, default=4,
                     help="occlusion explanations in flight while a lone prediction's latency is timed")  # fmt: skip
+    ap.add_argument("--explain-method", default="occlusion", choices=sorted(METHODS),
+                    help="the explanations' method (occlusion: the heaviest)")  # fmt: skip
     ap.add_argument("--staging", default=None, help="stage and export the bundle here, or use the one an earlier "
                     "run staged here with the same size and forms (default: a temporary folder)")  # fmt: skip
     ap.add_argument("--skip", nargs="*", choices=["stock", "kserve", "slim"], default=[],
