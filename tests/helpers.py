@@ -29,6 +29,10 @@ MODEL_CONFIG = ROOT / "serve" / "model-config.yaml"
 EXPLAIN_CONFIG = ROOT / "serve" / "explain-config.yaml"
 
 # Small enough for 2 CPU cores, big enough that the model really learns (resnet18 at 64 px: 2x2 last map).
+# Distributions the track extra (mlflow) installs that other stages' libraries import when they are there and go on
+# without (KServe's SDK: the OpenTelemetry SDK, google-auth; pandas: pyarrow; tabulate: wcwidth; ...)
+TRACK_OPTIONAL = {"opentelemetry-sdk", "opentelemetry-proto", "opentelemetry-semantic-conventions", "pyarrow",
+                  "google-auth", "cryptography", "cffi", "cloudpickle", "wcwidth", "blinker"}  # fmt: skip
 TINY_SIZE, TINY_COUNTS = 64, {"train": 1500, "val": 100, "test": 100}
 TINY_DATA = [
     f"--data.init_args.image_size={TINY_SIZE}",

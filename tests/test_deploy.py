@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import IMAGE, ROOT, closure, loaded_distributions, requirements
+from helpers import IMAGE, ROOT, TRACK_OPTIONAL, closure, loaded_distributions, requirements
 from helpers import rendered as _rendered
 from packaging.requirements import Requirement
 
@@ -82,7 +82,7 @@ def test_make_k8s_renders_valid_manifests_from_the_run(trained_run: Path, store:
     # has one within a minute (test_explain_apart runs that command against a stuck TorchServe worker)
     assert "/models/classifier" in " ".join(container["readinessProbe"]["exec"]["command"])
     liveness = container["livenessProbe"]
-    assert "'/models' + p" in liveness["exec"]["command"][2]
+    assert "/models' + p" in liveness["exec"]["command"][2]
     assert liveness["failureThreshold"] * liveness["periodSeconds"] >= 60
     # ... and the NetworkPolicy admits predictions and metrics only, never the management port.
     allowed = {p["port"] for rule in kinds["NetworkPolicy"]["spec"]["ingress"] for p in rule["ports"]}
@@ -279,7 +279,7 @@ def test_the_kserve_image_has_what_its_server_imports(tmp_path: Path) -> None:
     # dynamic client tries kubernetes-validate (and its jsonschema), uvicorn watchfiles, httpx's CLI rich, urllib3 and
     # httpx brotli (which the demo's gradio installs)
     optional = {"kubernetes-validate", "jsonschema", "jsonschema-specifications", "referencing", "rpds-py",
-                "importlib-resources", "watchfiles", "rich", "pygments", "brotli"}  # fmt: skip
+                "importlib-resources", "watchfiles", "rich", "pygments", "brotli", *TRACK_OPTIONAL}  # fmt: skip
     installed |= optional
     missing = {d for d in loaded if d.lower().replace("_", "-") not in installed and d != "visionapp"}
     assert not missing, f"KServe's server loads {sorted(missing)}: add them to serve/requirements-kserve.txt"

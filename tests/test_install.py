@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, closure, loaded_by_each
+from helpers import ROOT, TRACK_OPTIONAL, closure, loaded_by_each
 
 # Each extra, and the modules its stage runs (what `pip install visionapp[extra]` must be enough for).
 STAGES = {
@@ -27,7 +27,7 @@ STAGES = {
 # dynamic client tries kubernetes-validate and its jsonschema, uvicorn watchfiles, httpx brotli, numpy.f2py
 # charset-normalizer).
 OPTIONAL = {"kubernetes-validate", "jsonschema", "jsonschema-specifications", "referencing", "rpds-py",
-            "importlib-resources", "watchfiles", "brotli", "charset-normalizer"}  # fmt: skip
+            "importlib-resources", "watchfiles", "brotli", "charset-normalizer", *TRACK_OPTIONAL}  # fmt: skip
 # pyproject's dependencies, which every extra installs: imported once before the stages' modules (not counted)
 BASE = ("torch", "torchvision", "numpy", "PIL.Image", "matplotlib.pyplot", "captum.attr", "onnxruntime")
 TRAINING_STACK = {"lightning", "pytorch-lightning", "lightning-fabric", "torchx", "kubernetes", "jsonargparse"}
