@@ -51,6 +51,7 @@ MANIFESTS = {
     },
     "kserve": {"kserve-server-runtime.yaml": "kserve/runtime.yaml", **KSERVE_COMMON},
 }
+EXPLAINER = "kserve-explainer.yaml"  # a fragment of the InferenceService (SLIM=1), not a manifest
 ADAPTER_RULE = ("prometheus-adapter-rule.yaml", "prometheus-adapter-rule.yaml")
 KSERVE_MODELS = {"InferenceService": "V1beta1InferenceService", "ServingRuntime": "V1alpha1ServingRuntime"}
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
@@ -212,46 +213,12 @@ def template_values(args: argparse.Namespace, model: str, run_name: str) -> dict
     return values
 
 
-def explainer(image: str, values: dict) -> str:
-    """The InferenceService's explainer component (YAML under spec): the full image, KServe's model server with
-    torch and Captum, on the same storage (/mnt/models, filled by KServe's storage initializer from STORAGE_URI),
-    for a predictor run from the slim image; KServe routes :explain requests to it."""
-    resources = f'{{cpu: "{values["cpus"]}", memory: {values["mem_mb"]}Mi{values["gpu"]}}}'
-    ready = f"{{path: /v2/models/{values['model']}/ready, port: 8080}}"
-    return f"""  explainer:
-    minReplicas: 1
-    maxReplicas: {values["max_replicas"]}
-    automountServiceAccountToken: false
-    securityContext:
-      runAsNonRoot: true
-      runAsUser: 1000
-      seccompProfile:
-        type: RuntimeDefault
-    containers:
-      - name: kserve-container
-        image: {image}
-        args: ["--bundle=/mnt/models/bundle", "--model-config=/mnt/models/model-config.yaml",
-               "--explain-config=/mnt/models/explain-config.yaml", "--model_name={values["model"]}",
-               "--model-version={values["version"]}"]
-        env:
-          - {{name: STORAGE_URI, value: "{values["storage_uri"]}"}}
-        ports:
-          - {{containerPort: 8080, protocol: TCP}}
-        startupProbe: {{httpGet: {ready}, periodSeconds: 5, failureThreshold: 60}}
-        readinessProbe: {{httpGet: {ready}, periodSeconds: 10, failureThreshold: 3}}
-        livenessProbe: {{httpGet: {ready}, periodSeconds: 20, failureThreshold: 3}}
-        resources:
-          requests: {resources}
-          limits: {resources}
-        securityContext:
-          runAsNonRoot: true
-          runAsUser: 1000
-          allowPrivilegeEscalation: false
-          capabilities:
-            drop: [ALL]
-          seccompProfile:
-            type: RuntimeDefault
-"""
+def explainer(image: str, values: dict, templates: Path = TEMPLATES) -> str:
+    """The InferenceService's explainer component (YAML under spec:, serve/k8s/kserve-explainer.yaml): the full
+    image beside a predictor run from the slim one. The fragment's own header comment is left out."""
+    text = (templates / EXPLAINER).read_text()
+    body = text[text.index("  explainer:") :]
+    return string.Template(body).substitute(values, explain_image=image)
 
 
 def other_clients(name: str, namespaces: list[str]) -> str:
