@@ -54,17 +54,21 @@ def figures(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
 def log_run(loggers: list[Logger], run_dir: Path) -> None:
     """The finished run in each MLflow run: metrics.json's figures (accuracy, calibration, OOD AUROCs...) as
     metrics prefixed `run.`, the run's files and figures as artifacts, and the bundle (with its model card)."""
-    for logger in mlflow_loggers(loggers):
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        logger.log_metrics({f"run.{k}": v for k, v in figures(metrics).items()})
+    trackers = mlflow_loggers(loggers)
+    if not trackers:
+        return
+    bundle = run_dir / "bundle"
+    metrics = {f"run.{k}": v for k, v in figures(json.loads((run_dir / "metrics.json").read_text())).items()}
+    files = [p for p in (*(run_dir / f for f in RUN_FILES), *sorted(run_dir.glob("*.png"))) if p.is_file()]
+    tags = {"visionapp.run_dir": str(run_dir.resolve()),
+            "visionapp.arch": str(json.loads((bundle / META_FILE).read_text()).get("arch", ""))}  # fmt: skip
+    if (bundle / CARD_FILE).is_file():  # the card shown on the run's page
+        tags["mlflow.note.content"] = (bundle / CARD_FILE).read_text()
+    for logger in trackers:
+        logger.log_metrics(metrics)
         client, run_id = logger.experiment, logger.run_id
-        for path in [*(run_dir / f for f in RUN_FILES), *sorted(run_dir.glob("*.png"))]:
-            if path.is_file():
-                client.log_artifact(run_id, str(path))
-        client.log_artifacts(run_id, str(run_dir / "bundle"), "bundle")
-        client.set_tag(run_id, "visionapp.run_dir", str(run_dir.resolve()))
-        card = run_dir / "bundle" / CARD_FILE
-        if card.is_file():  # the card shown on the run's page
-            client.set_tag(run_id, "mlflow.note.content", card.read_text())
-        meta = json.loads((run_dir / "bundle" / META_FILE).read_text())
-        client.set_tag(run_id, "visionapp.arch", str(meta.get("arch", "")))
+        for path in files:
+            client.log_artifact(run_id, str(path))
+        client.log_artifacts(run_id, str(bundle), "bundle")
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
