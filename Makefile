@@ -338,7 +338,16 @@ image-check: need-image ## the image answers one real prediction from a containe
 	$(MAKE) image-run
 	$(MAKE) predict && $(MAKE) predict V2=1; status=$$?; $(MAKE) image-stop; exit $$status
 
-.PHONY: need-engine need-image base-image base-check image-serve image-serve-torchserve image-serve-kserve image-run image-stop image-check
+# KServe images side by side as a node runs them, one container at a time: size, start to ready, c8 throughput
+# and resident memory over 1,000 requests of IMAGE_BENCH_DIR's images, answers compared (docs/deploy.md)
+IMAGES ?=
+IMAGE_BENCH_DIR ?= data/shapes/test
+image-bench: need-engine $(STAMP) ## KServe images side by side in containers (IMAGES="visionapp-slim:1 visionapp-kserve:1")
+	@test -n "$(IMAGES)" || { echo 'usage: make image-bench IMAGES="visionapp-slim:1 visionapp-kserve:1"'; exit 2; }
+	ENGINE_FLAGS="$(ENGINE_FLAGS)" RUN_FLAGS="$(RUN_FLAGS)" $(PY) -m visionapp.bench.images $(IMAGES) --engine $(ENGINE) \
+	  --model $(MODEL_NAME) --images-dir $(IMAGE_BENCH_DIR) --out bench/images.json
+
+.PHONY: need-engine need-image base-image base-check image-serve image-serve-torchserve image-serve-kserve image-run image-stop image-check image-bench
 
 # Kubernetes (Deployment, Service, NetworkPolicy, HPA) and KServe (ServingRuntime, InferenceService) for IMAGE,
 # rendered from RUN and validated (Kubernetes' schemas, KServe's SDK models) before they are written.
