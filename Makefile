@@ -68,6 +68,17 @@ clean-runs: ## delete every trained run in runs/ (asks first; CONFIRM=yes to ski
 .PHONY: help venv constraints train test test-fast lint format clean clean-runs
 
 RUN ?= runs/latest
+# MODEL_URI=models:/<name>/<version> (or /latest, @<alias>): a version in MLflow's model registry (the server
+# MLFLOW_TRACKING_URI names) instead of RUN: fetched once into REGISTRY_DIR/<name>-v<version>/ and archived, served
+# and imaged as a run is, its version named after the registry's
+MODEL_URI    ?=
+REGISTRY_DIR ?= runs/registry
+ifneq ($(MODEL_URI),)
+RUN := $(shell mkdir -p $(REGISTRY_DIR) && $(PY) -m visionapp.registry $(MODEL_URI) --out $(REGISTRY_DIR) 2>$(REGISTRY_DIR)/fetch.log)
+ifeq ($(wildcard $(RUN)/bundle/model.json),)
+$(error MODEL_URI=$(MODEL_URI) was not fetched: $(shell tail -2 $(REGISTRY_DIR)/fetch.log))
+endif
+endif
 SAMPLES ?= 50
 explain: $(STAMP) ## Captum heatmaps for a sample of RUN's test split + quality table (RUN=runs/latest SAMPLES=50)
 	$(PY) -m visionapp.explain --run $(RUN) --samples $(SAMPLES)

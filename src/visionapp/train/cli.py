@@ -39,6 +39,8 @@ class CLI(LightningCLI):
         parser.add_argument("--run_name", type=str | None, default=None, help="default: <time>-<arch>")
         accept = "the share of validation images the out-of-distribution threshold accepts"
         parser.add_argument("--ood_accept", type=float, default=0.95, help=accept)
+        registry = "the MLflow registry's name for the run's model (with an MLflow logger; null: not registered)"
+        parser.add_argument("--registered_model", type=str | None, default="classifier", help=registry)
         # The DataModule knows the classes and the preprocessing; the model records them (hparams, bundle).
         for attr in ("class_names", "image_size", "mean", "std"):
             parser.link_arguments(f"data.{attr}", f"model.{attr}", apply_on="instantiate")
@@ -107,7 +109,8 @@ class CLI(LightningCLI):
                 test_results=results,
                 ood_accept=self.config["fit"].ood_accept,
             )
-            log_run(trainer.loggers, self.run_dir)  # the finished run in the user's tracker, where one is configured
+            # the finished run in the user's tracker, where one is configured, its model registered
+            log_run(trainer.loggers, self.run_dir, self.config["fit"].registered_model)
         # Every rank waits for rank 0's run directory (calibration, report): a rank that exits first tears down
         # the process group under rank 0, which then aborts.
         trainer.strategy.barrier("run written")

@@ -51,24 +51,31 @@ def figures(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return flat
 
 
-def log_run(loggers: list[Logger], run_dir: Path) -> None:
+def log_run(loggers: list[Logger], run_dir: Path, registered_model: str | None = None) -> None:
     """The finished run in each MLflow run: metrics.json's figures (accuracy, calibration, OOD AUROCs...) as
-    metrics prefixed `run.`, the run's files and figures as artifacts, and the bundle (with its model card)."""
+    metrics prefixed `run.`, the run's files, figures and model card as artifacts, and the bundle as an MLflow
+    model (`visionapp.registry`), registered as `registered_model` with the figures as the version's tags."""
     trackers = mlflow_loggers(loggers)
     if not trackers:
         return
+    from visionapp.registry import register  # mlflow: the track extra, there since an MLflow logger is
+
     bundle = run_dir / "bundle"
-    metrics = {f"run.{k}": v for k, v in figures(json.loads((run_dir / "metrics.json").read_text())).items()}
-    files = [p for p in (*(run_dir / f for f in RUN_FILES), *sorted(run_dir.glob("*.png"))) if p.is_file()]
+    figures_ = figures(json.loads((run_dir / "metrics.json").read_text()))
+    card = bundle / CARD_FILE
+    files = [p for p in (*(run_dir / f for f in RUN_FILES), *sorted(run_dir.glob("*.png")), card) if p.is_file()]
     tags = {"visionapp.run_dir": str(run_dir.resolve()),
             "visionapp.arch": str(json.loads((bundle / META_FILE).read_text()).get("arch", ""))}  # fmt: skip
-    if (bundle / CARD_FILE).is_file():  # the card shown on the run's page
-        tags["mlflow.note.content"] = (bundle / CARD_FILE).read_text()
+    if card.is_file():  # the card shown on the run's page
+        tags["mlflow.note.content"] = card.read_text()
     for logger in trackers:
-        logger.log_metrics(metrics)
+        logger.log_metrics({f"run.{k}": v for k, v in figures_.items()})
         client, run_id = logger.experiment, logger.run_id
         for path in files:
             client.log_artifact(run_id, str(path))
-        client.log_artifacts(run_id, str(bundle), "bundle")
         for key, value in tags.items():
             client.set_tag(run_id, key, value)
+        if registered_model and run_id:
+            version_tags = {k: f"{v:.6g}" for k, v in figures_.items()} | {"run": run_dir.name}
+            model_version = register(client, run_id, bundle, registered_model, version_tags)
+            client.set_tag(run_id, "visionapp.registered_model", f"models:/{registered_model}/{model_version}")
