@@ -230,7 +230,10 @@ predict: $(STAMP) ## send IMG=photo.jpg to the running server (finds and renews 
 	@test -n "$(IMG)" || { echo "usage: make predict IMG=photo.jpg [EXPLAIN=1 TARGET=star]"; exit 2; }
 	$(PY) -m visionapp.client.api $(if $(EXPLAIN),explain --save $(basename $(notdir $(IMG)))_heatmap.png $(if $(TARGET),--target $(TARGET)),$(if $(V2),infer,predict)) $(IMG) --port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --dir $(SERVE_DIR) --model $(MODEL_NAME) --server $(SERVER)
 
-.PHONY: archive export java-check server-check serve serve-bg stop serve-torchserve serve-bg-torchserve stop-torchserve serve-kserve serve-bg-kserve stop-kserve predict FORCE
+describe: $(STAMP) ## what the running server serves: model, version, form, OOD threshold, then its model card
+	$(PY) -m visionapp.client.api describe --port $(INFERENCE_PORT) --management-port $(MANAGEMENT_PORT) --dir $(SERVE_DIR) --model $(MODEL_NAME) --server $(SERVER)
+
+.PHONY: archive export java-check server-check serve serve-bg stop serve-torchserve serve-bg-torchserve stop-torchserve serve-kserve serve-bg-kserve stop-kserve predict describe FORCE
 
 # ---- predict a folder: Lightning's Trainer.predict over the run's bundle ---------------------------------------
 IMAGES ?=

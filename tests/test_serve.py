@@ -38,6 +38,7 @@ from visionapp.deploy.archive import build_archive, build_archives
 from visionapp.deploy.loadgen import run_load
 from visionapp.deploy.local import LocalServer as Server
 from visionapp.deploy.local import free_ports
+from visionapp.manifest import CARD_FILE
 from visionapp.serve.inputs import worker_threads
 
 pytestmark = pytest.mark.slow
@@ -685,6 +686,21 @@ def test_make_predict_as_the_readme_gives_it(server: Server, sample: dict[str, b
         assert Image.open(heatmap).size == Image.open(image).size
     finally:
         heatmap.unlink(missing_ok=True)
+
+
+def test_make_describe_names_what_is_served_and_its_model_card(server: Server, trained_run: Path) -> None:
+    """make describe: TorchServe's customized describe (its management API) or GET /models/<name> on KServe's
+    server: the model, its version (the run's name), the form answering, the OOD threshold, then the model card."""
+    out = subprocess.run(["make", "-s", "describe", *server.make_vars], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    head, card = out.stdout.split("\n}\n", 1)
+    about = json.loads(head + "}")
+    bundle = load_bundle(trained_run / "bundle")
+    assert about["model"] == "classifier" and about["version"] == trained_run.resolve().name
+    assert about["classes"] == bundle.class_names and about["arch"] == bundle.meta["arch"]
+    assert bundle.ood is not None and about["ood"] == {"method": bundle.ood.method, "threshold": bundle.ood.threshold}
+    assert card.strip() == (trained_run / "bundle" / CARD_FILE).read_text().strip()
 
 
 def test_load_with_a_worker_killed_midway(server: Server, sample: dict[str, bytes]) -> None:

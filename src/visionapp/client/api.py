@@ -5,6 +5,7 @@ python -m visionapp.client.api explain photo.jpg [--target star] [--method occlu
 python -m visionapp.client.api infer photo.jpg [more.jpg ...]  # the same over the Open Inference Protocol (v2)
 python -m visionapp.client.api wait [--timeout 120]        # until the model answers (used by make serve-bg)
 python -m visionapp.client.api ready                       # exit 0 if the model answers now (a readiness probe)
+python -m visionapp.client.api describe                    # what is served: model, version, form, OOD, model card
 Add --server kserve for KServe's model server.
 """
 
@@ -122,7 +123,7 @@ def wait_ready(base: str, management: str, serve_dir: Path, model: str, timeout:
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["predict", "explain", "infer", "wait", "ready"])
+    ap.add_argument("command", choices=["predict", "explain", "infer", "wait", "ready", "describe"])
     ap.add_argument("--server", choices=["torchserve", "kserve"], default="torchserve")
     ap.add_argument("images", nargs="*")
     ap.add_argument("--port", type=int, default=8080, help="inference port")
@@ -167,6 +168,29 @@ def send(args: argparse.Namespace, url: str, management: str, img: str) -> int:
     return status
 
 
+def describe(args: argparse.Namespace, base: str, management: str, serve_dir: Path) -> int:
+    """Prints what the server says it serves (model, version, form, OOD method and threshold), then the model card:
+    TorchServe's customized describe on its management API, GET /models/<name> on KServe's server."""
+    if args.server == "kserve":
+        status, body = call(f"{base}/models/{args.model}", "")
+    else:
+        url = f"{management}/models/{args.model}?customized=true"
+        status, body = call(url, keys(serve_dir)["management"]["key"])
+        if expired(status, body):
+            status, body = call(url, renew_key(serve_dir, management, "management"))
+    if status != 200:
+        print(f"describe {args.model}: HTTP {status} {body.decode(errors='replace')}", file=sys.stderr)
+        return 1
+    about = json.loads(body)
+    if args.server == "torchserve":  # the handler's answer, which TorchServe parses when it is JSON
+        about = about[0]["customizedMetadata"]
+        about = json.loads(about) if isinstance(about, str) else about
+    card = about.pop("model_card")
+    print(json.dumps(about, indent=2))
+    print(card if card else "(this bundle has no model card)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = parser()
     args = ap.parse_intermixed_args(argv)  # images may follow the options, as `make predict` passes them
@@ -179,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         wait_ready(base, management, serve_dir, args.model, args.timeout, args.server)
         print(f"ready: {base}/predictions/{args.model}")
         return 0
+    if args.command == "describe":
+        return describe(args, base, management, serve_dir)
     if not args.images:
         ap.error("give at least one image")
     missing = [img for img in args.images if not Path(img).is_file()]

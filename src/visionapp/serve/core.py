@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from visionapp.decode import resize
+from visionapp.manifest import CARD_FILE
 from visionapp.ood import OODRecord
 from visionapp.serve.inputs import (
     BadInput,
@@ -164,6 +165,7 @@ class ServingCore:
     def __init__(self, model_dir: str | Path, device: str, model_config: dict[str, Any] | None,
                  name: str, version: str = "1", slim: bool = False) -> None:  # fmt: skip
         self.name, self.version, self.device, self.slim = name, version, device, slim
+        self.model_dir = Path(model_dir)
         config = model_config or {}
         self.limits = Limits.from_model_config(config)
         # The cores this model's workers share (or as many as the config says: an explanation worker leaves the rest
@@ -186,6 +188,19 @@ class ServingCore:
             self.class_names, device, "ONNX Runtime" if slim else "torch", self.threads, self.engine.form_note,
             self.limits,
         )  # fmt: skip
+
+    def describe(self) -> dict[str, Any]:
+        """What is served, for whoever reviews it: the model, its version, the form that answers, the OOD method and
+        its threshold, and the bundle's model card (MODEL_CARD.md: intended use, data, results, limitations; None
+        for a bundle without one). TorchServe's customized describe, GET /models/<name> on KServe's server."""
+        card = self.model_dir / CARD_FILE
+        ood = self.engine.ood
+        return {
+            "model": self.name, "version": self.version, "arch": self.engine.meta["arch"],
+            "classes": self.class_names, "image_size": self.engine.image_size, "form": self.engine.form_note,
+            "ood": None if ood is None else {"method": ood.method, "threshold": ood.threshold},
+            "model_card": card.read_text() if card.is_file() else None,
+        }  # fmt: skip
 
     def warm_up(self) -> None:
         """One prediction of a plain grey image through the whole path, before the server says it is ready: a

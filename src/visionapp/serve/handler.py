@@ -21,6 +21,7 @@ metrics API (declared in serve/metrics.yaml, scraped from the metrics port's /me
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -93,7 +94,7 @@ class ImageClassifierHandler(BaseHandler):
         start = time.time()
         metrics = self.Metrics(context)
         if context.get_request_header(0, "describe") == "True":  # the management API's customized describe
-            return [self.describe_handle()]
+            return [json.dumps(self.core.describe())]
         out: list[Any] = [None] * len(data)
         predictions: list[tuple[int, Request, bool]] = []
         explanations: list[tuple[int, Request]] = []

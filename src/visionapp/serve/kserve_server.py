@@ -335,11 +335,16 @@ def add_routes(model: ClassifierModel) -> None:
     async def v2_infer(request: HTTPRequest) -> Any:
         return await model.predict_v2(await request.body(), dict(request.headers))
 
+    async def describe(request: HTTPRequest) -> Any:  # what TorchServe's customized describe answers
+        assert model.core is not None  # routes are added once the model is loaded
+        return ORJSONResponse(model.core.describe())
+
     # POST, and PUT as curl -T sends (TorchServe takes both)
     app.add_api_route(f"/predictions/{model.name}", predictions, methods=["POST", "PUT"])
     # before KServe's own routes are added (start()), so this one answers the model's v2 REST infer
     app.add_api_route(f"/v2/models/{model.name}/infer", v2_infer, methods=["POST"])
     app.add_api_route(f"/explanations/{model.name}", explanations, methods=["POST", "PUT"])
+    app.add_api_route(f"/models/{model.name}", describe, methods=["GET"])
     # TorchServe serves explanations under a model name of their own; the same path here, for the same clients
     app.add_api_route(f"/explanations/{explain_name(model.name)}", explanations, methods=["POST", "PUT"])
 
