@@ -4,6 +4,7 @@ installs alone from its extra, and every image runs as a user with those version
 from __future__ import annotations
 
 import difflib
+import json
 import re
 import subprocess
 import sys
@@ -76,6 +77,26 @@ def test_a_serving_install_has_no_training_stack() -> None:
     assert not closure(["visionapp[serve]"]) & TRAINING_STACK
     # KServe's SDK requires the kubernetes client itself; nothing of training comes with it
     assert not closure(["visionapp[kserve]"]) & (TRAINING_STACK - {"kubernetes"})
+
+
+@pytest.mark.slow  # pip resolves the whole set from the package index: ~20 s
+def test_pip_resolves_a_serving_install_into_an_empty_environment_as_the_closure_says(tmp_path: Path) -> None:
+    """What pip itself would install into an empty environment for `visionapp[serve]` with constraints.txt
+    (--ignore-installed --dry-run: its resolver and the index's metadata, nothing installed) is the closure the
+    per-stage test above checks the imports against: no training stack, the tested versions."""
+    report = tmp_path / "report.json"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+                    "--report", str(report), "-c", str(ROOT / "constraints.txt"), f"{ROOT}[serve]"],
+                   capture_output=True, text=True, check=True, timeout=600)  # fmt: skip
+    resolved = {i["metadata"]["name"].lower().replace("_", "-"): i["metadata"]["version"]
+                for i in json.loads(report.read_text())["install"]}  # fmt: skip
+    assert not set(resolved) & TRAINING_STACK
+    assert set(resolved) - {"visionapp"} == closure(["visionapp[serve]"]) - {"visionapp"}
+    pinned = dict(ln.split("==") for ln in (ROOT / "constraints.txt").read_text().splitlines() if "==" in ln)
+    pinned = {k.lower().replace("_", "-"): v for k, v in pinned.items()}
+    # every package at its tested version (pip freeze, which wrote the file, leaves out pip's own tools)
+    assert not set(resolved) - set(pinned) - {"visionapp", "setuptools", "wheel", "pip"}
+    assert {k: v for k, v in resolved.items() if k in pinned} == {k: pinned[k] for k in resolved if k in pinned}
 
 
 DOCKERFILES = sorted([ROOT / "Dockerfile", *(ROOT / "serve").glob("Dockerfile*")])
