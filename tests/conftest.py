@@ -60,7 +60,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, shapes_root: Path) -> 
     def train(runs: Path) -> Path:
         torch.manual_seed(0)
         os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
-        return run_fit(runs, shapes_root, "--trainer.max_epochs=5")
+        return run_fit(runs, shapes_root, "--trainer.max_epochs=4")
 
     return shared(tmp_path_factory, "runs", train)
 

@@ -88,6 +88,8 @@ def test_make_bench_writes_every_key(trained_run: Path, tmp_path: Path) -> None:
     predict = result["predict_224px"]
     assert set(predict["images_per_second"]) == {"predict", "forward", "served"} and "## Predict" in report
     assert predict["settings"]["images"] == 12 and predict["settings"]["image_size"] == 224
+    cost = predict["cost"]  # what bounds predict against the forward alone: the decoding it must hide
+    assert cost["decode_core_ms"] > 0 and 0 < cost["overlap_bound"] < 1 and "predict can reach at most" in report
 
 
 def test_results_written_before_a_key_was_renamed_are_read_under_the_new_name() -> None:

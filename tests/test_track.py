@@ -8,7 +8,6 @@ import base64
 import json
 import os
 import subprocess
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 from helpers import ROOT, TINY_DATA
 
 from visionapp.bundle import load_bundle, run_test_images
+from visionapp.client.api import call
 from visionapp.deploy.local import free_ports
 from visionapp.manifest import CARD_FILE
 
@@ -117,13 +117,11 @@ def test_make_serves_a_registry_version_named_after_it(tracking: str, tracked: P
         image = run_test_images(tracked)[0]
         body = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
                             "data": [base64.b64encode(image.read_bytes()).decode()]}]}  # fmt: skip
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/v2/models/classifier/infer",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            answer = json.load(response)
+        # the client's direct opener: urlopen's global one keeps whatever proxy an earlier test's environment named
+        url = f"http://127.0.0.1:{port}/v2/models/classifier/infer"
+        status, raw = call(url, "", json.dumps(body).encode(), "application/json")
+        assert status == 200, raw
+        answer = json.loads(raw)
         assert answer["model_version"] == "classifier-v1"  # the registry's version, not a run folder's name
         bundle = load_bundle(tracked / "bundle", runtime="auto")
         (probabilities,) = bundle.answer(bundle.transform.load(image)[None])[0]

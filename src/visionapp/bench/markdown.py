@@ -206,7 +206,17 @@ def predict_section(result: dict) -> list[str]:
             *_table(["contender", "images/s", "[min .. max]"], rows), "",
             "`predict`: make predict-folder's Trainer.predict (decoding in the loader workers); `forward`: the "
             "forward pass alone on the same images decoded beforehand; `served`: our TorchServe, one image a "
-            "request at concurrency 8."]  # fmt: skip
+            "request at concurrency 8.", *_cost(part)]  # fmt: skip
+
+
+def _cost(part: dict) -> list[str]:
+    """What bounds predict against the forward alone: the decoding the forward must hide, on the same cores."""
+    if "cost" not in part:
+        return []
+    c = part["cost"]
+    return ["", f"Per image: decoding and resizing a photo {c['decode_core_ms']:.1f} ms of one core, the forward "
+            f"{c['forward_core_ms']:.1f} ms of a core ({c['forward_threads']} threads): with every core busy and "
+            f"nothing else, predict can reach at most **{c['overlap_bound']:.2f}** of the forward alone."]  # fmt: skip
 
 
 def ood_section(result: dict) -> list[str]:
