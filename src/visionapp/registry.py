@@ -18,7 +18,6 @@ import re
 import shutil
 import sys
 import tempfile
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +30,12 @@ from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, Schema
 
-from visionapp.bundle import load_bundle
+from visionapp.bundle import load_bundle, versions
 from visionapp.errors import UserError, run_main
 from visionapp.manifest import CARD_FILE, META_FILE
 
-# What loading the model needs besides the package's own code (pinned to what logged it)
-REQUIREMENTS = ("torch", "torchvision", "numpy", "pillow", "pyyaml", "threadpoolctl", "onnxruntime", "pandas", "mlflow")
+# What loading the model needs besides the package's own code, torch and torchvision (`versions` adds those)
+REQUIREMENTS = ("numpy", "pillow", "pyyaml", "threadpoolctl", "onnxruntime", "pandas", "mlflow")
 MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:/(?P<version>\d+|latest)|@(?P<alias>[\w-]+))/?")
 
 
@@ -61,13 +60,8 @@ class BundleModel(PythonModel):  # type: ignore[misc]
 
 
 def requirements() -> list[str]:
-    out = []
-    for package in REQUIREMENTS:
-        try:
-            out.append(f"{package}=={version(package)}")
-        except PackageNotFoundError:
-            continue
-    return out
+    """The packages loading the model needs (besides its own code), pinned to the versions that logged it."""
+    return [f"{package}=={v}" for package, v in versions(REQUIREMENTS).items() if package != "python"]
 
 
 def register(client: MlflowClient, run_id: str, bundle: Path, name: str, tags: dict[str, str]) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 
-from visionapp.manifest import CARD_FILE, META_FILE
+from visionapp.manifest import CARD_FILE, read_meta
 
 RUN_FILES = ("metrics.json", "report.html", "config.yaml", "test_files.txt")  # beside the figures (*.png)
 
@@ -65,7 +65,7 @@ def log_run(loggers: list[Logger], run_dir: Path, registered_model: str | None =
     card = bundle / CARD_FILE
     files = [p for p in (*(run_dir / f for f in RUN_FILES), *sorted(run_dir.glob("*.png")), card) if p.is_file()]
     tags = {"visionapp.run_dir": str(run_dir.resolve()),
-            "visionapp.arch": str(json.loads((bundle / META_FILE).read_text()).get("arch", ""))}  # fmt: skip
+            "visionapp.arch": str(read_meta(bundle).get("arch", ""))}  # fmt: skip
     if card.is_file():  # the card shown on the run's page
         tags["mlflow.note.content"] = card.read_text()
     for logger in trackers:
