@@ -214,11 +214,9 @@ def template_values(args: argparse.Namespace, model: str, run_name: str) -> dict
 
 
 def explainer(image: str, values: dict, templates: Path = TEMPLATES) -> str:
-    """The InferenceService's explainer component (YAML under spec:, serve/k8s/kserve-explainer.yaml): the full
-    image beside a predictor run from the slim one. The fragment's own header comment is left out."""
-    text = (templates / EXPLAINER).read_text()
-    body = text[text.index("  explainer:") :]
-    return string.Template(body).substitute(values, explain_image=image)
+    """The InferenceService's explainer component (YAML under spec:, serve/k8s/kserve-explainer.yaml, its comments
+    kept as every template's are): the full image beside a predictor run from the slim one."""
+    return string.Template((templates / EXPLAINER).read_text()).substitute(values, explain_image=image)
 
 
 def other_clients(name: str, namespaces: list[str]) -> str:
