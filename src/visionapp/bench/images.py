@@ -17,7 +17,6 @@ Prints a markdown table; --out writes the JSON. Timings on a shared machine vary
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import shlex
@@ -27,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from visionapp.client.api import call, is_ready
 from visionapp.deploy.loadgen import run_load
 from visionapp.errors import run_main
 from visionapp.imagefiles import find_images
@@ -37,25 +37,10 @@ def engine_cmd(engine: str, *args: str) -> list[str]:
     return [engine, *shlex.split(os.environ.get("ENGINE_FLAGS", "")), *args]
 
 
-def ready(port: int, model: str) -> bool:
-    try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-        conn.request("GET", f"/v2/models/{model}/ready")
-        ok = conn.getresponse().status == 200
-        conn.close()
-        return ok
-    except OSError:
-        return False
-
-
-def answer(port: int, model: str, body: bytes) -> dict[str, float]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    conn.request("POST", f"/predictions/{model}", body=body, headers={"Content-Type": "application/octet-stream"})
-    response = conn.getresponse()
-    text = response.read()
-    conn.close()
-    if response.status != 200:
-        raise SystemExit(f"POST /predictions/{model}: HTTP {response.status}: {text[:300]!r}")
+def answer(url: str, body: bytes) -> dict[str, float]:
+    status, text = call(url, "", body, timeout=60)
+    if status != 200:
+        raise SystemExit(f"POST {url}: HTTP {status}: {text[:300]!r}")
     return json.loads(text)
 
 
@@ -80,14 +65,15 @@ def measure(image: str, args: argparse.Namespace, bodies: list[bytes]) -> dict:
     start = time.perf_counter()
     subprocess.run(run, check=True, capture_output=True)
     try:
-        while not ready(args.port, args.model):
+        base = f"http://127.0.0.1:{args.port}"
+        while not is_ready(base, "", Path(), args.model, server="kserve"):  # KServe's keyless readiness
             if time.perf_counter() - start > args.timeout:
                 logs = subprocess.run(engine_cmd(engine, "logs", name), capture_output=True, text=True)
                 raise SystemExit(f"{image}: not ready after {args.timeout} s:\n{(logs.stdout + logs.stderr)[-2000:]}")
             time.sleep(0.05)
         ready_s = time.perf_counter() - start
-        answers = [answer(args.port, args.model, b) for b in bodies[: args.answers]]
-        url = f"http://127.0.0.1:{args.port}/predictions/{args.model}"
+        url = f"{base}/predictions/{args.model}"
+        answers = [answer(url, b) for b in bodies[: args.answers]]
         load = run_load(url, "", bodies, requests=args.requests, concurrency=8, max_seconds=600)
         if load["ok"] != args.requests:
             raise SystemExit(f"{image}: {load['ok']} of {args.requests} requests answered 200: {load['statuses']}")

@@ -61,10 +61,10 @@ def forward_ceiling(bundle_dir: Path, files: list[Path], batch_size: int) -> flo
 def decode_ms(bundle_dir: Path, files: list[Path]) -> float:
     """Milliseconds of one core a file takes to become the model's input as a loader worker makes it (decode at the
     size the model needs, then the antialiased resize): the work the forward pass must hide."""
-    geometry = load_bundle(bundle_dir).transform
+    transform = load_bundle(bundle_dir).transform
     start = time.perf_counter()
     for f in files:
-        geometry.geometry(load_image(f, min_side=geometry.decode_side))
+        transform.geometry(load_image(f, min_side=transform.decode_side))
     return (time.perf_counter() - start) / len(files) * 1e3
 
 
